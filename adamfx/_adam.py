@@ -1,0 +1,690 @@
+r"""AdamState and the update math of the Adam family, in one place.
+
+Every member of the family -- Adam, NAdam (``nesterov=True``), AMSGrad
+(``amsgrad=True``), AdamW (:func:`adamw`) and AdaMax (:func:`scale_by_adamax`)
+-- goes through :func:`_moment_step`, which updates one leaf. The variants are
+parameters of it, not copies of it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamfx import _checks
+from adamfx import _numerics
+
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+class AdamState(NamedTuple):
+  """State of :func:`scale_by_adam` and :func:`scale_by_adamax`.
+
+  The fields are those of ``optax.ScaleByAdamState`` (and of
+  ``optax.ScaleByAmsgradState`` when ``amsgrad=True``), so a state saved by
+  optax restores into adamfx field by field.
+
+  Attributes:
+    count: int32 scalar, the number of updates so far; saturates at the int32
+      maximum instead of wrapping.
+    mu: first moment, a tree shaped like the params, in ``mu_dtype``.
+    nu: second moment (AdaMax: the exponentially weighted infinity norm), in
+      ``nu_dtype``.
+    nu_max: running maximum of the bias-corrected second moment when
+      ``amsgrad=True``, else ``None``.
+  """
+
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  nu_max: Optional[optax.Updates] = None
+
+
+ScaleByAdamState = AdamState  # optax's name for the same thing.
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _hp(value: Any, dtype: Any) -> Any:
+  """A hyperparameter in the arithmetic dtype; Python numbers stay weak."""
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return value
+  return jnp.asarray(value).astype(dtype)
+
+
+def _power(base: Any, count: jax.Array, dtype: Any) -> jax.Array:
+  # lax.pow with an integer exponent, as optax computes ``decay**count``.
+  return jax.lax.pow(jnp.asarray(base, dtype), count)
+
+
+def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Runs an optax transformation, returning updates in their incoming dtypes.
+
+  ``optax.scale_by_learning_rate`` and ``optax.add_decayed_weights`` multiply
+  by hyperparameters that may be float32 arrays (under ``inject_hyperparams``)
+  or schedules of an int32 count; numpy promotion would turn bfloat16 updates
+  into float32 and so change the params' dtype, and strict promotion refuses
+  the mix. The state is ``inner``'s, unchanged.
+  """
+
+  def update_fn(updates, state, params=None):
+    with jax.numpy_dtype_promotion('standard'):
+      new_updates, state = inner.update(updates, state, params)
+    new_updates = jax.tree.map(
+        lambda n, u: None if n is None else n.astype(u.dtype),
+        new_updates, updates, is_leaf=_is_none,
+    )
+    return new_updates, state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
+def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
+  _checks.check_learning_rate(learning_rate)
+  return _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
+
+
+def _moment_step(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: Optional[jax.Array],
+    count: jax.Array,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    *,
+    nesterov: bool,
+    amsgrad: bool,
+    infinity_norm: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
+  r"""One Adam-family step for one leaf, in at least float32.
+
+  Returns ``(update, mu, nu, nu_max)`` in the arithmetic dtype, before the
+  storage casts. Elements whose gradient or second moment would overflow when
+  squared are computed on values rescaled by an exact power of two, so a
+  finite gradient never produces ``inf`` or ``NaN``; everywhere else the
+  operations are those of optax, in optax's order.
+  """
+  cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
+  rdt = _numerics.real_dtype(cdt)
+  nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
+  g = g.astype(cdt)
+  m = m.astype(cdt)
+  v = jnp.real(v).astype(rdt)
+  b1c, b2r = _hp(b1, cdt), _hp(b2, rdt)
+  bc1 = 1 - _power(b1, count, rdt)
+  bc2 = 1 - _power(b2, count, rdt)
+
+  if infinity_norm:  # AdaMax, Kingma & Ba section 7.1.
+    m = (1 - b1c) * g + b1c * m
+    v = jnp.maximum(jnp.abs(g) + _hp(eps, rdt), b2r * v)
+    m_hat = m / bc1.astype(cdt)
+    safe_v = jnp.where(v > 0, v, 1).astype(cdt)
+    return m_hat / safe_v, m, v, None
+
+  g_big, v_big, small = _numerics.huge_thresholds(rdt)
+  absg = jnp.abs(g)
+  huge = (absg > g_big) | (v > v_big)
+  if amsgrad:
+    v_max = jnp.real(v_max).astype(rdt)
+    huge = huge | (v_max > v_big)
+  scale = jnp.where(huge, small, 1).astype(rdt)
+  g = g * scale.astype(cdt)
+  m = m * scale.astype(cdt)
+  v = v * scale * scale
+
+  sq = jnp.square(absg * scale) if jnp.iscomplexobj(g) else jnp.square(g)
+  m = (1 - b1c) * g + b1c * m
+  v = (1 - _hp(b2, rdt)) * sq + b2r * v
+  if nesterov:  # Dozat 2016, in optax's form.
+    bc1_next = 1 - _power(b1, optax.safe_increment(count), rdt)
+    m_hat = b1c * (m / bc1_next.astype(cdt)) + (1 - b1c) * (g / bc1.astype(cdt))
+  else:
+    m_hat = m / bc1.astype(cdt)
+  v_hat = v / bc2
+  if amsgrad:
+    v_hat = jnp.maximum(v_max * scale * scale, v_hat)
+    v_max = v_hat
+  denom = jnp.sqrt(v_hat + _hp(eps_root, rdt) * scale * scale) + _hp(eps, rdt) * scale
+  # denom == 0 only when eps == eps_root == 0 and every gradient so far was 0,
+  # where m_hat is 0 too: return 0, not 0/0.
+  update = m_hat / jnp.where(denom > 0, denom, 1).astype(cdt)
+
+  # What is stored must fit the state's dtype. Where the second moment would
+  # not, scale this leaf element's history (m by c, v by c**2, c a power of
+  # two) so it does: m / sqrt(v) keeps its value, and the history reads as
+  # that of a gradient c times smaller, which Adam is invariant to.
+  limit = nu_limit * scale * scale
+  over = v > limit
+  if amsgrad:
+    over = over | (v_max > limit)
+  fits = _numerics.fit_exponent(jnp.maximum(v, v_max) if amsgrad else v, limit)
+  c = jnp.where(over, fits, 1).astype(rdt)
+  unscale = jnp.where(huge, 1 / small, 1).astype(rdt) * c
+  m = m * unscale.astype(cdt)
+  v = v * unscale * unscale
+  if amsgrad:
+    v_max = v_max * unscale * unscale
+  return update, m, v, v_max
+
+
+def _family_update(
+    updates: optax.Updates,
+    state: AdamState,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    infinity_norm: bool = False,
+) -> tuple[optax.Updates, AdamState]:
+  """Applies :func:`_moment_step` to every leaf and stores the results."""
+  _checks.check_matching_trees(updates, state.mu)
+  _checks.check_hyperparam_dtype('b1', b1)
+  _checks.check_hyperparam_dtype('b2', b2)
+  count = optax.safe_increment(state.count)
+  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+  m_leaves = treedef.flatten_up_to(state.mu)
+  v_leaves = treedef.flatten_up_to(state.nu)
+  if amsgrad:
+    vm_leaves = treedef.flatten_up_to(state.nu_max)
+  else:
+    vm_leaves = [None] * len(g_leaves)
+  out_u, out_m, out_v, out_vm = [], [], [], []
+  for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vm_leaves):
+    if g is None:
+      for out in (out_u, out_m, out_v, out_vm):
+        out.append(None)
+      continue
+    u, m_new, v_new, vm_new = _moment_step(
+        g, m, v, vm, count, b1, b2, eps, eps_root,
+        nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
+    )
+    out_u.append(u.astype(g.dtype))
+    out_m.append(_numerics.saturate(m_new, m.dtype))
+    out_v.append(_numerics.saturate(v_new, v.dtype))
+    out_vm.append(None if vm is None else _numerics.saturate(vm_new, vm.dtype))
+  unflatten = functools.partial(jax.tree.unflatten, treedef)
+  new_state = AdamState(
+      count=count,
+      mu=unflatten(out_m),
+      nu=unflatten(out_v),
+      nu_max=unflatten(out_vm) if amsgrad else None,
+  )
+  return unflatten(out_u), new_state
+
+
+def _family_init(
+    params: optax.Params, mu_dtype: Any, nu_dtype: Any, amsgrad: bool
+) -> AdamState:
+  _checks.check_param_leaves(params)
+  zeros = lambda dtype: jax.tree.map(
+      lambda p: _numerics.zeros_like(p, dtype), params
+  )
+  return AdamState(
+      count=jnp.zeros([], jnp.int32),
+      mu=zeros(mu_dtype),
+      nu=zeros(nu_dtype),
+      nu_max=zeros(nu_dtype) if amsgrad else None,
+  )
+
+
+def _check_adam_args(b1, b2, eps, eps_root, mu_dtype, nu_dtype):
+  _checks.check_decay('b1', b1)
+  _checks.check_decay('b2', b2)
+  _checks.check_non_negative('eps', eps)
+  _checks.check_non_negative('eps_root', eps_root)
+  return (
+      _checks.check_state_dtype('mu_dtype', mu_dtype),
+      _checks.check_state_dtype('nu_dtype', nu_dtype),
+  )
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+) -> optax.GradientTransformation:
+  r"""Rescales updates by Adam's bias-corrected moment ratio.
+
+  Adam keeps exponential moving averages of the gradient and of its square,
+  corrects both for their initialisation at zero, and divides one by the root
+  of the other. Each coordinate's step is then about ``1`` in size whatever
+  the gradient's scale; chain with a learning rate (or use :func:`adam`).
+
+  .. math::
+
+    \begin{align*}
+      m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+      v_t &\leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+      \hat m_t &\leftarrow m_t / (1 - \beta_1^t) \\
+      \hat v_t &\leftarrow v_t / (1 - \beta_2^t) \\
+      u_t &\leftarrow \hat m_t / \left(\sqrt{\hat v_t + \bar\varepsilon}
+        + \varepsilon\right)
+    \end{align*}
+
+  where :math:`\beta_1` is ``b1``, :math:`\beta_2` is ``b2``,
+  :math:`\varepsilon` is ``eps`` and :math:`\bar\varepsilon` is ``eps_root``.
+  With ``nesterov=True`` (NAdam), :math:`\hat m_t \leftarrow \beta_1 m_t /
+  (1 - \beta_1^{t+1}) + (1 - \beta_1) g_t / (1 - \beta_1^t)`. With
+  ``amsgrad=True``, :math:`\hat v_t` is replaced by its running maximum
+  :math:`\max(\hat v_{t-1}^{\max}, \hat v_t)`.
+
+  The arithmetic runs in at least float32 whatever the params' dtype, and
+  elements that would overflow when squared are rescaled by an exact power of
+  two, so a finite gradient never yields ``inf`` or ``NaN``.
+
+  Args:
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0. Use a positive value to
+      differentiate through the update (meta-learning).
+    mu_dtype: storage dtype of the first moment (floating); default: the
+      params' dtype.
+    nu_dtype: storage dtype of the second moment (floating); default: the
+      params' dtype. The arithmetic stays in at least float32.
+    nesterov: use Nesterov momentum (NAdam, Dozat 2016).
+    amsgrad: keep the running maximum of the bias-corrected second moment
+      (AMSGrad, Reddi et al. 2018), as ``optax.amsgrad`` does.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an :class:`AdamState`.
+
+  Raises:
+    ValueError: if ``b1`` or ``b2`` is outside [0, 1), or ``eps``/``eps_root``
+      is negative or not finite; at update time, if the gradient tree does
+      not match the state.
+    TypeError: if a hyperparameter is not a number, a dtype is not floating
+      point, or a params leaf is an integer array.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.scale_by_adam()
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([0.5, -2.0]), state)
+    >>> updates  # the first step is sign(g), up to eps
+    Array([ 1., -1.], dtype=float32)
+
+  References:
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+
+    Dozat, `Incorporating Nesterov Momentum into Adam
+    <https://openreview.net/pdf?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
+
+    Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
+    <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
+
+  .. warning::
+    ``eps`` is added outside the square root, as in the paper's Algorithm 1,
+    optax and PyTorch; Keras adds a different epsilon (``epsilon_hat``), so
+    its numbers differ for small gradients. AMSGrad here takes the maximum of
+    the *bias-corrected* second moment, as optax does; PyTorch's
+    ``amsgrad=True`` takes it over the raw moment and corrects afterwards.
+  """
+  mu_dtype, nu_dtype = _check_adam_args(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+
+  def init_fn(params):
+    return _family_init(params, mu_dtype, nu_dtype, amsgrad)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return _family_update(
+        updates, state, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad
+    )
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam: a drop-in for ``optax.adam``, with sturdier numerics.
+
+  :func:`scale_by_adam` followed by ``optax.scale_by_learning_rate``, so the
+  update is :math:`-\alpha_t \hat m_t / (\sqrt{\hat v_t + \bar\varepsilon} +
+  \varepsilon)` with :math:`\alpha_t` the ``learning_rate``. Each step is
+  roughly bounded by the learning rate and is invariant to rescaling the
+  gradient.
+
+  .. math::
+
+    \theta_t \leftarrow \theta_{t-1} - \alpha_t \hat m_t /
+      \left(\sqrt{\hat v_t + \bar\varepsilon} + \varepsilon\right)
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule of the
+      step count.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params' dtype.
+    nu_dtype: storage dtype of the second moment; default: the params' dtype.
+    nesterov: NAdam (``optax.nadam``).
+    amsgrad: AMSGrad (``optax.amsgrad``).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; its state is
+    ``(AdamState, optax.ScaleByScheduleState or EmptyState)`` as optax's.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges (see
+      :func:`scale_by_adam`) or a negative learning rate.
+    TypeError: for a learning rate that is neither a number nor a schedule.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adamfx
+    >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+    >>> params = jnp.zeros(3)
+    >>> tx = adamfx.adam(learning_rate=0.1)
+    >>> state = tx.init(params)
+    >>> for _ in range(200):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(jnp.allclose(params, 3.0, atol=1e-2))
+    True
+
+  References:
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+  """
+  return optax.chain(
+      scale_by_adam(
+          b1, b2, eps, eps_root, mu_dtype,
+          nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
+      ),
+      _scale_by_learning_rate(learning_rate),
+  )
+
+
+def adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    *,
+    nu_dtype: Optional[Any] = None,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW: Adam with decoupled weight decay, a drop-in for ``optax.adamw``.
+
+  The decay is added to Adam's normalised update, not to the gradient, so it
+  is not rescaled by the second moment (Loshchilov & Hutter 2019).
+
+  .. math::
+
+    \theta_t \leftarrow \theta_{t-1} - \alpha_t \left(\hat m_t /
+      (\sqrt{\hat v_t + \bar\varepsilon} + \varepsilon)
+      + \lambda \theta_{t-1}\right)
+
+  with :math:`\lambda` the ``weight_decay``.
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params' dtype.
+    weight_decay: :math:`\lambda` >= 0, or a schedule; default 1e-4.
+    mask: a tree of booleans (or a function of the params returning one)
+      selecting the leaves to decay, as in ``optax.add_decayed_weights``.
+    nu_dtype: storage dtype of the second moment; default: the params' dtype.
+    nesterov: NAdamW (``optax.nadamw``).
+    amsgrad: AMSGrad's maximum of the second moment.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges, including a
+      negative ``weight_decay``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import adamfx
+    >>> params = {'w': jnp.ones(2)}
+    >>> tx = adamfx.adamw(1e-2, weight_decay=0.1)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({'w': jnp.zeros(2)}, state, params)
+    >>> updates['w']  # pure decay: -lr * weight_decay * w
+    Array([-0.001, -0.001], dtype=float32)
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+  """
+  if not callable(weight_decay):
+    _checks.check_non_negative('weight_decay', weight_decay)
+  return optax.chain(
+      scale_by_adam(
+          b1, b2, eps, eps_root, mu_dtype,
+          nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
+      ),
+      _keep_dtypes(optax.add_decayed_weights(weight_decay, mask)),
+      _scale_by_learning_rate(learning_rate),
+  )
+
+
+def scale_by_adamax(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+  r"""Rescales updates by AdaMax's infinity-norm moment (paper section 7.1).
+
+  AdaMax replaces Adam's second moment by an exponentially weighted infinity
+  norm, which needs no bias correction and bounds each step by the learning
+  rate exactly.
+
+  .. math::
+
+    \begin{align*}
+      m_t &\leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+      u_t &\leftarrow \max(\beta_2 u_{t-1}, |g_t| + \varepsilon) \\
+      \text{update} &\leftarrow m_t / \left((1 - \beta_1^t)\, u_t\right)
+    \end{align*}
+
+  with :math:`\beta_1` ``b1``, :math:`\beta_2` ``b2``, :math:`\varepsilon`
+  ``eps``. The state's ``nu`` holds :math:`u_t`.
+
+  Args:
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the infinity norm, in [0, 1); default 0.999.
+    eps: added to |g| (as optax does), >= 0; default 1e-8.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an :class:`AdamState`.
+
+  Raises:
+    ValueError: if ``b1``/``b2`` is outside [0, 1) or ``eps`` is negative.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.scale_by_adamax()
+    >>> state = tx.init(jnp.zeros(2))
+    >>> updates, state = tx.update(jnp.array([4.0, -0.5]), state)
+    >>> updates
+    Array([ 1., -1.], dtype=float32)
+
+  References:
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, section 7.1.
+  """
+  _check_adam_args(b1, b2, eps, 0.0, None, None)
+
+  def init_fn(params):
+    return _family_init(params, None, None, amsgrad=False)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return _family_update(updates, state, b1, b2, eps, 0.0, infinity_norm=True)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adamax(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaMax, a drop-in for ``optax.adamax``.
+
+  :func:`scale_by_adamax` followed by ``optax.scale_by_learning_rate``:
+  :math:`\theta_t \leftarrow \theta_{t-1} - \alpha_t m_t / ((1 - \beta_1^t)
+  u_t)`.
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the infinity norm, in [0, 1); default 0.999.
+    eps: added to |g|, >= 0; default 1e-8.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.adamax(0.002)
+    >>> state = tx.init(jnp.zeros(1))
+    >>> updates, _ = tx.update(jnp.array([3.0]), state)
+    >>> updates
+    Array([-0.002], dtype=float32)
+
+  References:
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, section 7.1.
+  """
+  return optax.chain(
+      scale_by_adamax(b1, b2, eps), _scale_by_learning_rate(learning_rate)
+  )
+
+
+nadam = functools.partial(adam, nesterov=True)
+nadam.__doc__ = 'NAdam: :func:`adam` with ``nesterov=True`` (``optax.nadam``).'
+nadamw = functools.partial(adamw, nesterov=True)
+nadamw.__doc__ = 'NAdamW: :func:`adamw` with ``nesterov=True`` (``optax.nadamw``).'
+
+
+def amsgrad(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """AMSGrad: :func:`adam` with ``amsgrad=True`` (``optax.amsgrad``'s defaults).
+
+  Args:
+    learning_rate: a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in [0, 1).
+    eps: added to the root of the second moment, >= 0.
+    eps_root: added inside the root, >= 0.
+    mu_dtype: storage dtype of the first moment.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+  """
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True)
+
+
+def inject_hyperparams(
+    inner_factory: Callable[..., Any],
+    static_args: Union[str, tuple[str, ...]] = (),
+    hyperparam_dtype: Optional[Any] = None,
+) -> Callable[..., optax.GradientTransformationExtraArgs]:
+  """``optax.inject_hyperparams`` that keeps hyperparameters in >= float32.
+
+  optax casts injected hyperparameters to the params' dtype, which in
+  bfloat16 turns ``b2=0.999`` into ``1.0``. This wrapper defaults
+  ``hyperparam_dtype`` to float32 when the params are narrower (and to the
+  params' dtype otherwise), and is otherwise optax's function.
+
+  Args:
+    inner_factory: a function returning a transformation, e.g. :func:`adam`.
+    static_args: names of arguments not to inject.
+    hyperparam_dtype: dtype of the injected hyperparameters; default: at
+      least float32.
+
+  Returns:
+    A factory with the signature of ``inner_factory``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.inject_hyperparams(adamfx.adam)(learning_rate=1e-3)
+    >>> params = jnp.ones(3, jnp.bfloat16)
+    >>> state = tx.init(params)
+    >>> state.hyperparams['b2'].dtype
+    dtype('float32')
+  """
+  if hyperparam_dtype is not None:
+    return optax.inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
+
+  def dtype_for(tree):
+    dtype = optax.tree.dtype(tree, 'highest')
+    return _numerics.real_dtype(_numerics.compute_dtype(dtype))
+
+  @functools.wraps(inner_factory)
+  def factory(*args, **kwargs):
+    def build(tree):
+      return optax.inject_hyperparams(
+          inner_factory, static_args, dtype_for(tree)
+      )(*args, **kwargs)
+
+    build(None)  # Bind (and so check) the arguments now, not at init.
+
+    def init_fn(params):
+      return build(params).init(params)
+
+    def update_fn(updates, state, params=None, **extra_args):
+      tree = params if params is not None else updates
+      return build(tree).update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+  return factory

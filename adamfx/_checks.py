@@ -1,0 +1,207 @@
+"""Eager validation of hyperparameters and trees, with the error texts.
+
+Only concrete Python (or NumPy) numbers are checked at construction time.
+Anything else -- a traced value under ``jit``, an array injected by
+``optax.inject_hyperparams``, a schedule -- passes through untouched, so that
+traced hyperparameters keep working.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _concrete_number(value: Any) -> float | None:
+  """Returns ``value`` as a Python float if it is a concrete real number."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in 'fiu':
+    return float(value)
+  return None
+
+
+def _is_numeric_like(value: Any) -> bool:
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, (numbers.Number, np.ndarray, np.generic, jax.Array)):
+    return True
+  # Tracers and other array-likes (e.g. ``jax.ShapeDtypeStruct`` is not one).
+  return hasattr(value, 'dtype') and hasattr(value, 'shape')
+
+
+def check_decay(name: str, value: Any) -> None:
+  """Checks that a decay rate ``b1``/``b2`` lies in [0, 1)."""
+  _check_numeric(name, value)
+  x = _concrete_number(value)
+  if x is None:
+    return
+  if math.isnan(x) or math.isinf(x):
+    raise ValueError(f'`{name}` must be a finite number in [0, 1), got {value!r}.')
+  if not 0.0 <= x < 1.0:
+    hint = ''
+    if x == 1.0:
+      hint = f': with {name} == 1 the bias correction 1 - {name}**t is 0'
+    elif x < 0:
+      hint = ': a negative decay makes the moving average oscillate in sign'
+    raise ValueError(f'`{name}` must be in [0, 1), got {value!r}{hint}.')
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  """Checks that ``eps``, ``eps_root``, ``weight_decay`` ... are finite and >= 0."""
+  _check_numeric(name, value)
+  x = _concrete_number(value)
+  if x is None:
+    return
+  if math.isnan(x) or math.isinf(x):
+    raise ValueError(f'`{name}` must be a finite number >= 0, got {value!r}.')
+  if x < 0:
+    raise ValueError(f'`{name}` must be >= 0, got {value!r}.')
+
+
+def check_learning_rate(value: Any) -> None:
+  """Checks a learning rate: a finite number >= 0, an array, or a schedule."""
+  if callable(value) and not _is_numeric_like(value):
+    return  # A schedule, evaluated on the step count.
+  _check_numeric('learning_rate', value, schedule_ok=True)
+  x = _concrete_number(value)
+  if x is None:
+    return
+  if math.isnan(x) or math.isinf(x):
+    raise ValueError(
+        f'`learning_rate` must be a finite number >= 0, got {value!r}.'
+    )
+  if x < 0:
+    raise ValueError(
+        f'`learning_rate` must be >= 0, got {value!r}: Adam already steps'
+        ' against the gradient, a negative rate would ascend.'
+    )
+
+
+def _check_numeric(name: str, value: Any, schedule_ok: bool = False) -> None:
+  if _is_numeric_like(value):
+    dtype = getattr(value, 'dtype', None)
+    if dtype is not None and not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+      raise TypeError(
+          f'`{name}` must be a real number, got an array of dtype {dtype}.'
+      )
+    if isinstance(value, complex):
+      raise TypeError(f'`{name}` must be a real number, got {value!r}.')
+    return
+  expected = 'a real number' + (' or an optax schedule' if schedule_ok else '')
+  raise TypeError(
+      f'`{name}` must be {expected}, got {value!r} of type'
+      f' {type(value).__name__}.'
+  )
+
+
+def check_state_dtype(name: str, dtype: Any) -> Any:
+  """Canonicalises ``mu_dtype``/``nu_dtype``; they must be floating point."""
+  if dtype is None:
+    return None
+  try:
+    canonical = jax.dtypes.canonicalize_dtype(dtype)
+  except TypeError as e:
+    raise TypeError(f'`{name}` must be a floating dtype or None, got {dtype!r}.') from e
+  if not (
+      jnp.issubdtype(canonical, jnp.floating)
+      or jnp.issubdtype(canonical, jnp.complexfloating)
+  ):
+    raise TypeError(
+        f'`{name}` must be a floating dtype (float16, bfloat16, float32,'
+        f' float64) or None, got {np.dtype(canonical).name}: an integer'
+        ' moment would round every update to 0.'
+    )
+  return canonical
+
+
+def check_param_leaves(tree: Any, what: str = 'params') -> None:
+  """Raises TypeError naming the first leaf whose dtype Adam cannot update."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in leaves:
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is None:
+      dtype = np.result_type(leaf)
+    if not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.complexfloating)
+    ):
+      raise TypeError(
+          f'{what} leaf {_leaf_name(path)} has dtype {np.dtype(dtype).name};'
+          ' Adam needs floating-point (or complex) leaves. Cast it, or keep'
+          ' it out of the optimiser with optax.masked or'
+          ' optax.multi_transform.'
+      )
+
+
+def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -> None:
+  """Checks that ``updates`` has the structure and leaf shapes of ``reference``.
+
+  Runs at trace time, on shapes only, so it costs nothing in a compiled step.
+  """
+  is_none = lambda x: x is None
+  up_leaves, up_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
+  ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
+  if up_def != ref_def:
+    up_paths = [_leaf_name(p) for p, _ in up_leaves]
+    ref_paths = [_leaf_name(p) for p, _ in ref_leaves]
+    missing = [p for p in ref_paths if p not in up_paths]
+    extra = [p for p in up_paths if p not in ref_paths]
+    detail = []
+    if missing:
+      detail.append(f'missing from the updates: {", ".join(missing[:5])}')
+    if extra:
+      detail.append(f'not in the state: {", ".join(extra[:5])}')
+    if not detail:
+      detail.append(f'updates {up_def} vs state {ref_def}')
+    raise ValueError(
+        f'The update tree does not match the optimiser state ({what}) it was'
+        f' initialised with; {"; ".join(detail)}.'
+    )
+  for (path, u), (_, r) in zip(up_leaves, ref_leaves):
+    if u is None or r is None:
+      if (u is None) != (r is None):
+        raise ValueError(
+            f'Leaf {_leaf_name(path)} is None in one of the updates and the'
+            ' state but not in the other.'
+        )
+      continue
+    if tuple(u.shape) != tuple(r.shape):
+      raise ValueError(
+          f'Leaf {_leaf_name(path)} of the updates has shape {tuple(u.shape)},'
+          f' but {what} holds shape {tuple(r.shape)} for it: the gradient tree'
+          ' must have the shapes of the params passed to init.'
+      )
+
+
+def check_hyperparam_dtype(name: str, value: Any) -> None:
+  """Rejects decay rates that arrive in a 16-bit float, where they are broken.
+
+  ``optax.inject_hyperparams`` casts hyperparameters to the params' dtype; in
+  bfloat16 0.999 becomes 1.0 and Adam's bias correction divides by zero.
+  """
+  dtype = getattr(value, 'dtype', None)
+  if dtype is None:
+    return
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    raise TypeError(
+        f'`{name}` reached adamfx as {np.dtype(dtype).name}, which cannot hold'
+        ' a decay rate (0.999 rounds to 1.0 in bfloat16, and the bias'
+        ' correction 1 - b2**t becomes 0). optax.inject_hyperparams casts'
+        ' hyperparameters to the params\' dtype: use'
+        ' adamfx.inject_hyperparams, or pass hyperparam_dtype=jnp.float32.'
+    )
+
+
+def _leaf_name(path: Any) -> str:
+  name = jax.tree_util.keystr(tuple(path))
+  return f'`{name}`' if name else '`<root>`'

@@ -1,0 +1,33 @@
+"""The ``adamfx`` command: ``adamfx demo`` and ``adamfx bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each subcommand lives in its own module, imported only when it runs, with a
+# ``add_arguments(parser)`` and a ``run(args) -> int``.
+_COMMANDS = {
+    'demo': ('adamfx._demo', 'train on scikit-learn digits: adamfx vs optax and friends'),
+    'bench': ('adamfx._bench', 'time an Adam step: adamfx vs optax, in one run'),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='adamfx', description=__doc__)
+  sub = parser.add_subparsers(dest='command', required=True)
+  for name, (module, help_text) in _COMMANDS.items():
+    p = sub.add_parser(name, help=help_text)
+    p.set_defaults(_module=module)
+    try:
+      importlib.import_module(module).add_arguments(p)
+    except ModuleNotFoundError as e:
+      if e.name != module:
+        raise
+  args = parser.parse_args(argv)
+  return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,88 @@
+"""Overflow-safe moment arithmetic and dtype helpers.
+
+Adam's second moment holds squared gradients, so it overflows long before the
+gradient does: in float16 a single gradient above 256, in float32 one above
+~1.8e19. The helpers here keep the arithmetic in at least float32, rescale the
+rare huge elements by an exact power of two, and saturate what is stored.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def compute_dtype(*dtypes: Any) -> np.dtype:
+  """The dtype moment arithmetic runs in: at least float32 (or complex64).
+
+  The promotion of ``dtypes`` with float32 is explicit, so it holds under
+  ``jax_numpy_dtype_promotion="strict"`` too.
+  """
+  with jax.numpy_dtype_promotion('standard'):
+    dtype = functools.reduce(jnp.promote_types, dtypes, jnp.dtype(jnp.float32))
+  return jnp.dtype(dtype)
+
+
+def real_dtype(dtype: Any) -> np.dtype:
+  """float32 for complex64, float64 for complex128, else ``dtype`` itself."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return jnp.finfo(dtype).dtype
+  return dtype
+
+
+def saturate(x: jax.Array, dtype: Any) -> jax.Array:
+  """Casts ``x`` to ``dtype``, clamping finite values to its finite range.
+
+  NaN stays NaN (a non-finite gradient is the caller's to handle, e.g. with
+  ``optax.apply_if_finite``); a finite value never becomes ``inf``.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return x.astype(dtype)
+  big = min(float(jnp.finfo(dtype).max), float(jnp.finfo(x.dtype).max))
+  return jnp.clip(x, -big, big).astype(dtype)
+
+
+def fit_exponent(x: jax.Array, limit: Any) -> jax.Array:
+  """A power of two ``c`` with ``c**2 * x <= limit``, for ``x > limit > 0``.
+
+  Computed from the exponents alone (no sqrt, no division), so it is exact
+  and cheap on the hot path; where ``x <= limit`` the value is unused.
+  """
+  _, ex = jnp.frexp(x)
+  _, el = jnp.frexp(jnp.asarray(limit, x.dtype))
+  k = jnp.maximum(ex - el + 2, 0) // 2
+  return jnp.ldexp(jnp.ones_like(x), -k)
+
+
+def huge_thresholds(dtype: Any) -> tuple[float, float, float]:
+  """Thresholds of the rescaled path of the moment update, for ``dtype``.
+
+  Returns ``(g_max, v_max, scale)``: an element whose |gradient| exceeds
+  ``g_max`` or whose second moment exceeds ``v_max`` would overflow when
+  squared or bias-corrected, and is computed instead on values multiplied by
+  ``scale`` (``v`` by ``scale**2``). The scale is an exact power of two, so
+  the rescaled path is exact wherever it does not underflow.
+  """
+  half = jnp.finfo(dtype).maxexp // 2
+  return 2.0 ** (half - 4), 2.0 ** (2 * half - 8), 2.0 ** -(half + 2)
+
+
+def zeros_like(x: Any, dtype: Any = None) -> jax.Array:
+  """Zeros shaped like ``x`` (an array, tracer or ``jax.ShapeDtypeStruct``).
+
+  Keeps ``x``'s sharding where one is known, so optimiser state is laid out
+  like the params it mirrors.
+  """
+  dtype = x.dtype if dtype is None else dtype
+  sharding = getattr(x, 'sharding', None)
+  if isinstance(x, jax.ShapeDtypeStruct):
+    if sharding is not None:
+      return jnp.zeros(x.shape, dtype, device=sharding)
+    return jnp.zeros(x.shape, dtype)
+  return jnp.zeros_like(x, dtype=dtype)
