@@ -1,0 +1,226 @@
+r"""Diagnostics: the quantities Adam's analysis reasons with, as loggable scalars.
+
+Kingma & Ba argue about Adam through a handful of numbers: the bias-correction
+factors :math:`1 - \beta^t`, the signal-to-noise ratio
+:math:`|\hat m_t| / \sqrt{\hat v_t}` (section 2.1: it shrinks near an optimum,
+so the steps shrink with it), the effective step :math:`|\Delta_t| / \alpha`
+and its bounds (section 2.1), and how often :math:`\varepsilon` rather than
+:math:`\sqrt{\hat v_t}` sets the step. :func:`adam_diagnostics` computes them
+from an Adam state; everything is pure ``jax.numpy``, so it runs inside a
+jitted train step and returns scalars ready to log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adamfx._adam import AdamState
+
+_STATE_TYPES = (AdamState, optax.ScaleByAdamState, optax.ScaleByAmsgradState)
+
+
+def _is_adam_state(x: Any) -> bool:
+  return isinstance(x, _STATE_TYPES)
+
+
+def _find_adam_state(state: Any) -> Any:
+  """The first Adam state inside ``state`` (a chain, inject_hyperparams ...)."""
+  found = [s for s in jax.tree.leaves(state, is_leaf=_is_adam_state) if _is_adam_state(s)]
+  if not found:
+    raise ValueError(
+        'adam_diagnostics needs a state holding an adamfx.AdamState or '
+        f'optax.ScaleByAdamState (e.g. from adamfx.adam(...).init), got {type(state).__name__}.'
+    )
+  return found[0]
+
+
+def _flat(tree: Any) -> jax.Array:
+  """All leaves of ``tree`` as one float32-or-wider vector."""
+  leaves = [x for x in jax.tree.leaves(tree) if x is not None]
+  if not leaves:
+    return jnp.zeros([0], jnp.float32)
+  dtype = jnp.float32
+  if any(jnp.finfo(jnp.real(x).dtype).bits > 32 for x in leaves):
+    dtype = jnp.float64
+  return jnp.concatenate([jnp.abs(x).astype(dtype).ravel() for x in leaves])
+
+
+def adam_step_bound(t: Any, b1: float = 0.9, b2: float = 0.999) -> Any:
+  r"""The exact largest :math:`|\Delta_t| / \alpha` Adam can take at step ``t``.
+
+  For any gradient history (with ``eps = 0``), Cauchy-Schwarz on
+  :math:`m_t = (1-\beta_1)\sum_i \beta_1^{t-i} g_i` against
+  :math:`v_t = (1-\beta_2)\sum_i \beta_2^{t-i} g_i^2` gives
+
+  .. math::
+
+    \frac{|\hat m_t|}{\sqrt{\hat v_t}} \le
+      \frac{1-\beta_1}{\sqrt{1-\beta_2}}
+      \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+      \sqrt{\sum_{k=0}^{t-1} \left(\frac{\beta_1^2}{\beta_2}\right)^k},
+
+  with equality for the geometrically growing gradient
+  :math:`g_i \propto (\beta_2/\beta_1)^i`. At the defaults it rises from 1 at
+  ``t = 1`` towards :math:`(1-\beta_1)/\sqrt{(1-\beta_2)(1-\beta_1^2/\beta_2)}
+  \approx 7.27` (about 7.1 at ``t = 3000``), above the paper's approximate
+  :math:`(1-\beta_1)/\sqrt{1-\beta_2} \approx 3.16`, which holds for a single
+  spike. If :math:`\beta_1^2 \ge \beta_2` the bound grows without limit.
+
+  Args:
+    t: the step count, >= 1 (a Python int or an integer array).
+    b1: decay of the first moment, in [0, 1).
+    b2: decay of the second moment, in (0, 1).
+
+  Returns:
+    The bound, a float (or a float32 array for an array ``t``).
+
+  Examples:
+    >>> import adamfx
+    >>> round(adamfx.adam_step_bound(1), 6)
+    1.0
+    >>> round(adamfx.adam_step_bound(10**6), 2)
+    7.27
+  """
+  r = b1 * b1 / b2
+  if isinstance(t, int):
+    series = t if r == 1 else (1 - r**t) / (1 - r)
+    return (1 - b1) / math.sqrt(1 - b2) * math.sqrt((1 - b2**t) * series) / (1 - b1**t)
+  t = jnp.asarray(t)
+  f = lambda base: jax.lax.pow(jnp.asarray(base, jnp.float32), t)
+  series = t.astype(jnp.float32) if r == 1 else (1 - f(r)) / (1 - r)
+  return (1 - b1) / math.sqrt(1 - b2) * jnp.sqrt((1 - f(b2)) * series) / (1 - f(b1))
+
+
+def adam_diagnostics(
+    state: Any,
+    updates: Optional[optax.Updates] = None,
+    learning_rate: Optional[Any] = None,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    quantiles: Sequence[float] = (0.5, 0.9),
+) -> dict[str, jax.Array]:
+  r"""Scalars describing an Adam state (and step), for logging from a train step.
+
+  With :math:`t` the state's ``count`` and every statistic taken over all
+  coordinates of all leaves:
+
+  .. math::
+
+    \begin{align*}
+      \hat m_t &= m_t / (1 - \beta_1^t), \qquad
+      \hat v_t = v_t / (1 - \beta_2^t) \\
+      \mathrm{SNR} &= |\hat m_t| / \sqrt{\hat v_t} \quad (0 \text{ where }
+        \hat v_t = 0) \\
+      \mathrm{step} &= |\Delta_t| / \alpha
+    \end{align*}
+
+  Returned keys (each a scalar ``jax.Array``):
+
+  * ``count``: :math:`t`.
+  * ``bias_correction_mu``, ``bias_correction_nu``: :math:`1 - \beta_1^t` and
+    :math:`1 - \beta_2^t`, the divisors of the bias correction (0 at
+    :math:`t = 0`, tending to 1).
+  * ``snr_mean``, ``snr_max``, ``snr_q50``, ``snr_q90`` (one per entry of
+    ``quantiles``): the signal-to-noise ratio. Near an optimum the gradient's
+    mean vanishes against its spread, the SNR shrinks, and so do Adam's steps.
+  * ``eps_dominated_fraction``: the fraction of coordinates with
+    :math:`\sqrt{\hat v_t} \le \varepsilon`, where ``eps`` rather than the
+    gradient's scale sets the step size.
+  * ``step_bound_approx``: the paper's approximate bound
+    :math:`\max(1, (1-\beta_1)/\sqrt{1-\beta_2})` on the step;
+    ``step_bound_exact``: the exact one, :func:`adam_step_bound` at :math:`t`.
+  * Only with ``updates`` and ``learning_rate``: ``step_max``, ``step_mean``
+    (:math:`|\Delta_t| / \alpha`) and ``step_over_approx_bound_fraction``, the
+    fraction of coordinates whose step exceeds the approximate bound (by more
+    than a relative 1e-5, float32 rounding).
+
+  With AMSGrad (``state.nu_max`` present) :math:`\hat v_t` is the running
+  maximum ``nu_max``, the denominator the update actually used.
+
+  Args:
+    state: an :class:`adamfx.AdamState` or ``optax.ScaleByAdamState``, or any
+      optimizer state that contains one (e.g. that of ``adamfx.adam(...)`` or
+      of an ``optax.chain``); the first one found is used. AdaMax states are
+      not supported: their ``nu`` is not a second moment.
+    updates: the updates returned by the same step (optional).
+    learning_rate: :math:`\alpha` of that step (a number or scalar array;
+      needed with ``updates``). Must be > 0.
+    b1: the ``b1`` the state was built with; default 0.9.
+    b2: the ``b2`` the state was built with; default 0.999.
+    eps: the ``eps`` the state was built with; default 1e-8.
+    quantiles: SNR quantiles to report, in [0, 1]. Each needs a sort of all
+      coordinates; pass ``()`` for large models.
+
+  Returns:
+    A dict of scalar arrays (float32, or float64 for float64 states; ``count``
+    int32).
+
+  Raises:
+    ValueError: if ``state`` holds no Adam state, or ``updates`` is given
+      without ``learning_rate``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.adam(0.1)
+    >>> params = jnp.array([1.0, -2.0, 0.0])
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state)  # gradient = params
+    >>> d = adamfx.adam_diagnostics(state, updates, 0.1)
+    >>> {k: round(float(d[k]), 4) for k in ('snr_max', 'eps_dominated_fraction')}
+    {'snr_max': 1.0, 'eps_dominated_fraction': 0.3333}
+    >>> round(float(d['step_max']), 4), round(float(d['step_bound_exact']), 4)
+    (1.0, 1.0)
+
+  References:
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, sections 2.1 and 3.
+  """
+  adam_state = _find_adam_state(state)
+  if updates is not None and learning_rate is None:
+    raise ValueError('`learning_rate` is needed with `updates`, to compute |update| / lr.')
+  mu = _flat(adam_state.mu)
+  nu_max = getattr(adam_state, 'nu_max', None)
+  nu = _flat(adam_state.nu if nu_max is None else nu_max)
+  dtype = mu.dtype
+  count = jnp.asarray(adam_state.count)
+  power = lambda base: jax.lax.pow(jnp.asarray(base, dtype), count)
+  bc1, bc2 = 1 - power(b1), 1 - power(b2)
+  m_hat = mu / jnp.where(bc1 > 0, bc1, 1)
+  v_hat = nu if nu_max is not None else nu / jnp.where(bc2 > 0, bc2, 1)
+  root = jnp.sqrt(v_hat)
+  snr = m_hat / jnp.where(root > 0, root, 1)
+  n = max(int(mu.size), 1)
+  empty = mu.size == 0
+  out = {
+      'count': count,
+      'bias_correction_mu': bc1,
+      'bias_correction_nu': bc2,
+      'snr_mean': jnp.sum(snr) / n,
+      'snr_max': jnp.zeros([], dtype) if empty else jnp.max(snr),
+  }
+  for q in quantiles:
+    key = f'snr_q{round(100 * q):d}'
+    out[key] = jnp.zeros([], dtype) if empty else jnp.quantile(snr, jnp.asarray(q, dtype))
+  out['eps_dominated_fraction'] = jnp.sum(root <= eps).astype(dtype) / n
+  approx = max(1.0, (1 - b1) / math.sqrt(1 - b2))
+  out['step_bound_approx'] = jnp.asarray(approx, dtype)
+  out['step_bound_exact'] = adam_step_bound(jnp.maximum(count, 1), b1, b2).astype(dtype)
+  if updates is not None:
+    lr = jnp.asarray(learning_rate).astype(dtype)
+    step = _flat(updates).astype(dtype) / lr
+    out['step_max'] = jnp.zeros([], dtype) if empty else jnp.max(step)
+    out['step_mean'] = jnp.sum(step) / n
+    # 1e-5 relative slack: a first step of exactly lr reads 1 + rounding.
+    over = step > approx * (1 + 1e-5)
+    out['step_over_approx_bound_fraction'] = jnp.sum(over).astype(dtype) / n
+  return out

@@ -1,0 +1,186 @@
+"""Tests of adamfx.adam_diagnostics and adamfx.adam_step_bound.
+
+References are hand-computed values (with b1 = 0.5, b2 = 0.75, whose powers are
+exact in float32) and a float64 NumPy transcription of the paper's
+Algorithm 1, never adamfx itself.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import optax_promotion
+
+import adamfx
+
+
+def _hand_state():
+  # t = 2, b1 = 0.5, b2 = 0.75: 1 - b1**2 = 0.75, 1 - b2**2 = 0.4375 (exact).
+  # m_hat = [2, -0.5 | 0, 3e-9], v_hat = [1, 1 | 0, 1e-18],
+  # sqrt(v_hat) = [1, 1 | 0, 1e-9], SNR = [2, 0.5 | 0, 3].
+  mu = {'a': jnp.array([0.75 * 2, 0.75 * -0.5]), 'b': jnp.array([0.0, 0.75 * 3e-9])}
+  nu = {'a': jnp.array([0.4375, 0.4375]), 'b': jnp.array([0.0, 0.4375 * 1e-18])}
+  return adamfx.AdamState(count=jnp.asarray(2, jnp.int32), mu=mu, nu=nu)
+
+
+def test_hand_computed_values():
+  updates = {'a': jnp.array([-0.2, 0.1]), 'b': jnp.array([0.0, -0.35])}
+  d = adamfx.adam_diagnostics(
+      _hand_state(), updates, 0.1, b1=0.5, b2=0.75, eps=1e-8, quantiles=(0.5, 0.9)
+  )
+  expected = {
+      'count': 2,
+      'bias_correction_mu': 0.75,
+      'bias_correction_nu': 0.4375,
+      'snr_mean': (2 + 0.5 + 0 + 3) / 4,
+      'snr_max': 3.0,
+      # sorted SNR [0, 0.5, 2, 3]; linear interpolation at 0.5*3 and 0.9*3.
+      'snr_q50': 0.5 + 0.5 * (2 - 0.5),
+      'snr_q90': 2 + 0.7 * (3 - 2),
+      # sqrt(v_hat) <= 1e-8 at the 0 and at the 1e-9: 2 of 4.
+      'eps_dominated_fraction': 0.5,
+      # (1 - b1) / sqrt(1 - b2) = 1, so the approximate bound is 1.
+      'step_bound_approx': 1.0,
+      # t = 2: r = b1**2/b2 = 1/3; 1 * sqrt(0.4375 * (1 + 1/3)) / 0.75.
+      'step_bound_exact': math.sqrt(0.4375 * 4 / 3) / 0.75,
+      # |update| / lr = [2, 1, 0, 3.5].
+      'step_max': 3.5,
+      'step_mean': 6.5 / 4,
+      'step_over_approx_bound_fraction': 0.5,
+  }
+  assert set(d) == set(expected)
+  for key, value in expected.items():
+    assert d[key].shape == (), key
+    # float32 arithmetic on exact inputs: a few ulps.
+    np.testing.assert_allclose(float(d[key]), value, rtol=1e-6, err_msg=key)
+
+
+def test_without_updates_has_no_step_keys_and_quantiles_optional():
+  d = adamfx.adam_diagnostics(_hand_state(), b1=0.5, b2=0.75, quantiles=())
+  assert not any(k.startswith('step_') and 'bound' not in k for k in d)
+  assert not any(k.startswith('snr_q') for k in d)
+
+
+def test_fresh_state_is_all_zero_not_nan():
+  state = adamfx.adam(1e-3).init({'w': jnp.ones(3)})
+  d = adamfx.adam_diagnostics(state)
+  for key, value in d.items():
+    assert np.isfinite(float(value)), key
+  assert float(d['snr_max']) == 0.0
+  assert float(d['bias_correction_nu']) == 0.0
+  assert float(d['eps_dominated_fraction']) == 1.0
+
+
+def _numpy_adam(grads, b1=0.9, b2=0.999, eps=1e-8, lr=1e-3):
+  """The paper's Algorithm 1 in float64; returns (m_hat, v_hat, update) at the end."""
+  m = np.zeros_like(grads[0])
+  v = np.zeros_like(grads[0])
+  for t, g in enumerate(grads, start=1):
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat = m / (1 - b1**t)
+    v_hat = v / (1 - b2**t)
+    update = -lr * m_hat / (np.sqrt(v_hat) + eps)
+  return m_hat, v_hat, update
+
+
+@pytest.mark.parametrize('source', ['adamfx', 'optax'])
+def test_matches_float64_algorithm_1(source):
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(0.3, 1.0, size=(5, 7)) for _ in range(25)]
+  lr = 1e-2
+  tx = adamfx.adam(lr) if source == 'adamfx' else optax.adam(lr)
+  params = jnp.zeros((5, 7))
+  with optax_promotion():
+    state = tx.init(params)
+    for g in grads:
+      updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+  d = adamfx.adam_diagnostics(state, updates, lr, quantiles=(0.5, 0.9))
+  m_hat, v_hat, update = _numpy_adam(grads, lr=lr)
+  snr = np.abs(m_hat) / np.sqrt(v_hat)
+  step = np.abs(update) / lr
+  # float32 moments after 25 steps: ~1e-6 relative error, 1e-5 leaves room.
+  tol = dict(rtol=1e-5)
+  np.testing.assert_allclose(float(d['snr_mean']), snr.mean(), **tol)
+  np.testing.assert_allclose(float(d['snr_max']), snr.max(), **tol)
+  np.testing.assert_allclose(float(d['snr_q50']), np.quantile(snr, 0.5), **tol)
+  np.testing.assert_allclose(float(d['snr_q90']), np.quantile(snr, 0.9), **tol)
+  np.testing.assert_allclose(float(d['step_max']), step.max(), **tol)
+  np.testing.assert_allclose(float(d['step_mean']), step.mean(), **tol)
+  # 1 - b2**t cancels: float32's 0.999 is 0.999 + 1.3e-8, which alone moves
+  # 1 - 0.999**25 by 1.3e-5 relative. Compare with the float32 b2, powered in float64.
+  np.testing.assert_allclose(
+      float(d['bias_correction_nu']), 1 - float(np.float32(0.999)) ** 25, rtol=1e-6
+  )
+  assert int(d['count']) == 25
+  assert float(d['eps_dominated_fraction']) == 0.0
+
+
+def test_finds_adam_state_inside_chains_and_under_jit():
+  tx = optax.chain(optax.clip_by_global_norm(1.0), adamfx.inject_hyperparams(adamfx.adam)(0.1))
+  params = {'w': jnp.array([1.0, -2.0, 0.0]), 'b': jnp.zeros(())}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.tree.map(lambda p: p + 0.5, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, adamfx.adam_diagnostics(state)
+
+  with optax_promotion():
+    for _ in range(3):
+      params, state, d = step(params, state)
+  eager = adamfx.adam_diagnostics(state)
+  assert int(d['count']) == 3
+  for key in d:
+    np.testing.assert_allclose(float(d[key]), float(eager[key]), rtol=1e-6, err_msg=key)
+
+
+def test_amsgrad_uses_nu_max():
+  # nu_max is already bias-corrected: v_hat = nu_max = [4, 0.25] -> SNR [1, 4].
+  state = adamfx.AdamState(
+      count=jnp.asarray(1, jnp.int32),
+      mu=jnp.array([0.5 * 2, 0.5 * 2]),
+      nu=jnp.array([123.0, 456.0]),
+      nu_max=jnp.array([4.0, 0.25]),
+  )
+  d = adamfx.adam_diagnostics(state, b1=0.5, b2=0.75, quantiles=())
+  np.testing.assert_allclose(float(d['snr_max']), 4.0, rtol=1e-6)
+  np.testing.assert_allclose(float(d['snr_mean']), 2.5, rtol=1e-6)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match='needs a state holding an adamfx.AdamState'):
+    adamfx.adam_diagnostics(optax.sgd(0.1).init(jnp.zeros(2)))
+  with pytest.raises(ValueError, match='`learning_rate` is needed'):
+    adamfx.adam_diagnostics(_hand_state(), updates=jnp.zeros(4))
+
+
+def test_step_bound_is_attained_by_geometric_growth_and_exceeds_the_paper_approximation():
+  b1, b2, lr = 0.9, 0.999, 1e-3
+  for t in (1, 10, 100, 3000):
+    grads = [np.array([(b2 / b1) ** i]) for i in range(1, t + 1)]
+    _, _, update = _numpy_adam(grads, b1, b2, eps=0.0, lr=lr)
+    # float64 sums of t terms: 1e-10 relative.
+    np.testing.assert_allclose(abs(update[0]) / lr, adamfx.adam_step_bound(t, b1, b2), rtol=1e-10)
+  limit = (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
+  np.testing.assert_allclose(adamfx.adam_step_bound(10**7), limit, rtol=1e-12)
+  assert 7.0 < adamfx.adam_step_bound(3000) < 7.2 < limit < 7.3
+  assert adamfx.adam_step_bound(3000) > 2 * (1 - b1) / math.sqrt(1 - b2)
+  # The array path (float32, for use under jit) agrees with the float64 one.
+  ts = jnp.array([1, 10, 100, 3000], jnp.int32)
+  np.testing.assert_allclose(
+      adamfx.adam_step_bound(ts), [adamfx.adam_step_bound(int(t)) for t in ts], rtol=1e-5
+  )
+
+
+def test_step_bound_holds_for_random_histories():
+  rng = np.random.default_rng(1)
+  for t in (1, 5, 50, 400):
+    bound = adamfx.adam_step_bound(t)
+    grads = [rng.standard_cauchy(size=200) * rng.uniform(0, 10, size=200) for _ in range(t)]
+    _, _, update = _numpy_adam(grads, eps=0.0, lr=1.0)
+    assert np.abs(update).max() <= bound * (1 + 1e-12)
