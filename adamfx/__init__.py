@@ -11,6 +11,8 @@ from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
 from adamfx._adam import scale_by_adamax
+from adamfx._diagnostics import adam_diagnostics
+from adamfx._diagnostics import adam_step_bound
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,8 @@ __all__ = (
     "AdamState",
     "ScaleByAdamState",
     "adam",
+    "adam_diagnostics",
+    "adam_step_bound",
     "adamax",
     "adamw",
     "amsgrad",
