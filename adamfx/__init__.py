@@ -11,6 +11,13 @@ from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
 from adamfx._adam import scale_by_adamax
+from adamfx._checkpoint import CheckpointError
+from adamfx._checkpoint import convert_state
+from adamfx._checkpoint import restore_npz
+from adamfx._checkpoint import restore_orbax
+from adamfx._checkpoint import save_npz
+from adamfx._checkpoint import save_orbax
+from adamfx._sharding import zero1_shardings
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
 
@@ -18,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "AdamState",
+    "CheckpointError",
     "ScaleByAdamState",
     "adam",
     "adam_diagnostics",
@@ -25,9 +33,15 @@ __all__ = (
     "adamax",
     "adamw",
     "amsgrad",
+    "convert_state",
     "inject_hyperparams",
     "nadam",
     "nadamw",
+    "restore_npz",
+    "restore_orbax",
+    "save_npz",
+    "save_orbax",
     "scale_by_adam",
     "scale_by_adamax",
+    "zero1_shardings",
 )

@@ -76,8 +76,14 @@ def huge_thresholds(dtype: Any) -> tuple[float, float, float]:
 def zeros_like(x: Any, dtype: Any = None) -> jax.Array:
   """Zeros shaped like ``x`` (an array, tracer or ``jax.ShapeDtypeStruct``).
 
-  Keeps ``x``'s sharding where one is known, so optimiser state is laid out
-  like the params it mirrors.
+  Keeps ``x``'s sharding, so optimiser state is laid out like the params it
+  mirrors. Eagerly, the zeros are created with ``x``'s sharding. Under a
+  trace (``jax.jit(tx.init)``) the sharding of an input is not known yet, and
+  plain zeros would depend on no input: jit prunes the unused params and
+  computes the state on device 0, whatever the params' layout (optax issue
+  548). So there the zeros are an elementwise function of ``x`` (a select
+  whose two branches are 0, exact for inf/NaN too), and XLA's sharding
+  propagation gives them ``x``'s sharding.
   """
   dtype = x.dtype if dtype is None else dtype
   sharding = getattr(x, 'sharding', None)
@@ -85,4 +91,7 @@ def zeros_like(x: Any, dtype: Any = None) -> jax.Array:
     if sharding is not None:
       return jnp.zeros(x.shape, dtype, device=sharding)
     return jnp.zeros(x.shape, dtype)
+  if isinstance(x, jax.core.Tracer):
+    zero = jnp.zeros((), dtype)
+    return jnp.where(x == x, zero, zero)
   return jnp.zeros_like(x, dtype=dtype)
