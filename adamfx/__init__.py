@@ -17,9 +17,9 @@ from adamfx._checkpoint import restore_npz
 from adamfx._checkpoint import restore_orbax
 from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
-from adamfx._sharding import zero1_shardings
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
+from adamfx._sharding import zero1_shardings
 
 __version__ = "0.1.0"
 
