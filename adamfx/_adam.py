@@ -21,6 +21,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _numerics
+from adamfx import _rounding
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
@@ -205,7 +206,7 @@ def _family_update(
   else:
     vm_leaves = [None] * len(g_leaves)
   out_u, out_m, out_v, out_vm = [], [], [], []
-  for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vm_leaves):
+  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
     if g is None:
       for out in (out_u, out_m, out_v, out_vm):
         out.append(None)
@@ -216,7 +217,9 @@ def _family_update(
     )
     out_u.append(u.astype(g.dtype))
     out_m.append(_numerics.saturate(m_new, m.dtype))
-    out_v.append(_numerics.saturate(v_new, v.dtype))
+    # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
+    # would return 0.999 * nu as nu (see adamfx._rounding).
+    out_v.append(_rounding.store_second_moment(v_new, v.dtype, count, i))
     out_vm.append(None if vm is None else _numerics.saturate(vm_new, vm.dtype))
   unflatten = functools.partial(jax.tree.unflatten, treedef)
   new_state = AdamState(
@@ -303,7 +306,10 @@ def scale_by_adam(
     mu_dtype: storage dtype of the first moment (floating); default: the
       params' dtype.
     nu_dtype: storage dtype of the second moment (floating); default: the
-      params' dtype. The arithmetic stays in at least float32.
+      params' dtype. The arithmetic stays in at least float32. A 16-bit
+      ``nu`` is stored with stochastic rounding (deterministic bits hashed
+      from the step count), so that ``0.999 * nu`` does not round back to
+      ``nu``: see ``adamfx._rounding``.
     nesterov: use Nesterov momentum (NAdam, Dozat 2016).
     amsgrad: keep the running maximum of the bias-corrected second moment
       (AMSGrad, Reddi et al. 2018), as ``optax.amsgrad`` does.
