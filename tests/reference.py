@@ -1,0 +1,171 @@
+"""Float64 NumPy transcriptions of the Adam family, independent of JAX and optax.
+
+These are the references that adamfx is compared against under
+``jax.enable_x64(True)`` at ``rtol ~1e-12``. Each is written from the paper
+(or, where the variants disagree, from the form optax documents), one NumPy
+array per leaf, in float64 (complex128 for complex leaves), and shares no code
+with adamfx.
+
+- :class:`Adam`: Kingma & Ba (2015), Algorithm 1, with ``eps`` outside the
+  square root and optax's ``eps_root`` inside it;
+  ``nesterov=True`` is NAdam in optax's form (Dozat 2016 without the extra
+  ``b2`` factor of its Algorithm 2); ``amsgrad=True`` takes the running
+  maximum of the *bias-corrected* second moment (as ``optax.amsgrad``; Reddi
+  et al. 2018 take it over the raw moment); ``weight_decay`` is AdamW's
+  decoupled decay (Loshchilov & Hutter 2019), ``-lr * wd * param`` added to
+  the update, the param taken before the step.
+- ``mu_dtype``: the first moment is *stored* rounded to this dtype (e.g.
+  ``ml_dtypes.bfloat16``), the step that computed it having used it unrounded.
+- :class:`AdaMax`: Kingma & Ba (2015) section 7.1, with optax's ``eps`` added
+  to ``|g|`` inside the max (the paper has no eps).
+
+Learning rates may be numbers or callables of the 0-based step count (as optax
+schedules are called with the count *before* the step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _f64(x: Any) -> np.ndarray:
+  x = np.asarray(x)
+  if np.iscomplexobj(x):
+    return x.astype(np.complex128)
+  return x.astype(np.float64)
+
+
+def _abs_sq(g: np.ndarray) -> np.ndarray:
+  return (g.real * g.real + g.imag * g.imag) if np.iscomplexobj(g) else g * g
+
+
+class Adam:
+  """Adam / NAdam / AMSGrad / AdamW on a list of float64 arrays."""
+
+  def __init__(
+      self,
+      learning_rate: float | Callable[[int], float],
+      b1: float = 0.9,
+      b2: float = 0.999,
+      eps: float = 1e-8,
+      eps_root: float = 0.0,
+      *,
+      nesterov: bool = False,
+      amsgrad: bool = False,
+      weight_decay: float | Callable[[int], float] = 0.0,
+      decay_mask: Sequence[bool] | None = None,
+      mu_dtype: Any = None,
+  ):
+    self.learning_rate = learning_rate
+    self.mu_dtype = mu_dtype
+    self.b1, self.b2, self.eps, self.eps_root = b1, b2, eps, eps_root
+    self.nesterov, self.amsgrad = nesterov, amsgrad
+    self.weight_decay, self.decay_mask = weight_decay, decay_mask
+
+  def init(self, params: Sequence[Any]) -> None:
+    params = [_f64(p) for p in params]
+    self.t = 0  # Algorithm 1: t <- 0
+    self.m = [np.zeros_like(p) for p in params]  # m_0 <- 0
+    self.v = [np.zeros(p.shape, np.float64) for p in params]  # v_0 <- 0
+    self.v_max = [np.zeros(p.shape, np.float64) for p in params]
+
+  def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
+    """One step of ``scale_by_adam``: m_hat / (sqrt(v_hat + eps_root) + eps)."""
+    b1, b2 = self.b1, self.b2
+    self.t += 1  # t <- t + 1
+    t = self.t
+    out = []
+    for i, g in enumerate(grads):
+      g = _f64(g)
+      self.m[i] = b1 * self.m[i] + (1 - b1) * g  # m_t
+      self.v[i] = b2 * self.v[i] + (1 - b2) * _abs_sq(g)  # v_t
+      if self.nesterov:  # Dozat 2016, as optax.nadam.
+        m_hat = b1 * self.m[i] / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)
+      else:
+        m_hat = self.m[i] / (1 - b1**t)  # \hat m_t
+      v_hat = self.v[i] / (1 - b2**t)  # \hat v_t
+      if self.amsgrad:
+        self.v_max[i] = np.maximum(self.v_max[i], v_hat)
+        v_hat = self.v_max[i]
+      out.append(m_hat / (np.sqrt(v_hat + self.eps_root) + self.eps))
+      if self.mu_dtype is not None:  # stored rounded; this step used m_t as is
+        self.m[i] = self.m[i].astype(self.mu_dtype).astype(self.m[i].dtype)
+    return out
+
+  def step(self, grads: Sequence[Any], params: Sequence[Any]) -> list[np.ndarray]:
+    """The full update ``-lr * (scaled + wd * param)`` (to add to params)."""
+    count = self.t  # schedules see the count before the step
+    scaled = self.scaled(grads)
+    lr = _value(self.learning_rate, count)
+    wd = _value(self.weight_decay, count)
+    out = []
+    for i, (u, p) in enumerate(zip(scaled, params)):
+      if wd and (self.decay_mask is None or self.decay_mask[i]):
+        u = u + wd * _f64(p)
+      out.append(-lr * u)
+    return out
+
+
+class AdaMax:
+  """AdaMax, Kingma & Ba (2015) section 7.1, eps inside the max as optax."""
+
+  def __init__(
+      self,
+      learning_rate: float | Callable[[int], float],
+      b1: float = 0.9,
+      b2: float = 0.999,
+      eps: float = 1e-8,
+  ):
+    self.learning_rate, self.b1, self.b2, self.eps = learning_rate, b1, b2, eps
+
+  def init(self, params: Sequence[Any]) -> None:
+    params = [_f64(p) for p in params]
+    self.t = 0
+    self.m = [np.zeros_like(p) for p in params]
+    self.u = [np.zeros(p.shape, np.float64) for p in params]
+
+  def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
+    self.t += 1
+    out = []
+    for i, g in enumerate(grads):
+      g = _f64(g)
+      self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
+      self.u[i] = np.maximum(self.b2 * self.u[i], np.abs(g) + self.eps)
+      out.append(self.m[i] / ((1 - self.b1**self.t) * self.u[i]))
+    return out
+
+  def step(self, grads: Sequence[Any], params: Sequence[Any]) -> list[np.ndarray]:
+    del params
+    lr = _value(self.learning_rate, self.t)
+    return [-lr * u for u in self.scaled(grads)]
+
+
+def _value(x: float | Callable[[int], float], count: int) -> float:
+  return float(x(count)) if callable(x) else float(x)
+
+
+def run(
+    opt: Adam | AdaMax,
+    params: Sequence[Any],
+    grads: Sequence[Sequence[Any]] | Callable[[int, list[np.ndarray]], Sequence[Any]],
+    steps: int,
+) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+  """Runs ``steps`` steps; ``grads`` is a list per step or ``f(step, params)``.
+
+  Returns the final params and the update of every step (a list per leaf of
+  arrays with a leading step axis).
+  """
+  params = [_f64(p) for p in params]
+  opt.init(params)
+  history: list[list[np.ndarray]] = [[] for _ in params]
+  for k in range(steps):
+    g = grads(k, params) if callable(grads) else grads[k]
+    updates = opt.step(g, params)
+    params = [p + u for p, u in zip(params, updates)]
+    for h, u in zip(history, updates):
+      h.append(u)
+  return params, [np.stack(h) for h in history]
