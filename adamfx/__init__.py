@@ -19,6 +19,10 @@ from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
+from adamfx._quant import QuantizedArray
+from adamfx._quant import adam8bit
+from adamfx._quant import adamw8bit
+from adamfx._quant import scale_by_adam8bit
 from adamfx._sharding import zero1_shardings
 
 __version__ = "0.1.0"
@@ -26,12 +30,15 @@ __version__ = "0.1.0"
 __all__ = (
     "AdamState",
     "CheckpointError",
+    "QuantizedArray",
     "ScaleByAdamState",
     "adam",
     "adam_diagnostics",
     "adam_step_bound",
+    "adam8bit",
     "adamax",
     "adamw",
+    "adamw8bit",
     "amsgrad",
     "convert_state",
     "inject_hyperparams",
@@ -42,6 +49,7 @@ __all__ = (
     "save_npz",
     "save_orbax",
     "scale_by_adam",
+    "scale_by_adam8bit",
     "scale_by_adamax",
     "zero1_shardings",
 )

@@ -1,0 +1,569 @@
+r"""8-bit blockwise Adam moments (Dettmers et al. 2022), in about 2 bytes/param.
+
+Each large leaf's moments are stored as one uint8 code per element plus one
+float32 scale per block of ``block_size`` elements (the block's largest
+magnitude, "absmax"): :math:`8 + 32 / 256 = 8.125` bits per moment, so
+:math:`2.03` bytes per parameter for Adam's two moments instead of 8.
+
+A code indexes a fixed table of 256 values in [-1, 1] (first moment, signed)
+or [0, 1] (second moment, unsigned): the *dynamic* map, whose values are
+spaced like a floating-point number with a variable-length exponent, so small
+entries of a block keep relative precision (down to ~1e-7 of the block's
+absmax) while the largest keep about 2-3 significant digits. A step
+dequantizes (code value times block scale), runs the float32 Adam update
+(:func:`adamfx._adam._moment_step`, the same math as :func:`adamfx.adam`),
+and requantizes to the nearest code, all inside the same jitted function.
+Leaves smaller than ``min_8bit_size`` (biases, norms) keep float32 moments:
+their bytes don't matter, their precision might.
+
+Blocks run along the last axis when its length is a multiple of
+``block_size`` (so a leaf sharded on its leading axes quantizes shard by
+shard), else along the flattened leaf. Codes have the param's shape (and its
+sharding); the state is a plain pytree of arrays (:class:`QuantizedArray`
+leaves inside :class:`adamfx.AdamState`), so ``jit``, ``vmap``, sharding and
+checkpoints work as for float32 state.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adamfx import _adam
+from adamfx import _checks
+from adamfx import _numerics
+
+
+class QuantizedArray(NamedTuple):
+  """A moment stored in 8 bits: ``codes`` index the dynamic map, per-block ``scale``.
+
+  Attributes:
+    codes: uint8, the shape of the param: each element's index into the
+      256-entry code map (signed for ``mu``, unsigned for ``nu``).
+    scale: float32, one per block (the block's absmax): shape
+      ``param.shape[:-1] + (param.shape[-1] // block_size,)`` when the last
+      axis splits into blocks, else ``(ceil(param.size / block_size),)``.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+  """The 256 values of the dynamic code map, sorted, as float32.
+
+  bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7,
+  total_bits=8)``: for exponents ``e = 0 .. 6`` the midpoints of an even
+  split of [0.1, 1] into ``2**e`` parts (signed: each with both signs) or
+  ``2**(e + 1)`` parts (unsigned), scaled by ``10**(e - 6)``; plus 0 and 1.
+
+  Args:
+    signed: the map for signed values (first moment) or non-negative ones
+      (second moment).
+
+  Returns:
+    A float32 NumPy array of 256 increasing values in [-1, 1] (signed) or
+    [0, 1] (unsigned).
+
+  Examples:
+    >>> from adamfx import _quant
+    >>> m = _quant.dynamic_map(signed=False)
+    >>> m.shape, float(m[0]), float(m[1]), float(m[-1])
+    ((256,), 0.0, 3.25e-07, 1.0)
+  """
+  data = [0.0, 1.0]
+  for e in range(7):
+    parts = 2**e if signed else 2 ** (e + 1)
+    edges = np.linspace(0.1, 1.0, parts + 1)
+    means = (edges[:-1] + edges[1:]) / 2 * 10.0 ** (e - 6)
+    data += means.tolist()
+    if signed:
+      data += (-means).tolist()
+  out = np.sort(np.asarray(data, np.float64)).astype(np.float32)
+  assert out.shape == (256,)
+  return out
+
+
+@functools.lru_cache(maxsize=2)
+def _tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+  values = dynamic_map(signed)
+  midpoints = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
+  return values, midpoints
+
+
+def _layout(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], int]:
+  """The blocked view's shape ``(..., n_blocks, block_size)`` and its padding.
+
+  Padding -1 means the blocks run along the last axis (a pure reshape);
+  otherwise the leaf is flattened and padded with that many elements.
+  """
+  if len(shape) >= 1 and shape[-1] > 0 and shape[-1] % block_size == 0:
+    return tuple(shape[:-1]) + (shape[-1] // block_size, block_size), -1
+  n = math.prod(shape)
+  blocks = max(1, -(-n // block_size))
+  return (blocks, block_size), blocks * block_size - n
+
+
+def scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+  """Shape of the per-block scales of a leaf of ``shape``.
+
+  Examples:
+    >>> from adamfx import _quant
+    >>> _quant.scale_shape((64, 512), 256), _quant.scale_shape((1000, 10), 256)
+    ((64, 2), (40,))
+  """
+  return _layout(tuple(shape), block_size)[0][:-1]
+
+
+def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+  view, pad = _layout(x.shape, block_size)
+  if pad >= 0:
+    x = jnp.pad(x.reshape(-1), (0, pad))
+  return x.reshape(view)
+
+
+def _from_blocks(x: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+  _, pad = _layout(shape, block_size)
+  if pad >= 0:
+    return x.reshape(-1)[: math.prod(shape)].reshape(shape)
+  return x.reshape(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def _decades(s: int) -> tuple[tuple[float, float, float, float, float], ...]:
+  """Per decade ``e``: (threshold, 0.1 * 10**(e-6), K / (0.9 * 10**(e-6)), first index, K - 1).
+
+  The threshold is the midpoint between the decade's first value and the
+  value below it (the previous decade's last, or 0): from there up, the
+  nearest value lies in this decade (or is 1, see :func:`_nearest_magnitude`).
+  """
+  rows = []
+  below = 0.0
+  first = 1
+  for e in range(7):
+    k = 2 ** (e + s)
+    p = 10.0 ** (e - 6)
+    lowest = p * (0.1 + 0.45 / k)
+    rows.append(((below + lowest) / 2, 0.1 * p, k / (0.9 * p), float(first), float(k - 1)))
+    below = p * (1 - 0.45 / k)
+    first += k
+  return tuple(rows)
+
+
+def _nearest_magnitude(a: jax.Array, s: int) -> jax.Array:
+  """Index of the nearest value of ``[0, decades..., 1]`` to ``a`` in [0, 1].
+
+  A closed-form search in :func:`dynamic_map`'s magnitudes, with no table
+  lookup (gathers are slow on CPU): decade ``e`` holds the centres of
+  ``K = 2**(e + s)`` equal cells of [0.1, 1] * 10**(e - 6), so once ``a`` is
+  past the decade's threshold (7 compares), the nearest value is the centre
+  of ``a``'s cell, clipped to the decade; 0 and 1 are the two ends.
+  """
+  rows = _decades(s)
+  base = jnp.full(a.shape, np.float32(rows[0][1]))
+  inv_cell = jnp.full(a.shape, np.float32(rows[0][2]))
+  first = jnp.full(a.shape, np.float32(rows[0][3]))
+  last = jnp.full(a.shape, np.float32(rows[0][4]))
+  for threshold, b, c, f, k1 in rows[1:]:
+    above = a >= np.float32(threshold)
+    base = jnp.where(above, np.float32(b), base)
+    inv_cell = jnp.where(above, np.float32(c), inv_cell)
+    first = jnp.where(above, np.float32(f), first)
+    last = jnp.where(above, np.float32(k1), last)
+  j = jnp.clip(jnp.floor((a - base) * inv_cell), 0, last)
+  idx = first + j
+  idx = jnp.where(a < np.float32(rows[0][0]), 0, idx)
+  top = float(1 + (2**s) * (2**7 - 1))  # the index of 1.0
+  top_mid = (1 + 10.0**0 * (1 - 0.45 / 2 ** (6 + s))) / 2
+  idx = jnp.where(a > np.float32(top_mid), np.float32(top), idx)
+  return idx.astype(jnp.int32)
+
+
+def _pow2(k: jax.Array) -> jax.Array:
+  """2.0**k as float32, exactly, for integer ``k`` in [-126, 127]."""
+  return jax.lax.bitcast_convert_type(jax.lax.shift_left(k + 127, 23), jnp.float32)
+
+
+def _normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
+  """``xb / absmax[..., None]``, safe for every normal float32 absmax.
+
+  XLA rewrites a division by a broadcast into a multiplication by the
+  reciprocal, and ``1 / absmax`` is subnormal -- so 0 on CPU -- for absmax
+  above 8.5e37. Instead take out absmax's power of two exactly (in two
+  halves, each a normal number), then divide by the remaining mantissa in
+  [0.5, 1).
+  """
+  safe = jnp.where(absmax > 0, absmax, 1)
+  mant, ex = jnp.frexp(safe)
+  half = ex // 2
+  p1 = _pow2(-half)[..., None]
+  p2 = _pow2(half - ex)[..., None]
+  return xb * p1 * p2 / mant[..., None]
+
+
+def quantize(
+    x: jax.Array, *, signed: bool, block_size: int = 256
+) -> QuantizedArray:
+  r"""Quantizes ``x`` blockwise to the nearest value of the dynamic map.
+
+  Per block, :math:`s = \max |x_i|` over the block's *finite* elements and
+  :math:`c_i = \arg\min_c |x_i / s - \mathrm{map}_c|`. An unsigned (second
+  moment) element that is positive never gets the code of 0: its step
+  would become :math:`m / \varepsilon`. Non-finite elements get an arbitrary
+  code and do not affect the rest of their block (callers replace them
+  first; see :func:`scale_by_adam8bit`).
+
+  Args:
+    x: a real float array (any shape).
+    signed: use the signed map (first moment) or the unsigned one (second
+      moment; ``x`` must then be >= 0).
+    block_size: elements per block, >= 1.
+
+  Returns:
+    A :class:`QuantizedArray`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from adamfx import _quant
+    >>> q = _quant.quantize(jnp.array([0.5, -2.0, 0.0, 1e-3]), signed=True)
+    >>> q.codes.dtype, q.scale
+    (dtype('uint8'), Array([2.], dtype=float32))
+    >>> [round(float(v), 5) for v in _quant.dequantize(q, signed=True)]
+    [0.49531, -1.98594, 0.0, 0.00099]
+  """
+  shape = x.shape
+  if x.dtype != jnp.float32:
+    x = _numerics.saturate(x, jnp.float32)
+  xb = _to_blocks(x, block_size)
+  finite = jnp.isfinite(xb)
+  absmax = jnp.max(jnp.where(finite, jnp.abs(xb), 0), axis=-1)
+  xn = jnp.where(finite, _normalize(xb, absmax), 0)
+  a = jnp.minimum(jnp.abs(xn), 1)
+  if signed:
+    k = _nearest_magnitude(a, 0)
+    idx = jnp.where(xn < 0, 127 - jnp.minimum(k, 127), 127 + k)
+  else:
+    k = _nearest_magnitude(a, 1)
+    idx = jnp.where(a > 0, jnp.maximum(k, 1), k)
+  codes = _from_blocks(idx.astype(jnp.uint8), shape, block_size)
+  return QuantizedArray(codes=codes, scale=absmax)
+
+
+def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax.Array:
+  """The float32 values of a :class:`QuantizedArray`: ``map[codes] * scale``.
+
+  Args:
+    q: the quantized array.
+    signed: which map ``q`` was quantized with.
+    block_size: the block size it was quantized with.
+
+  Returns:
+    A float32 array of ``q.codes``' shape.
+  """
+  values, _ = _tables(signed)
+  shape = q.codes.shape
+  vals = jnp.asarray(values)[q.codes.astype(jnp.int32)]
+  return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
+
+
+def _is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedArray)
+
+
+def _is_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, QuantizedArray)
+
+
+def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(
+        f'`block_size` must be a positive int, got {block_size!r}; 256 (the'
+        ' default) costs 0.03 bytes of scales per parameter and moment.'
+    )
+  if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+    raise ValueError(f'`min_8bit_size` must be an int >= 0, got {min_8bit_size!r}.')
+
+
+def scale_by_adam8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    nesterov: bool = False,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  r""":func:`adamfx.scale_by_adam` with its moments stored in 8 bits per element.
+
+  The update is Adam's (the same float32 code as :func:`adamfx.scale_by_adam`),
+  computed from the dequantized moments; only what is stored between steps
+  changes. Each leaf with at least ``min_8bit_size`` real floating elements
+  keeps ``mu`` and ``nu`` as :class:`QuantizedArray`: uint8 codes of the
+  dynamic map (signed for ``mu``, unsigned for ``nu``) and one float32 scale
+  per block of ``block_size`` elements.
+
+  .. math::
+
+    \begin{align*}
+      m, v &\leftarrow \mathrm{deq}(\mathrm{mu}), \mathrm{deq}(\mathrm{nu}) \\
+      m, v, u &\leftarrow \text{Adam's step from } m, v, g_t
+        \text{ in float32 (see scale\_by\_adam)} \\
+      \mathrm{mu}, \mathrm{nu} &\leftarrow \mathrm{q}_{\pm}(m),\ \mathrm{q}_{+}(v)
+    \end{align*}
+
+  where :math:`\mathrm{q}(x)_i = \arg\min_c |x_i / s_B - \mathrm{map}_c|` with
+  :math:`s_B = \max_{j \in B} |x_j|` the absmax of element :math:`i`'s block
+  :math:`B`, and :math:`\mathrm{deq}(c)_i = \mathrm{map}_{c_i} s_B`.
+
+  An element whose new moment is not finite (a NaN or inf gradient) keeps its
+  previous moments, and the rest of its block is quantized as if it were not
+  there: one bad element does not wipe its block. The update for that element
+  is what float32 Adam returns (NaN); guard the params with
+  ``optax.apply_if_finite`` as usual.
+
+  Args:
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0.
+    nesterov: NAdam's momentum (Dozat 2016).
+    block_size: elements per quantization block (one float32 scale each),
+      a positive int; default 256 (Dettmers et al. use 2048 on GPUs; smaller
+      blocks isolate outliers better for 1.5 % more memory).
+    min_8bit_size: leaves with fewer elements keep float32 moments; default
+      4096, as bitsandbytes.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an
+    :class:`adamfx.AdamState` with :class:`QuantizedArray` (or float32) leaves
+    in ``mu`` and ``nu``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges (see
+      :func:`adamfx.scale_by_adam`), a ``block_size`` < 1 or a negative
+      ``min_8bit_size``; at update time, if the gradient tree does not match.
+    TypeError: for non-numeric hyperparameters or integer params.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.scale_by_adam8bit(min_8bit_size=256)
+    >>> state = tx.init({'w': jnp.zeros((4, 256)), 'b': jnp.zeros(4)})
+    >>> state.mu['w'].codes.dtype, state.mu['w'].scale.shape, state.mu['b'].dtype
+    (dtype('uint8'), (4, 1), dtype('float32'))
+    >>> update = jax.jit(tx.update)  # one compiled step, as in training
+    >>> updates, state = update({'w': jnp.ones((4, 256)), 'b': -jnp.ones(4)}, state)
+    >>> updates['b']  # the first step is sign(g), as for float32 Adam
+    Array([-1., -1., -1., -1.], dtype=float32)
+
+  References:
+    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
+    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+  """
+  _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
+  _check_8bit_args(block_size, min_8bit_size)
+
+  def quantizable(p: Any) -> bool:
+    dtype = jnp.dtype(p.dtype)
+    return jnp.issubdtype(dtype, jnp.floating) and math.prod(p.shape) >= max(min_8bit_size, 1)
+
+  def init_fn(params):
+    _checks.check_param_leaves(params)
+
+    def init_leaf(p):
+      if not quantizable(p):
+        return _numerics.zeros_like(p, _numerics.compute_dtype(p.dtype))
+      return QuantizedArray(
+          codes=_numerics.zeros_like(p, jnp.uint8),
+          scale=jnp.zeros(scale_shape(p.shape, block_size), jnp.float32),
+      )
+
+    mu = jax.tree.map(init_leaf, params)
+    nu = jax.tree.map(init_leaf, params)
+    return _adam.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update_fn(updates, state, params=None):
+    del params
+    shapes = jax.tree.map(
+        lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
+    )
+    _checks.check_matching_trees(updates, shapes)
+    _checks.check_hyperparam_dtype('b1', b1)
+    _checks.check_hyperparam_dtype('b2', b2)
+    count = optax.safe_increment(state.count)
+    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_adam._is_none)
+    m_leaves = treedef.flatten_up_to(state.mu)
+    v_leaves = treedef.flatten_up_to(state.nu)
+    out_u, out_m, out_v = [], [], []
+    for g, m, v in zip(g_leaves, m_leaves, v_leaves):
+      if g is None:
+        out_u.append(None)
+        out_m.append(None)
+        out_v.append(None)
+        continue
+      step = functools.partial(
+          _adam._moment_step, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+          nesterov=nesterov, amsgrad=False, infinity_norm=False,
+      )
+      if not _is_quantized(m):
+        u, m_new, v_new, _ = step(g, m, v, None)
+        out_m.append(_numerics.saturate(m_new, m.dtype))
+        out_v.append(_numerics.saturate(v_new, v.dtype))
+      else:
+        m_old = dequantize(m, signed=True, block_size=block_size)
+        v_old = dequantize(v, signed=False, block_size=block_size)
+        u, m_new, v_new, _ = step(g, m_old, v_old, None)
+        # A non-finite element keeps its history and stays out of its block's
+        # absmax (else one NaN gradient would zero or poison the whole block).
+        bad = ~(jnp.isfinite(m_new) & jnp.isfinite(v_new))
+        m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+        v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+        out_m.append(quantize(m_new, signed=True, block_size=block_size))
+        out_v.append(quantize(v_new, signed=False, block_size=block_size))
+      out_u.append(u.astype(g.dtype))
+    unflatten = functools.partial(jax.tree.unflatten, treedef)
+    state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
+    return unflatten(out_u), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def adam8bit(
+    learning_rate: _adam.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    nesterov: bool = False,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
+
+  :func:`scale_by_adam8bit` followed by ``optax.scale_by_learning_rate``: the
+  update :math:`-\alpha_t \hat m_t / (\sqrt{\hat v_t + \bar\varepsilon} +
+  \varepsilon)` of :func:`adamfx.adam`, with ``mu`` and ``nu`` kept between
+  steps as uint8 codes plus one float32 scale per block of ``block_size``.
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0.
+    nesterov: NAdam's momentum.
+    block_size: elements per quantization block; default 256.
+    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges.
+    TypeError: for a learning rate that is neither a number nor a schedule.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import adamfx
+    >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
+    >>> params = jnp.zeros(8192)
+    >>> tx = adamfx.adam8bit(learning_rate=0.1)
+    >>> state = tx.init(params)
+    >>> state[0].mu.codes.nbytes + state[0].mu.scale.nbytes  # vs 32768 in float32
+    8320
+    >>> step = jax.jit(tx.update)
+    >>> for _ in range(200):
+    ...   updates, state = step(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(jnp.allclose(params, 3.0, atol=2e-2))
+    True
+
+  References:
+    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
+    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+  """
+  return optax.chain(
+      scale_by_adam8bit(
+          b1, b2, eps, eps_root,
+          nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
+      ),
+      _adam._scale_by_learning_rate(learning_rate),
+  )
+
+
+def adamw8bit(
+    learning_rate: _adam.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: _adam.ScalarOrSchedule = 1e-4,
+    mask: Optional[Any] = None,
+    *,
+    nesterov: bool = False,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
+
+  .. math::
+
+    \theta_t \leftarrow \theta_{t-1} - \alpha_t \left(\hat m_t /
+      (\sqrt{\hat v_t + \bar\varepsilon} + \varepsilon)
+      + \lambda \theta_{t-1}\right)
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0.
+    weight_decay: :math:`\lambda` >= 0, or a schedule; default 1e-4.
+    mask: a tree of booleans (or a function of the params returning one)
+      selecting the leaves to decay.
+    nesterov: NAdamW's momentum.
+    block_size: elements per quantization block; default 256.
+    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.adamw8bit(1e-2, weight_decay=0.1)
+    >>> params = {'w': jnp.ones(2)}
+    >>> updates, _ = jax.jit(tx.update)({'w': jnp.zeros(2)}, tx.init(params), params)
+    >>> updates['w']
+    Array([-0.001, -0.001], dtype=float32)
+
+  References:
+    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
+    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+  """
+  if not callable(weight_decay):
+    _checks.check_non_negative('weight_decay', weight_decay)
+  return optax.chain(
+      scale_by_adam8bit(
+          b1, b2, eps, eps_root,
+          nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
+      ),
+      _adam._keep_dtypes(optax.add_decayed_weights(weight_decay, mask)),
+      _adam._scale_by_learning_rate(learning_rate),
+  )
