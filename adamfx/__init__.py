@@ -23,6 +23,7 @@ from adamfx._quant import QuantizedArray
 from adamfx._quant import adam8bit
 from adamfx._quant import adamw8bit
 from adamfx._quant import scale_by_adam8bit
+from adamfx._sharding import state_layout
 from adamfx._sharding import zero1_shardings
 
 __version__ = "0.1.0"
@@ -51,5 +52,6 @@ __all__ = (
     "scale_by_adam",
     "scale_by_adam8bit",
     "scale_by_adamax",
+    "state_layout",
     "zero1_shardings",
 )

@@ -53,11 +53,40 @@ def _base_spec(leaf: Any, mesh: Mesh, ndim: int) -> list[tuple[str, ...]]:
   return spec
 
 
+def state_layout(tx: Any, params: Any) -> Any:
+  """Shapes, dtypes and shardings of ``tx.init(params)``, allocating nothing.
+
+  The layout ``jax.jit(tx.init)`` gives the state: for adamfx, each moment
+  with its param's sharding (and ``count`` replicated). Read from the
+  compiled ``init``, so it is what XLA will actually do, also under an
+  ``Auto`` mesh where ``jax.eval_shape`` knows no shardings. Feed it to
+  :func:`zero1_shardings` to add a data-parallel split on top of the
+  params' model-parallel layout.
+
+  Args:
+    tx: an ``optax.GradientTransformation`` (any, not only adamfx's).
+    params: the params, as arrays or ``jax.ShapeDtypeStruct`` with shardings.
+
+  Returns:
+    A pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) shaped like the
+    state.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import adamfx
+    >>> layout = adamfx.state_layout(adamfx.adam(1e-3), {'w': jnp.zeros((4, 3))})
+    >>> layout[0].mu['w'].shape, layout[0].mu['w'].dtype
+    ((4, 3), dtype('float32'))
+  """
+  return jax.jit(tx.init).lower(params).compile().out_info
+
+
 def zero1_shardings(tree: Any, mesh: Mesh, axis: AxisNames = 'data') -> Any:
   r"""Shardings that split every leaf of ``tree`` over a data-parallel axis.
 
-  For ZeRO-1, pass the optimiser state (or its shapes, from
-  ``jax.eval_shape(tx.init, params)``): each leaf is split over ``axis`` on
+  For ZeRO-1, pass the optimiser state's layout (:func:`state_layout`, or
+  ``jax.eval_shape(tx.init, params)`` when the params are replicated): each
+  leaf is split over ``axis`` on
   its first dimension whose size divides evenly, and kept whole (replicated
   over ``axis``) where none does -- ``count``, scalars, odd shapes. A leaf
   that already carries a ``NamedSharding`` on ``mesh`` (model parallelism:
@@ -70,8 +99,8 @@ def zero1_shardings(tree: Any, mesh: Mesh, axis: AxisNames = 'data') -> Any:
 
   Args:
     tree: a pytree of arrays, ``jax.ShapeDtypeStruct`` (with or without a
-      ``sharding``) or anything with ``shape``; typically the optimiser state
-      or ``jax.eval_shape(tx.init, params)``.
+      ``sharding``) or anything with ``shape``; typically
+      ``adamfx.state_layout(tx, params)``.
     mesh: the ``jax.sharding.Mesh`` to lay the state out on.
     axis: the data-parallel mesh axis name (or a tuple of names, split over
       together); default ``'data'``.
@@ -89,7 +118,7 @@ def zero1_shardings(tree: Any, mesh: Mesh, axis: AxisNames = 'data') -> Any:
     >>> mesh = jax.make_mesh((1,), ('data',))
     >>> params = {'w': jnp.zeros((4, 3)), 'b': jnp.zeros(3)}
     >>> tx = adamfx.adam(1e-3)
-    >>> shardings = adamfx.zero1_shardings(jax.eval_shape(tx.init, params), mesh)
+    >>> shardings = adamfx.zero1_shardings(adamfx.state_layout(tx, params), mesh)
     >>> shardings[0].mu['w'].spec, shardings[0].count.spec
     (P('data',), P())
 
@@ -113,7 +142,7 @@ def zero1_shardings(tree: Any, mesh: Mesh, axis: AxisNames = 'data') -> Any:
       raise TypeError(
           f'Leaf {jax.tree_util.keystr(path) or "<root>"} of type'
           f' {type(leaf).__name__} has no shape: pass arrays or'
-          ' jax.ShapeDtypeStruct, e.g. jax.eval_shape(tx.init, params).'
+          ' jax.ShapeDtypeStruct, e.g. adamfx.state_layout(tx, params).'
       )
     spec = _base_spec(leaf, mesh, len(shape))
     used = {a for entry in spec for a in entry}
