@@ -120,6 +120,8 @@ def _moment_step(
   """
   cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
   rdt = _numerics.real_dtype(cdt)
+  _checks.check_decay_in_dtype('b1', b1, rdt)
+  _checks.check_decay_in_dtype('b2', b2, rdt)
   nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
   g = g.astype(cdt)
   m = m.astype(cdt)
@@ -137,7 +139,9 @@ def _moment_step(
 
   g_big, v_big, small = _numerics.huge_thresholds(rdt)
   absg = jnp.abs(g)
-  huge = (absg > g_big) | (v > v_big)
+  # v_hat = v / (1 - b2**t) is up to 1 / (1 - b2) times v: test v against
+  # v_big scaled the same way, so that v_hat (<= 2 v_big) cannot overflow.
+  huge = (absg > g_big) | (v > v_big * bc2)
   if amsgrad:
     v_max = jnp.real(v_max).astype(rdt)
     huge = huge | (v_max > v_big)
@@ -194,6 +198,7 @@ def _family_update(
     infinity_norm: bool = False,
 ) -> tuple[optax.Updates, AdamState]:
   """Applies :func:`_moment_step` to every leaf and stores the results."""
+  updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
   _checks.check_matching_trees(updates, state.mu)
   _checks.check_hyperparam_dtype('b1', b1)
   _checks.check_hyperparam_dtype('b2', b2)
@@ -219,8 +224,12 @@ def _family_update(
     out_m.append(_numerics.saturate(m_new, m.dtype))
     # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
     # would return 0.999 * nu as nu (see adamfx._rounding).
-    out_v.append(_rounding.store_second_moment(v_new, v.dtype, count, i))
-    out_vm.append(None if vm is None else _numerics.saturate(vm_new, vm.dtype))
+    # A positive nu stored as 0 (float16 underflow) would make the next step
+    # m_hat / eps, inf in float16: keep_positive stores the smallest instead.
+    out_v.append(_numerics.keep_positive(
+        _rounding.store_second_moment(v_new, v.dtype, count, i), v_new))
+    out_vm.append(None if vm is None else _numerics.keep_positive(
+        _numerics.saturate(vm_new, vm.dtype), vm_new))
   unflatten = functools.partial(jax.tree.unflatten, treedef)
   new_state = AdamState(
       count=count,
@@ -231,16 +240,36 @@ def _family_update(
   return unflatten(out_u), new_state
 
 
+def _mu_dtype(param_dtype: Any, mu_dtype: Any) -> Any:
+  """``mu_dtype`` for one leaf: its complex counterpart for complex params."""
+  if (
+      mu_dtype is None
+      or not jnp.issubdtype(param_dtype, jnp.complexfloating)
+      or jnp.issubdtype(mu_dtype, jnp.complexfloating)
+  ):
+    return mu_dtype
+  return jnp.complex128 if jnp.finfo(mu_dtype).bits == 64 else jnp.complex64
+
+
 def _family_init(
     params: optax.Params, mu_dtype: Any, nu_dtype: Any, amsgrad: bool
 ) -> AdamState:
   _checks.check_param_leaves(params)
+  # Python-number leaves become arrays; arrays, tracers and ShapeDtypeStructs
+  # are used as they are.
+  params = jax.tree.map(
+      lambda p: p if hasattr(p, 'dtype') else jnp.asarray(p), params
+  )
   zeros = lambda dtype: jax.tree.map(
       lambda p: _numerics.zeros_like(p, dtype), params
   )
   return AdamState(
       count=jnp.zeros([], jnp.int32),
-      mu=zeros(mu_dtype),
+      # mu_dtype names a precision: complex params keep a complex mu (a real
+      # one would silently drop the momentum's imaginary part).
+      mu=jax.tree.map(
+          lambda p: _numerics.zeros_like(p, _mu_dtype(p.dtype, mu_dtype)), params
+      ),
       nu=zeros(nu_dtype),
       nu_max=zeros(nu_dtype) if amsgrad else None,
   )
@@ -304,7 +333,7 @@ def scale_by_adam(
     eps_root: added inside the root, >= 0; default 0. Use a positive value to
       differentiate through the update (meta-learning).
     mu_dtype: storage dtype of the first moment (floating); default: the
-      params' dtype.
+      params' dtype. For complex params, the complex dtype of that precision.
     nu_dtype: storage dtype of the second moment (floating); default: the
       params' dtype. The arithmetic stays in at least float32. A 16-bit
       ``nu`` is stored with stochastic rounding (deterministic bits hashed

@@ -54,6 +54,26 @@ def check_decay(name: str, value: Any) -> None:
     raise ValueError(f'`{name}` must be in [0, 1), got {value!r}{hint}.')
 
 
+def check_decay_in_dtype(name: str, value: Any, dtype: Any) -> None:
+  """Checks that a concrete decay rate stays below 1 in the arithmetic dtype.
+
+  ``b2 = 0.99999999`` passes :func:`check_decay` but is 1.0 in float32, where
+  ``1 - b2**t`` is 0 and the step is ``inf`` or ``NaN``. Runs at trace time,
+  when the params' dtype is known.
+  """
+  x = _concrete_number(value)
+  if x is None or not 0.0 <= x < 1.0:
+    return
+  if float(np.asarray(x, dtype)) >= 1.0:
+    raise ValueError(
+        f'`{name}` = {value!r} rounds to 1.0 in {np.dtype(dtype).name}, the'
+        ' dtype Adam\'s arithmetic runs in for these params; the bias'
+        f' correction 1 - {name}**t would be 0. Use a value <='
+        f' {float(np.nextafter(np.asarray(1.0, dtype), np.asarray(0.0, dtype)))!r},'
+        ' or float64 params (jax.enable_x64).'
+    )
+
+
 def check_non_negative(name: str, value: Any) -> None:
   """Checks that ``eps``, ``eps_root``, ``weight_decay`` ... are finite and >= 0."""
   _check_numeric(name, value)

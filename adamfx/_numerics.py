@@ -48,6 +48,25 @@ def saturate(x: jax.Array, dtype: Any) -> jax.Array:
   return jnp.clip(x, -big, big).astype(dtype)
 
 
+def keep_positive(stored: jax.Array, x: jax.Array) -> jax.Array:
+  """``stored`` (``x`` cast to a storage dtype), never 0 where ``x > 0``.
+
+  A second moment that underflows its storage dtype (float16: below 3e-8)
+  would read back as 0 while the first moment is not, and the next step would
+  be ``m_hat / eps``. Such elements are stored as the smallest positive value
+  instead: the smallest subnormal where float32 arithmetic reads it as
+  nonzero (float16), else the smallest normal number.
+  """
+  if jnp.issubdtype(stored.dtype, jnp.complexfloating):
+    return stored
+  info = jnp.finfo(stored.dtype)
+  tiny = float(info.smallest_subnormal)
+  if tiny < float(jnp.finfo(jnp.float32).tiny):
+    tiny = float(info.tiny)  # CPUs may flush float32 subnormals to zero
+  floor = jnp.asarray(tiny, stored.dtype)
+  return jnp.where((stored == 0) & (jnp.real(x) > 0), floor, stored)
+
+
 def fit_exponent(x: jax.Array, limit: Any) -> jax.Array:
   """A power of two ``c`` with ``c**2 * x <= limit``, for ``x > limit > 0``.
 

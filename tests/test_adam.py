@@ -357,7 +357,12 @@ def test_state_fields_dtypes_structure_equal_optax(name, abstract):
   state = make_fx().init(params)
   with optax_promotion():
     expected = make_optax().init(params)
-  assert _describe(state) == _describe(expected)
+  want = _describe(expected)
+  if name == 'adam_mu_dtype':
+    # Deliberate difference: optax casts a complex mu to the real mu_dtype,
+    # dropping the momentum's imaginary part; adamfx keeps it complex.
+    want[0]['mu']['layers'][1]['c'] = ((2,), 'complex64')
+  assert _describe(state) == want
   inner = state[0] if isinstance(state, tuple) and not hasattr(state, '_fields') else state
   assert isinstance(inner, adamfx.AdamState)
   assert inner.count.dtype == jnp.int32 and inner.count.shape == ()
