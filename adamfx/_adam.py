@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from adamfx import _checks
+from adamfx import _fast
 from adamfx import _numerics
 from adamfx import _rounding
 
@@ -92,7 +93,8 @@ def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransform
 
 def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
   _checks.check_learning_rate(learning_rate)
-  return _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
+  traced = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
+  return _fast.scale_by_learning_rate(learning_rate, traced)  # compiled when eager
 
 
 def _moment_step(
@@ -386,7 +388,7 @@ def scale_by_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    return _family_update(
+    return _fast.family_update(  # compiled when eager
         updates, state, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad
     )
 
@@ -590,7 +592,9 @@ def scale_by_adamax(
 
   def update_fn(updates, state, params=None):
     del params
-    return _family_update(updates, state, b1, b2, eps, 0.0, infinity_norm=True)
+    return _fast.family_update(  # compiled when eager
+        updates, state, b1, b2, eps, 0.0, infinity_norm=True
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -1,0 +1,206 @@
+"""A compiled ``update`` for eager calls, with the numbers of the traced one.
+
+Called outside ``jit`` (in a notebook, say), the family update would run as
+dozens of separate array operations per leaf, each a dispatch and a pass over
+memory. :func:`family_update` instead runs every leaf through one compiled
+call of the same :func:`adamfx._adam._family_update`, so an eager step costs
+about one dispatch per leaf. Under a trace (``jit``, ``vmap``, ``grad``,
+``scan``) it is ``_family_update`` itself, so compiled code is unchanged.
+
+The compiled function lives at module level and takes Python-number
+hyperparameters as static arguments (the traced path folds them as Python
+numbers, so the numbers stay identical) and array hyperparameters as
+arguments: ``optax.inject_hyperparams``, which re-creates the transformation
+every step with new hyperparameter arrays, reuses the compiled code. It is
+compiled once per leaf shape and dtype, not once per tree, so a model of
+thousands of small leaves of a few shapes compiles in seconds.
+
+Leaves whose second moment is stored in a 16-bit float take the uncompiled
+path: their stochastic rounding hashes the leaf's position in the tree, which
+would otherwise have to be compiled in.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+@functools.cache
+def _narrow(dtype: Any) -> bool:
+  """Whether a second moment stored in ``dtype`` is stochastically rounded."""
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+  """Python/NumPy scalars become static (hashed), arrays stay arguments."""
+  static, dynamic = [], []
+  for v in values:
+    if isinstance(v, (jax.Array, np.ndarray)):
+      static.append(None)
+      dynamic.append(v)
+    else:
+      static.append(v)
+      dynamic.append(None)
+  return tuple(static), tuple(dynamic)
+
+
+@functools.partial(
+    jax.jit, static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm')
+)
+def _leaf_update(g, m, v, vm, count, dynamic, *, static, nesterov, amsgrad, infinity_norm):
+  from adamfx import _adam  # noqa: PLC0415 (circular at import time)
+
+  hps = [s if d is None else d for s, d in zip(static, dynamic)]
+  state = _adam.AdamState(count, m, v, vm)
+  return _adam._family_update(
+      g, state, *hps, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm
+  )
+
+
+def family_update(
+    updates: Any,
+    state: Any,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    infinity_norm: bool = False,
+) -> tuple[Any, Any]:
+  """``_adam._family_update``, compiled leaf by leaf when called eagerly.
+
+  Args:
+    updates: the gradient tree.
+    state: an ``AdamState``.
+    b1: decay of the first moment (number or array).
+    b2: decay of the second moment (number or array).
+    eps: added to the root of the second moment.
+    eps_root: added inside the root.
+    nesterov: NAdam.
+    amsgrad: AMSGrad.
+    infinity_norm: AdaMax.
+
+  Returns:
+    ``(updates, state)`` exactly as ``_adam._family_update`` returns them.
+  """
+  from adamfx import _adam  # noqa: PLC0415
+  from adamfx import _checks  # noqa: PLC0415
+
+  flags = dict(nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm)
+  hps = (b1, b2, eps, eps_root)
+  if jax.config.jax_disable_jit or not all(
+      map(_concrete, jax.tree.leaves((updates, state, hps)))
+  ):
+    return _adam._family_update(updates, state, *hps, **flags)
+
+  updates = jax.tree.map(
+      lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), updates
+  )
+  _checks.check_matching_trees(updates, state.mu)
+  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+  m_leaves = treedef.flatten_up_to(state.mu)
+  v_leaves = treedef.flatten_up_to(state.nu)
+  if amsgrad:
+    vm_leaves = treedef.flatten_up_to(state.nu_max)
+  else:
+    vm_leaves = [None] * len(g_leaves)
+  if any(g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)):
+    # Stochastic rounding of a 16-bit nu depends on the leaf's position.
+    return _adam._family_update(updates, state, *hps, **flags)
+
+  static, dynamic = _split_hyperparams(hps)
+  count = None
+  outs = []
+  for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vm_leaves):
+    if g is None:
+      outs.append((None, None, None, None))
+      continue
+    u, leaf_state = _leaf_update(
+        g, m, v, vm, state.count, dynamic, static=static, **flags
+    )
+    count = leaf_state.count
+    outs.append((u, leaf_state.mu, leaf_state.nu, leaf_state.nu_max))
+  if count is None:  # no leaf to update
+    return _adam._family_update(updates, state, *hps, **flags)
+  u, mu, nu, nu_max = (
+      jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
+  )
+  return u, _adam.AdamState(count, mu, nu, nu_max if amsgrad else None)
+
+
+@functools.partial(jax.jit, static_argnames=('static',))
+def _scale_leaf(u, dynamic, *, static):
+  # optax.scale: ``step_size * g``; optax.scale_by_schedule:
+  # ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
+  # update's dtype by ``_adam._keep_dtypes`` (standard promotion).
+  with jax.numpy_dtype_promotion('standard'):
+    if static is not None:
+      return (static * u).astype(u.dtype)
+    step, as_schedule = dynamic
+    if as_schedule:
+      step = step.astype(u.dtype)
+    return (step * u).astype(u.dtype)
+
+
+def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
+  """``traced`` (optax's learning-rate scaling), compiled per leaf when eager.
+
+  Args:
+    learning_rate: the number, array or schedule given to ``adam``.
+    traced: ``_adam._keep_dtypes(optax.scale_by_learning_rate(learning_rate))``,
+      used under a trace and whenever the fast path does not apply.
+
+  Returns:
+    An ``optax.GradientTransformation`` with ``traced``'s init, state and
+    numbers.
+  """
+  import optax  # noqa: PLC0415
+
+  schedule = callable(learning_rate)
+  if not schedule:
+    with jax.numpy_dtype_promotion('standard'):
+      step = -1 * learning_rate  # as optax.scale_by_learning_rate computes it
+
+  def update_fn(updates, state, params=None):
+    leaves = jax.tree.leaves((updates, state))
+    if (
+        jax.config.jax_disable_jit
+        or not all(isinstance(x, jax.Array) and _concrete(x) for x in leaves)
+        or (not schedule and isinstance(step, jax.core.Tracer))
+    ):
+      return traced.update(updates, state, params)
+    if schedule:
+      with jax.numpy_dtype_promotion('standard'):
+        size = -1 * learning_rate(state.count)
+      if not isinstance(size, jax.Array):  # keep optax's own rounding
+        return traced.update(updates, state, params)
+      static, dynamic = None, (size, True)
+      new_state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+    else:
+      if isinstance(step, (jax.Array, np.ndarray)):
+        static, dynamic = None, (step, False)
+      else:
+        static, dynamic = step, None
+      new_state = state
+    new_updates = jax.tree.map(
+        lambda u: None if u is None else _scale_leaf(u, dynamic, static=static),
+        updates, is_leaf=_is_none,
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformation(traced.init, update_fn)
