@@ -405,6 +405,12 @@ def restore_orbax(path: str | os.PathLike, target: Any) -> Any:
     ]
     saved = {p: (tuple(m.shape), _dtype_name(m.dtype)) for p, m in saved_flat}
     flat = _flatten(target)
+    if not saved and flat:
+      raise CheckpointError(
+          f'The orbax checkpoint {path!r} lists no arrays: its metadata'
+          ' (_METADATA, _sharding, manifest) is missing or unreadable, so the checkpoint is corrupt'
+          ' or incomplete.'
+      )
     _check_against(saved, flat, repr(path))
     refs = {p: ref for p, _, ref in flat}
     names = {p: name for p, name, _ in flat}
