@@ -428,35 +428,46 @@ def _compiled(name, dtype):
   return go
 
 
-def _magnitudes(dtype):
-  top = float(np.log10(_EXTREME[dtype]))
+def _magnitudes(extreme):
+  top = float(np.log10(extreme))
   # Exponents on a grid of quarter decades, drawn evenly (hypothesis' own
   # float strategy favours the interval's ends).
   exponent = st.integers(-120, int(4 * top)).map(lambda k: k / 4)
   value = st.one_of(
       st.just(0.0),
       st.builds(lambda e, s: s * 10.0**e, exponent, st.sampled_from([-1.0, 1.0])),
-      st.sampled_from([_EXTREME[dtype], -_EXTREME[dtype]]),
+      st.sampled_from([extreme, -extreme]),
   )
   return st.lists(value, min_size=_STEPS * _N, max_size=_STEPS * _N)
 
 
-@pytest.mark.parametrize('name', ['adam', 'nadam', 'amsgrad', 'adamax'])
-@pytest.mark.parametrize('dtype', [F16, BF16, F32], ids=['float16', 'bfloat16', 'float32'])
-def test_never_nan_or_inf_for_finite_inputs(name, dtype):
-  """Gradients anywhere in 1e-30..max finite (and 0), any sign, any order:
-  every update and every stored moment is finite, in the params' dtype."""
-  go = _compiled(name, dtype)
+_HYPOTHESIS_CASES = [
+    (name, dtype) for dtype in (F16, BF16, F32) for name in ('adam', 'nadam', 'amsgrad', 'adamax')
+] + [('adam', jnp.float64), ('amsgrad', jnp.float64), ('adam', jnp.complex64)]
 
-  @given(_magnitudes(dtype), st.floats(-1e4, 1e4))
+
+@pytest.mark.parametrize(
+    'name,dtype', _HYPOTHESIS_CASES, ids=[f'{n}-{jnp.dtype(d).name}' for n, d in _HYPOTHESIS_CASES]
+)
+def test_never_nan_or_inf_for_finite_inputs(name, dtype):
+  """Gradients anywhere in 1e-30..max finite (3.4e38 for float64 and
+  complex64 too) and 0, any sign, any order: every update and every stored
+  moment is finite, in the params' dtype."""
+  x64 = jnp.dtype(dtype) == jnp.float64
+  extreme = _EXTREME.get(dtype, 3.4e38)
+
+  @given(_magnitudes(extreme), st.floats(-1e4, 1e4))
   def check(values, p0):
-    grads = np.clip(np.asarray(values), -_EXTREME[dtype], _EXTREME[dtype])
-    grads = jnp.asarray(grads.reshape(_STEPS, _N)).astype(dtype)
-    assert finite(grads)
-    us, ss = go(jnp.full(_N, p0, dtype), grads)
-    assert us.dtype == dtype
-    assert finite(us), (np.asarray(grads), np.asarray(us))
-    assert finite(ss)
+    grads = np.clip(np.asarray(values), -extreme, extreme).reshape(_STEPS, _N)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+      grads = grads * (0.6 + 0.8j)  # |g| unchanged
+    with jax.enable_x64(x64):
+      grads = jnp.asarray(grads).astype(dtype)
+      assert finite(grads)
+      us, ss = _compiled(name, dtype)(jnp.full(_N, p0, dtype), grads)
+      assert us.dtype == dtype
+      assert finite(us), (np.asarray(grads), np.asarray(us))
+      assert finite(ss)
 
   check()
 
