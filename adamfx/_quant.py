@@ -209,6 +209,7 @@ def _normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
   return xb * p1 * p2 / mant[..., None]
 
 
+@functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
 def quantize(
     x: jax.Array, *, signed: bool, block_size: int = 256
 ) -> QuantizedArray:
@@ -257,6 +258,7 @@ def quantize(
   return QuantizedArray(codes=codes, scale=absmax)
 
 
+@functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
 def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax.Array:
   """The float32 values of a :class:`QuantizedArray`: ``map[codes] * scale``.
 
@@ -394,8 +396,7 @@ def scale_by_adam8bit(
     nu = jax.tree.map(init_leaf, params)
     return _adam.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_impl(updates, state):
     shapes = jax.tree.map(
         lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
     )
@@ -436,6 +437,16 @@ def scale_by_adam8bit(
     unflatten = functools.partial(jax.tree.unflatten, treedef)
     state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
     return unflatten(out_u), state
+
+  compiled = jax.jit(update_impl)
+
+  def update_fn(updates, state, params=None):
+    del params
+    # Called eagerly (outside jit), run the step as one compiled call rather
+    # than as a few hundred separate operations per leaf.
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, state))):
+      return update_impl(updates, state)
+    return compiled(updates, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
