@@ -19,6 +19,7 @@ from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
+from adamfx._flat import ravel_params
 from adamfx._quant import QuantizedArray
 from adamfx._quant import adam8bit
 from adamfx._quant import adamw8bit
@@ -45,6 +46,7 @@ __all__ = (
     "inject_hyperparams",
     "nadam",
     "nadamw",
+    "ravel_params",
     "restore_npz",
     "restore_orbax",
     "save_npz",

@@ -119,22 +119,31 @@ def family_update(
     vm_leaves = treedef.flatten_up_to(state.nu_max)
   else:
     vm_leaves = [None] * len(g_leaves)
-  if any(g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)):
-    # Stochastic rounding of a 16-bit nu depends on the leaf's position.
-    return _adam._family_update(updates, state, *hps, **flags)
-
   static, dynamic = _split_hyperparams(hps)
+  narrow = [g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)]
+  outs = [(None, None, None, None)] * len(g_leaves)
   count = None
-  outs = []
-  for g, m, v, vm in zip(g_leaves, m_leaves, v_leaves, vm_leaves):
-    if g is None:
-      outs.append((None, None, None, None))
+  if any(narrow):
+    # Stochastic rounding of a 16-bit nu hashes the leaf's position in the
+    # tree: these leaves go through one compiled call over the whole list,
+    # the other leaves replaced by None, so that every position is kept.
+    pick = lambda xs: [x if k else None for x, k in zip(xs, narrow)]
+    u, sub = _leaf_update(  # the same function; traced once per tree structure
+        pick(g_leaves), pick(m_leaves), pick(v_leaves),
+        pick(vm_leaves) if amsgrad else None, state.count, dynamic,
+        static=static, **flags,
+    )
+    count = sub.count
+    columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
+    outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
+  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
+    if g is None or narrow[i]:
       continue
     u, leaf_state = _leaf_update(
         g, m, v, vm, state.count, dynamic, static=static, **flags
     )
     count = leaf_state.count
-    outs.append((u, leaf_state.mu, leaf_state.nu, leaf_state.nu_max))
+    outs[i] = (u, leaf_state.mu, leaf_state.nu, leaf_state.nu_max)
   if count is None:  # no leaf to update
     return _adam._family_update(updates, state, *hps, **flags)
   u, mu, nu, nu_max = (
