@@ -152,15 +152,15 @@ def family_update(
   return u, _adam.AdamState(count, mu, nu, nu_max if amsgrad else None)
 
 
-@functools.partial(jax.jit, static_argnames=('static',))
-def _scale_leaf(u, dynamic, *, static):
+@functools.partial(jax.jit, static_argnames=('static', 'as_schedule'))
+def _scale_leaf(u, step, *, static, as_schedule):
   # optax.scale: ``step_size * g``; optax.scale_by_schedule:
   # ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
   # update's dtype by ``_adam._keep_dtypes`` (standard promotion).
+  # ``as_schedule`` is static: a traced flag cannot choose a Python branch.
   with jax.numpy_dtype_promotion('standard'):
     if static is not None:
       return (static * u).astype(u.dtype)
-    step, as_schedule = dynamic
     if as_schedule:
       step = step.astype(u.dtype)
     return (step * u).astype(u.dtype)
@@ -207,7 +207,9 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
         static, dynamic = step, None
       new_state = state
     new_updates = jax.tree.map(
-        lambda u: None if u is None else _scale_leaf(u, dynamic, static=static),
+        lambda u: None if u is None else _scale_leaf(
+            u, None if dynamic is None else dynamic[0], static=static,
+            as_schedule=dynamic is not None and dynamic[1]),
         updates, is_leaf=_is_none,
     )
     return new_updates, new_state

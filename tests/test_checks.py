@@ -280,3 +280,30 @@ def test_schedules_for_learning_rate_and_weight_decay():
       with optax_promotion():
         ou, os_ = jax.jit(otx.update)(jnp.array([1.0, -1.0]), os_, params)
       np.testing.assert_allclose(u, ou, rtol=1e-6)
+
+
+def test_eager_updates_with_array_hyperparameters():
+  """Eager (unjitted) updates with an array learning rate, and eager
+  inject_hyperparams (whose hyperparameters are arrays), match optax. (The
+  eager fast path once branched on a traced flag here and raised
+  TracerBoolConversionError.)"""
+  params = jnp.array([1.0, -2.0, 3.0])
+  g = jnp.array([0.5, -1.0, 2.0])
+  cases = [
+      (adamfx.adam(jnp.float32(1e-2)), optax.adam(jnp.float32(1e-2))),
+      (adamfx.inject_hyperparams(adamfx.adam)(1e-2), optax.inject_hyperparams(optax.adam)(1e-2)),
+      (
+          optax.inject_hyperparams(adamfx.adamw)(1e-2, weight_decay=0.1),
+          optax.inject_hyperparams(optax.adamw)(1e-2, weight_decay=0.1),
+      ),
+      (adamfx.adamax(np.float32(1e-2)), optax.adamax(np.float32(1e-2))),
+  ]
+  for tx, otx in cases:
+    s = tx.init(params)
+    with optax_promotion():
+      os_ = otx.init(params)
+    for _ in range(2):
+      u, s = tx.update(g, s, params)
+      with optax_promotion():
+        ou, os_ = otx.update(g, os_, params)
+      np.testing.assert_allclose(u, ou, rtol=1e-6)
