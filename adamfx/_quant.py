@@ -377,19 +377,20 @@ def scale_by_adam8bit(
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
   _check_8bit_args(block_size, min_8bit_size)
 
-  def quantizable(p: Any) -> bool:
-    dtype = jnp.dtype(p.dtype)
-    return jnp.issubdtype(dtype, jnp.floating) and math.prod(p.shape) >= max(min_8bit_size, 1)
-
   def init_fn(params):
     _checks.check_param_leaves(params)
 
     def init_leaf(p):
-      if not quantizable(p):
-        return _numerics.zeros_like(p, _numerics.compute_dtype(p.dtype))
+      dtype = jnp.dtype(getattr(p, 'dtype', None) or jnp.result_type(p))
+      shape = tuple(np.shape(p))
+      if not (jnp.issubdtype(dtype, jnp.floating) and math.prod(shape) >= max(min_8bit_size, 1)):
+        return _numerics.zeros_like(p, _numerics.compute_dtype(dtype))
+      zeros = _numerics.zeros_like(p, jnp.float32)  # laid out like p
       return QuantizedArray(
           codes=_numerics.zeros_like(p, jnp.uint8),
-          scale=jnp.zeros(scale_shape(p.shape, block_size), jnp.float32),
+          # A slice of p's blocked zeros, so that under jit(init) the scales
+          # follow p's sharding (plain zeros would land on one device).
+          scale=_to_blocks(zeros, block_size)[..., 0],
       )
 
     mu = jax.tree.map(init_leaf, params)
