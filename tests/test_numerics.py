@@ -12,7 +12,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
@@ -478,8 +477,3 @@ def test_naive_float16_fails_the_finiteness_property():
   updates, _, _ = run(optax.adam(1e-3), jnp.zeros(3, F16), list(grads), promotion=optax_promotion)
   assert not finite(updates)
 
-
-def test_bfloat16_reference_dtype_helper():
-  """The float64 reference can store mu in bfloat16 (used by test_adam)."""
-  m = np.array([1.0 + 2.0**-9])
-  assert m.astype(ml_dtypes.bfloat16).astype(np.float64)[0] == 1.0
