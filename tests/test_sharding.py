@@ -21,6 +21,7 @@ import pytest
 CONFIGS = (
     'adam', 'nadam', 'adamw', 'nadamw', 'amsgrad', 'adamax', 'scale_by_adam',
     'adam_mu_bf16', 'adam_nu_bf16', 'adam_amsgrad_mu_bf16_nu_f16', 'inject_hyperparams',
+    'adam8bit',
 )
 MESHES = ('auto', 'explicit')
 EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16')
@@ -28,7 +29,7 @@ EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16')
 # so a subset that still covers nesterov, weight decay, amsgrad, adamax, the
 # state dtypes with 16-bit stochastic rounding, and injected hyperparameters).
 TRAINED = ('adam', 'nadamw', 'amsgrad', 'adamax', 'adam_amsgrad_mu_bf16_nu_f16',
-           'inject_hyperparams')
+           'inject_hyperparams', 'adam8bit')
 EAGER_UPDATE = 'adam_amsgrad_mu_bf16_nu_f16'
 
 
@@ -54,6 +55,9 @@ def _make_tx(name):
       'adam_amsgrad_mu_bf16_nu_f16': lambda: adamfx.adam(
           lr, mu_dtype=jnp.bfloat16, nu_dtype=jnp.float16, amsgrad=True),
       'inject_hyperparams': lambda: adamfx.inject_hyperparams(adamfx.adam)(learning_rate=lr),
+      # The memory-lean state: uint8 codes shaped like the param, and one
+      # float32 scale per block of 4 along the last axis (the param's layout).
+      'adam8bit': lambda: adamfx.adam8bit(lr, min_8bit_size=4, block_size=4),
   }[name]()
 
 
@@ -92,20 +96,32 @@ def _sharding_mismatches(params, state):
   """Leaves of the state's moments whose sharding is not their param's."""
   import jax
 
+  import adamfx
+
+  quantized = lambda x: isinstance(x, adamfx.QuantizedArray)
   bad = []
   trees = _moment_trees(state)
   if not trees:
     return ['no AdamState found in the state']
   for field, tree in trees:
-    for (path, p), m in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(tree)):
-      if not m.sharding.is_equivalent_to(p.sharding, p.ndim):
-        bad.append(f'{field}{jax.tree_util.keystr(path)}: {m.sharding} vs param {p.sharding}')
+    moments = jax.tree.leaves(tree, is_leaf=quantized)
+    for (path, p), m in zip(jax.tree_util.tree_flatten_with_path(params)[0], moments):
+      parts = [('.codes', m.codes), ('.scale', m.scale)] if quantized(m) else [('', m)]
+      for part, a in parts:
+        if a.ndim == p.ndim:
+          ok = a.sharding.is_equivalent_to(p.sharding, p.ndim)
+        else:  # 8-bit scales of a leaf blocked as a whole: 1-D, whole when p is.
+          ok = (p.sharding.is_fully_replicated and a.sharding.is_fully_replicated
+                and a.sharding.device_set == p.sharding.device_set)
+        if not ok:
+          bad.append(f'{field}{jax.tree_util.keystr(path)}{part}: {a.sharding} vs param'
+                     f' {p.sharding}')
   return bad
 
 
 def _params(mesh, key=0):
   import jax
-  import jax.numpy as jnp
+  import numpy as np
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
@@ -114,10 +130,10 @@ def _params(mesh, key=0):
       'b2': P(), 'odd': P(), 'scale': P(),
   }
   shapes = {'w1': (8, 16), 'b1': (16,), 'w2': (16, 4), 'b2': (4,), 'odd': (3, 5), 'scale': ()}
-  keys = jax.random.split(jax.random.key(key), len(specs))
+  rng = np.random.default_rng(key)  # NumPy: no per-shape compiles
   out = {}
-  for k, name in zip(keys, sorted(specs)):
-    x = 0.5 * jax.random.normal(k, shapes[name], jnp.float32)
+  for name in sorted(specs):
+    x = (0.5 * rng.standard_normal(shapes[name])).astype(np.float32)
     out[name] = jax.device_put(x, NamedSharding(mesh, specs[name]))
   return out
 
@@ -153,12 +169,13 @@ def _train(tx, params, data, steps, jit_kwargs=None, strict=True):
 
 def _data(steps, sharding=None):
   import jax
+  import numpy as np
 
   out = []
   for i in range(steps):
-    kx, ky = jax.random.split(jax.random.key(100 + i))
-    x = jax.random.normal(kx, (32, 8))
-    y = jax.random.normal(ky, (32, 4))
+    rng = np.random.default_rng(100 + i)
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    y = rng.standard_normal((32, 4)).astype(np.float32)
     if sharding is not None:
       x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
     out.append((x, y))
