@@ -376,6 +376,7 @@ TXS = {
     'adamw': lambda: adamfx.adamw(1e-3, weight_decay=1e-2),
     'adamax': lambda: adamfx.adamax(1e-3),
     'mu_nu_dtype': lambda: adamfx.adam(1e-3, mu_dtype=BF16, nu_dtype=F32),
+    'nu_float16': lambda: adamfx.adam(1e-3, nu_dtype=F16, amsgrad=True),
 }
 
 
@@ -442,7 +443,7 @@ def _magnitudes(extreme):
 
 _HYPOTHESIS_CASES = [
     (name, dtype) for dtype in (F16, BF16, F32) for name in ('adam', 'nadam', 'amsgrad', 'adamax')
-] + [('adam', jnp.float64), ('amsgrad', jnp.float64), ('adam', jnp.complex64)]
+] + [('adam', jnp.float64), ('amsgrad', jnp.float64), ('adam', jnp.complex64), ('nu_float16', F32)]
 
 
 @pytest.mark.parametrize(
