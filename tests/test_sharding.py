@@ -235,6 +235,18 @@ def _worker():
   _, s = tx.update({'w1': _params(mesh, key=1)['w1']}, tx.init(one), one)
   res['follow'][f'auto/{EAGER_UPDATE}']['eager_update'] = _sharding_mismatches(one, s)
 
+  # The flat-parameter layout (adamfx.ravel_params): one buffer per dtype,
+  # here split over 'data' (228 floats, 4 ways). Its state follows it too.
+  flat, _ = adamfx.ravel_params(jax.device_get(params))
+  flat = jax.device_put(flat, NamedSharding(mesh, P('data')))
+  tx = _make_tx('adam_amsgrad_mu_bf16_nu_f16')
+  state = jax.jit(tx.init)(flat)
+  _, s = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, flat), state, flat)
+  res['flat'] = {'eager_init': _sharding_mismatches(flat, tx.init(flat)),
+                 'jit_init': _sharding_mismatches(flat, state),
+                 'jit_update': _sharding_mismatches(flat, s),
+                 'spec': str(flat['float32'].sharding.spec)}
+
   # optax, for the report: where does jax.jit(optax.adam(...).init) put the state?
   st = jax.jit(optax.adam(1e-2).init)(params)
   res['optax']['jit_init_devices'] = sorted({
@@ -358,6 +370,12 @@ def test_trained_params_match_single_device(results, name):
   # matmul reductions in the gradient (a few ulp), which Adam's normalised
   # step passes on about unchanged; 1e-6 relative (+1e-6 absolute) allowed.
   assert r['diff'] <= 1e-6, r
+
+
+def test_flat_layout_state_follows_its_sharding(results):
+  r = results['flat']
+  assert r.pop('spec') == "P('data',)"
+  assert r == {'eager_init': [], 'jit_init': [], 'jit_update': []}
 
 
 # Per-device elements of each moment leaf under ZeRO-1, worked out by hand.
