@@ -76,7 +76,21 @@ def fit_exponent(x: jax.Array, limit: Any) -> jax.Array:
   _, ex = jnp.frexp(x)
   _, el = jnp.frexp(jnp.asarray(limit, x.dtype))
   k = jnp.maximum(ex - el + 2, 0) // 2
-  return jnp.ldexp(jnp.ones_like(x), -k)
+  # 2**-k built from its bits, as two normal factors (exact, subnormal
+  # results included), not with jnp.ldexp: XLA treats ldexp's pow as
+  # expensive and materialises it as an extra full-size pass and buffer.
+  info = jnp.finfo(x.dtype)
+  if info.bits not in (32, 64):  # the arithmetic dtypes are float32/64
+    return jnp.ldexp(jnp.ones_like(x), -k)
+  int_dtype = jnp.int64 if info.bits == 64 else jnp.int32
+  k = jnp.minimum(k, 2 * (info.maxexp - 2)).astype(int_dtype)
+  half = k // 2
+
+  def power(n):  # 2**-n for 0 <= n <= maxexp - 2: a normal number
+    biased = (jnp.asarray(info.maxexp - 1, int_dtype) - n) << info.nmant
+    return jax.lax.bitcast_convert_type(biased, x.dtype)
+
+  return power(half) * power(k - half)
 
 
 def huge_thresholds(dtype: Any) -> tuple[float, float, float]:
