@@ -706,7 +706,10 @@ def inject_hyperparams(
     return optax.inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
 
   def dtype_for(tree):
-    dtype = optax.tree.dtype(tree, 'highest')
+    # optax.tree.dtype promotes under the global rule, and strict promotion
+    # refuses a mixed bfloat16/float32 params tree; it only picks a dtype.
+    with jax.numpy_dtype_promotion('standard'):
+      dtype = optax.tree.dtype(tree, 'highest')
     return _numerics.real_dtype(_numerics.compute_dtype(dtype))
 
   @functools.wraps(inner_factory)
