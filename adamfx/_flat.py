@@ -34,9 +34,10 @@ def ravel_params(params: Any) -> tuple[dict[str, jax.Array], Callable[[Any], Any
   rebuild the tree inside the loss: the optimiser step then runs over a few
   buffers instead of one per leaf, which for models of many small leaves is
   several times faster and compiles in a fraction of the time. Every leaf
-  keeps its dtype, so the updates are the same numbers as with the tree
-  (except where a 16-bit second moment is stochastically rounded: its random
-  bits are drawn per buffer, not per leaf).
+  keeps its dtype, so the updates are the same numbers as with the tree:
+  bit for bit on array leaves (0-d leaves, compiled by XLA as scalar code, may
+  differ by one ulp), except where a 16-bit second moment is stochastically
+  rounded, whose random bits are drawn per buffer, not per leaf.
 
   .. math::
 
