@@ -56,6 +56,7 @@ def test_notebook_executes(name, tmp_path):
       nb,
       kernel_name='python3',
       timeout=600,
+      startup_timeout=180,  # a loaded 2-core CI box can be slow to import ipykernel
       resources={'metadata': {'path': str(tmp_path)}},
   )
   try:
