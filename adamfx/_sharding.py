@@ -78,7 +78,12 @@ def state_layout(tx: Any, params: Any) -> Any:
     >>> layout[0].mu['w'].shape, layout[0].mu['w'].dtype
     ((4, 3), dtype('float32'))
   """
-  return jax.jit(tx.init).lower(params).compile().out_info
+  shapes = jax.eval_shape(tx.init, params)
+  shardings = jax.jit(tx.init).lower(params).compile().output_shardings
+  return jax.tree.map(
+      lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+      shapes, shardings,
+  )
 
 
 def zero1_shardings(tree: Any, mesh: Mesh, axis: AxisNames = 'data') -> Any:

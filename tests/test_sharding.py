@@ -326,6 +326,15 @@ def _worker():
         'state_specs_want': [str(x.spec) for x in jax.tree.leaves(s_sh)],
     }
 
+  # 4. zero1_shardings over two axes at once: the first dimension that
+  # divides by 4 * 2 = 8 takes both.
+  mesh = meshes['auto']
+  shapes = {'a': jax.ShapeDtypeStruct((16, 3), jnp.float32),
+            'b': jax.ShapeDtypeStruct((4, 16), jnp.float32),
+            'c': jax.ShapeDtypeStruct((4, 6), jnp.float32)}
+  res['zero1_two_axes'] = {
+      k: str(v.spec) for k, v in adamfx.zero1_shardings(shapes, mesh, ('data', 'model')).items()}
+
   print('RESULT ' + json.dumps(res))
 
 
@@ -410,6 +419,24 @@ def test_zero1_matches_unsharded_and_splits_state(results, label):
   per_device = 2 * sum(expected.values()) + 1
   assert r['per_device'] == [per_device] * r['n_devices']
   assert r['total'] == 2 * (128 + 16 + 64 + 4 + 15 + 1) + 1
+
+
+def test_zero1_over_two_axes(results):
+  assert results['zero1_two_axes'] == {
+      'a': "P(('data', 'model'),)", 'b': "P(None, ('data', 'model'))", 'c': 'P()'}
+
+
+def test_zero1_rejects_unknown_axis_and_shapeless_leaves():
+  import jax
+  import jax.numpy as jnp
+
+  import adamfx
+
+  mesh = jax.make_mesh((1,), ('data',))
+  with pytest.raises(ValueError, match=r"`axis` must name axes of the mesh \('data',\), got 'batch'"):
+    adamfx.zero1_shardings({'w': jnp.zeros(4)}, mesh, 'batch')
+  with pytest.raises(TypeError, match=r"Leaf \['w'\] of type str has no shape"):
+    adamfx.zero1_shardings({'w': 'oops'}, mesh, 'data')
 
 
 def test_optax_jit_init_lands_on_one_device(results):
