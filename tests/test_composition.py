@@ -1,0 +1,527 @@
+"""Contracts every adamfx transformation keeps, and composition with optax.
+
+One table (``TABLE``) lists the transformations under test, each with optax's
+equivalent where optax has one. Every member must pass every contract check:
+jit without recompiling on the second step, dtype preservation of updates
+and state, None leaves, empty trees, vmap, lax.scan, count saturation.
+Numbers are compared with optax (run under ``optax_promotion()``), never with
+adamfx itself; ``nu_dtype``, which optax lacks, is compared with optax.adam
+(float32 nu) at bfloat16 storage precision.
+
+What is compared is the displacement ``params_T - params_0`` (the sum of the
+updates), so a relative tolerance bites on the O(lr) steps themselves, not on
+O(1) params. adamfx follows optax's operations in optax's order, so in float32
+the two agree to a few ulps per step: 2e-6 relative (~30 ulps) after up to
+ten steps; absolute tolerances are explained where they are set.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+from typing import NamedTuple
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import optax_promotion
+
+import adamfx
+
+_RTOL = 2e-6
+_ATOL = 1e-9
+LR = 1e-2
+
+
+class Member(NamedTuple):
+  name: str
+  make: Callable[[], optax.GradientTransformation]
+  reference: Optional[Callable[[], optax.GradientTransformation]]
+  # dtype the state's mu/nu are pinned to, whatever the params' dtype
+  # (None: they follow the params).
+  mu_dtype: Any = None
+  nu_dtype: Any = None
+  # Tolerance against the reference, on displacements (sums of updates).
+  rtol: float = 2e-6
+  atol: float = 1e-6
+
+
+TABLE = [
+    Member('adam', lambda: adamfx.adam(LR), lambda: optax.adam(LR)),
+    Member('nadam', lambda: adamfx.adam(LR, nesterov=True), lambda: optax.nadam(LR)),
+    Member('amsgrad', lambda: adamfx.adam(LR, amsgrad=True), lambda: optax.amsgrad(LR)),
+    Member('adamw', lambda: adamfx.adamw(LR, weight_decay=0.1),
+           lambda: optax.adamw(LR, weight_decay=0.1)),
+    Member('adamax', lambda: adamfx.adamax(LR), lambda: optax.adamax(LR)),
+    Member('scale_by_adam', adamfx.scale_by_adam, optax.scale_by_adam),
+    Member('scale_by_adamax', adamfx.scale_by_adamax, optax.scale_by_adamax),
+    # bfloat16 storage rounds mu (or nu) to 8 significant bits (2^-9 = 2e-3
+    # relative) each step, and optax also computes b1 * mu in bfloat16 where
+    # adamfx uses float32: a few bfloat16 roundings apart over 3-10 steps, so
+    # 2e-2 relative on displacements, and 2e-4 absolute (2e-2 of a typical
+    # displacement, ~1e-2) where an element's steps cancel (a wrong bias
+    # correction or moment is off by O(1)).
+    Member('adam_mu_bf16', lambda: adamfx.adam(LR, mu_dtype=jnp.bfloat16),
+           lambda: optax.adam(LR, mu_dtype=jnp.bfloat16), mu_dtype=jnp.bfloat16, rtol=2e-2, atol=2e-4),
+    # optax has no nu_dtype: the reference is optax.adam with float32 nu.
+    Member('adam_nu_bf16', lambda: adamfx.adam(LR, nu_dtype=jnp.bfloat16),
+           lambda: optax.adam(LR), nu_dtype=jnp.bfloat16, rtol=2e-2, atol=2e-4),
+]
+table = pytest.mark.parametrize('member', TABLE, ids=[m.name for m in TABLE])
+
+
+def _params(dtype=jnp.float32, batch=(), small=False):
+  """A small nested tree of mixed shapes (and a scalar).
+
+  ``small``: two leaves only, for checks whose compile time grows with the
+  number of leaves and that do not need the nesting (vmap, scan).
+  """
+  rng = np.random.default_rng(0)
+
+  def draw(shape):
+    return jnp.asarray(rng.normal(size=batch + shape).astype(np.float32), dtype)
+
+  if small:
+    return {'w': draw((3, 4)), 'b': draw(())}
+  return {'w': draw((3, 4)), 'b': draw((4,)), 'nested': [draw(())]}
+
+
+def _grads(params, step):
+  """Deterministic gradients of varying sign and scale, shaped like params.
+
+  NumPy-made (no jax.random), so that jitted steps do not compile a PRNG.
+  """
+  def leaf(i, p):
+    rng = np.random.default_rng(1000 * step + i)
+    g = rng.normal(size=p.shape).astype(np.float32) * (1.0 + step)
+    if jnp.issubdtype(p.dtype, jnp.complexfloating):
+      g = g + 1j * rng.normal(size=p.shape).astype(np.float32)
+    return jnp.asarray(g, p.dtype)
+
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [leaf(i, p) for i, p in enumerate(leaves)])
+
+
+def _run(tx, params, steps, *, reference=False):
+  """``steps`` updates with params feedback; returns (all updates, params, state)."""
+  ctx = optax_promotion() if reference else _null()
+  with ctx:
+    state = tx.init(params)
+    out = []
+    for i in range(steps):
+      u, state = tx.update(_grads(params, i), state, params)
+      params = optax.apply_updates(params, u)
+      out.append(u)
+  return out, params, state
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def _assert_moved_alike(got, want, start, rtol=_RTOL, atol=1e-6):
+  """Compares the displacements ``got - start`` and ``want - start``.
+
+  Params of size O(1) in float32 are rounded to ~6e-8 at each apply_updates,
+  so displacements carry ~1e-7 absolute error per step: atol 1e-6 covers ten
+  steps, 1e-4 of a displacement of ~1e-2.
+  """
+  delta = lambda p: jax.tree.map(
+      lambda x, x0: np.asarray(x, np.float64) - np.asarray(x0, np.float64), p, start)
+  _assert_close(delta(got), delta(want), rtol, atol)
+
+
+def _assert_close(got, want, rtol=_RTOL, atol=_ATOL):
+  jax.tree.map(
+      lambda g, w: np.testing.assert_allclose(
+          np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=atol),
+      got, want)
+
+
+def _dtypes(tree):
+  return jax.tree.map(lambda x: jnp.asarray(x).dtype, tree)
+
+
+# ---------------------------------------------------------------------------
+# Contracts of every member.
+
+
+@table
+def test_jit_does_not_recompile_on_the_second_step(member):
+  """The state after a step has the avals of the state from init (no weak types)."""
+  tx = member.make()
+  params = _params()
+
+  @jax.jit
+  def step(params, state, grads):
+    u, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, u), state
+
+  state = tx.init(params)
+  for i in range(3):
+    params, state = step(params, state, _grads(params, i))
+  assert step._cache_size() == 1
+
+
+def _mixed_params(x64, complex_ok=True):
+  """One tree with a leaf of every params dtype the contract covers."""
+  base = jnp.array([[0.5, -1.0, 2.0], [0.0, 3.0, -0.25]], jnp.float32)
+  tree = {
+      'float16': base.astype(jnp.float16),
+      'bfloat16': base.astype(jnp.bfloat16),
+      'float32': base,
+  }
+  if x64:
+    tree['float64'] = base.astype(jnp.float64)
+  if complex_ok:
+    tree['complex64'] = jax.lax.complex(base, -base[::-1])
+  return tree
+
+
+@table
+@pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
+def test_dtypes_of_updates_and_state_are_preserved(member, x64):
+  """Updates come back in each leaf's dtype; the state keeps its dtypes.
+
+  Leaves of float16, bfloat16, float32, complex64 (and float64 under x64) in
+  one tree. State mu/nu follow each leaf's dtype unless the member pins them
+  (mu_dtype/nu_dtype); count stays int32; everything stays finite over three
+  steps. (mu_dtype=bfloat16 is not a storage for complex moments, so
+  that member is run without the complex leaf.)
+  """
+  with jax.enable_x64(x64):
+    params = _mixed_params(x64, complex_ok=member.mu_dtype is None)
+    tx = member.make()
+    state0 = tx.init(params)
+    updates, _, state = _run(tx, params, 3)
+    for u in updates:
+      assert _dtypes(u) == _dtypes(params)
+      assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
+    assert _dtypes(state) == _dtypes(state0)
+    adam_state = _adam_states(state)[0]
+    assert adam_state.count.dtype == jnp.int32
+    for name, pinned in (('mu', member.mu_dtype), ('nu', member.nu_dtype)):
+      want = {k: jnp.dtype(pinned) if pinned is not None else jnp.dtype(k) for k in params}
+      assert _dtypes(getattr(adam_state, name)) == want
+
+
+def _adam_states(state):
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, adamfx.AdamState))
+          if isinstance(s, adamfx.AdamState)]
+
+
+@table
+def test_none_leaves(member):
+  """A None in params and gradients stays None in updates and state."""
+  tx = member.make()
+  params = {'w': jnp.ones((2, 3)), 'frozen': None, 'b': [jnp.zeros(3), None]}
+  state = tx.init(params)
+  grads = {'w': jnp.full((2, 3), 0.5), 'frozen': None, 'b': [jnp.ones(3), None]}
+  for _ in range(2):
+    u, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, u)
+  assert u['frozen'] is None and u['b'][1] is None
+  assert params['frozen'] is None
+  for s in _adam_states(state):
+    assert s.mu['frozen'] is None and s.nu['b'][1] is None
+  if member.reference is not None:
+    ref = member.reference()
+    p0 = start = {'w': jnp.ones((2, 3)), 'frozen': None, 'b': [jnp.zeros(3), None]}
+    with optax_promotion():
+      rs = ref.init(p0)
+      for _ in range(2):
+        ru, rs = ref.update(grads, rs, p0)
+        p0 = optax.apply_updates(p0, ru)
+    _assert_moved_alike(params, p0, start, member.rtol, member.atol)
+
+
+@table
+@pytest.mark.parametrize('empty', [{}, [], ()], ids=['dict', 'list', 'tuple'])
+def test_empty_trees(member, empty):
+  tx = member.make()
+  state = tx.init(empty)
+  u, state = jax.jit(tx.update)(empty, state, empty)
+  assert u == empty
+  assert int(_adam_states(state)[0].count) == 1
+
+
+@table
+def test_vmap_over_a_batch_of_params_and_states(member):
+  """vmap(init), vmap(update) over 4 param sets equal per-set optax runs.
+
+  (For nu_dtype=bfloat16, which optax lacks, the per-set runs are adamfx's
+  own unbatched ones: what is checked there is the batching itself.)
+  """
+  params = _params(batch=(4,), small=True)
+  grads = [_grads(params, i) for i in range(3)]
+  tx = member.make()
+  state = jax.vmap(tx.init)(params)
+  update = jax.jit(jax.vmap(tx.update))
+  got = params
+  for g in grads:
+    u, state = update(g, state, got)
+    got = optax.apply_updates(got, u)
+  ref = member.reference() if member.reference is not None else member.make()
+  ctx = optax_promotion() if member.reference is not None else _null()
+  for b in range(4):
+    take = lambda tree, b=b: jax.tree.map(lambda x: x[b], tree)
+    p = take(params)
+    with ctx:
+      s = ref.init(p)
+      for g in grads:
+        u, s = ref.update(take(g), s, p)
+        p = optax.apply_updates(p, u)
+    _assert_moved_alike(take(got), p, take(params), member.rtol, member.atol)
+
+
+@table
+def test_lax_scan_over_steps(member):
+  """Ten steps inside lax.scan equal optax's ten steps in a Python loop."""
+  tx = member.make()
+  params = _params(small=True)
+  grads = [_grads(params, i) for i in range(10)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
+
+  def body(carry, g):
+    p, s = carry
+    u, s = tx.update(g, s, p)
+    return (optax.apply_updates(p, u), s), None
+
+  (got, _), _ = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), stacked))(params)
+  ref = member.reference() if member.reference is not None else member.make()
+  ctx = optax_promotion() if member.reference is not None else _null()
+  with ctx:
+    p, s = params, ref.init(params)
+    for g in grads:
+      u, s = ref.update(g, s, p)
+      p = optax.apply_updates(p, u)
+  _assert_moved_alike(got, p, params, member.rtol, member.atol)
+
+
+@table
+def test_count_saturates_at_int32_max(member):
+  """From count = int32 max - 1, two steps: count stays at the maximum.
+
+  optax increments with ``safe_increment`` too, so the updates at the
+  saturated count equal optax's from the same state.
+  """
+  tx = member.make()
+  params = _params()
+  top = jnp.iinfo(jnp.int32).max
+  state = optax.tree.set(tx.init(params), count=jnp.asarray(top - 1, jnp.int32))
+  outs = []
+  for i in range(2):
+    u, state = tx.update(_grads(params, i), state, params)
+    outs.append(u)
+  for s in _adam_states(state):
+    assert int(s.count) == top
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outs))
+  if member.reference is not None:
+    ref = member.reference()
+    with optax_promotion():
+      rs = optax.tree.set(ref.init(params), count=jnp.asarray(top - 1, jnp.int32))
+      for i in range(2):
+        ru, rs = ref.update(_grads(params, i), rs, params)
+    _assert_close(outs[-1], ru, member.rtol, member.atol * LR)
+
+
+# ---------------------------------------------------------------------------
+# Composition with optax combinators, against optax's own equivalent chains.
+
+
+def _quadratic_run(tx, steps=30, *, reference=False, nan_at=()):
+  """Minimises a nested quadratic with ``tx``, one jitted step at a time.
+
+  Returns the params and the state after each step. At the steps in
+  ``nan_at`` every gradient element is NaN.
+  """
+  target = _params()
+  params = jax.tree.map(jnp.zeros_like, target)
+
+  def loss(p):
+    pairs = zip(jax.tree.leaves(p), jax.tree.leaves(target))
+    return sum(jnp.sum(jnp.square(a - b) * (i + 1.0)) for i, (a, b) in enumerate(pairs))
+
+  @jax.jit
+  def step(params, state, poison):
+    g = jax.tree.map(lambda x: x * poison, jax.grad(loss)(params))
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+  ctx = optax_promotion() if reference else _null()
+  history, states = [], []
+  with ctx:
+    state = tx.init(params)
+    for i in range(steps):
+      params, state = step(params, state, jnp.float32(np.nan if i in nan_at else 1.0))
+      history.append(params)
+      states.append(state)
+  return history, states
+
+
+def test_chain_with_clipping_and_warmup_cosine_schedule():
+  sched = optax.warmup_cosine_decay_schedule(0.0, 0.05, 5, 40, 1e-3)
+  got, _ = _quadratic_run(optax.chain(optax.clip_by_global_norm(1.0), adamfx.adam(sched)), 40)
+  want, _ = _quadratic_run(
+      optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched)), 40, reference=True)
+  _assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('inject', [optax.inject_hyperparams, adamfx.inject_hyperparams],
+                         ids=['optax', 'adamfx'])
+def test_inject_hyperparams_and_change_them_mid_run(inject):
+  """Inject lr, b1, b2, eps; change all four after 5 steps.
+
+  Compared with optax.inject_hyperparams(optax.adam) making the same change,
+  and with a freshly built adamfx.adam(new values) continuing from the same
+  inner state (so the new values, not the old, are what took effect).
+  """
+  first = dict(learning_rate=0.05, b1=0.9, b2=0.999, eps=1e-8)
+  second = dict(learning_rate=0.01, b1=0.5, b2=0.9, eps=1e-3)
+
+  def run(tx, reference):
+    ctx = optax_promotion() if reference else _null()
+    params = _params()
+    with ctx:
+      state = tx.init(params)
+      for i in range(10):
+        if i == 5:
+          for k, v in second.items():
+            state.hyperparams[k] = jnp.asarray(v, state.hyperparams[k].dtype)
+        u, state = tx.update(_grads(params, i), state, params)
+        params = optax.apply_updates(params, u)
+        if i == 4:
+          mid = (params, state.inner_state)
+    return params, state, mid
+
+  got, state, (p5, inner5) = run(inject(adamfx.adam)(**first), False)
+  want, _, _ = run(optax.inject_hyperparams(optax.adam)(**first), True)
+  _assert_moved_alike(got, want, _params(), rtol=1e-5)
+  for k, v in second.items():
+    np.testing.assert_allclose(state.hyperparams[k], v, rtol=1e-7)
+  fresh = adamfx.adam(**second)
+  p, s = p5, inner5
+  for i in range(5, 10):
+    u, s = fresh.update(_grads(p, i), s, p)
+    p = optax.apply_updates(p, u)
+  _assert_moved_alike(got, p, _params(), rtol=1e-6)
+
+
+def test_adamfx_inject_hyperparams_on_bfloat16_params():
+  """adamfx.inject_hyperparams keeps b2 = 0.999 in float32 on bfloat16 params.
+
+  optax's own inject_hyperparams casts b2 to bfloat16 (1.0): the step is NaN
+  there; with adamfx.inject_hyperparams it equals the non-injected adamfx.adam
+  exactly (same float32 hyperparameters), and adamfx refuses the bfloat16
+  decay from optax.inject_hyperparams with a TypeError naming the fix.
+  """
+  params = _params(jnp.bfloat16)
+  grads = _grads(params, 0)
+  tx = adamfx.inject_hyperparams(adamfx.adam)(learning_rate=1e-3)
+  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert state.hyperparams['b2'].dtype == jnp.float32
+  plain = adamfx.adam(1e-3)
+  want, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+  jax.tree.map(np.testing.assert_array_equal, u, want)
+  with optax_promotion():
+    bad = optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+    ou, _ = jax.jit(bad.update)(grads, bad.init(params), params)
+  assert not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(ou))
+  wrapped = optax.inject_hyperparams(adamfx.adam)(learning_rate=1e-3)
+  with pytest.raises(TypeError, match='adamfx.inject_hyperparams'):
+    wrapped.update(grads, wrapped.init(params), params)
+
+
+def test_multisteps():
+  # MultiSteps' own code mixes int32 and float under numpy promotion, so it
+  # runs under optax_promotion for adamfx too (adamfx inside it is unchanged).
+  got, _ = _quadratic_run(optax.MultiSteps(adamfx.adam(0.05), every_k_schedule=3), 12,
+                          reference=True)
+  want, _ = _quadratic_run(optax.MultiSteps(optax.adam(0.05), every_k_schedule=3), 12,
+                           reference=True)
+  _assert_close(got, want)
+  # Between accumulation boundaries the params do not move.
+  np.testing.assert_array_equal(got[0]['w'], 0.0)
+  np.testing.assert_array_equal(got[1]['w'], 0.0)
+  assert not np.array_equal(got[2]['w'], 0.0)
+
+
+def test_masked():
+  mask = {'w': True, 'b': False, 'nested': [True]}
+  got, _ = _quadratic_run(optax.masked(adamfx.adam(0.05), mask), 10)
+  want, _ = _quadratic_run(optax.masked(optax.adam(0.05), mask), 10, reference=True)
+  _assert_close(got, want)
+
+
+def test_multi_transform():
+  labels = {'w': 'adam', 'b': 'sgd', 'nested': ['adamw']}
+
+  def build(lib):
+    return optax.multi_transform(
+        {'adam': lib.adam(0.05), 'adamw': lib.adamw(0.05, weight_decay=0.1),
+         'sgd': optax.sgd(0.01)}, labels)
+
+  got, _ = _quadratic_run(build(adamfx), 10)
+  want, _ = _quadratic_run(build(optax), 10, reference=True)
+  _assert_close(got, want)
+
+
+def test_apply_if_finite_skips_a_nan_step_and_keeps_state():
+  """A NaN gradient at step 3: zero update, inner state untouched, then on."""
+  def make(lib):
+    return optax.apply_if_finite(lib.adam(0.05), max_consecutive_errors=5)
+
+  got, states = _quadratic_run(make(adamfx), 8, nan_at=(3,))
+  want, _ = _quadratic_run(make(optax), 8, reference=True, nan_at=(3,))
+  _assert_close(got, want)
+  jax.tree.map(np.testing.assert_array_equal, got[3], got[2])
+  jax.tree.map(np.testing.assert_array_equal, states[3].inner_state, states[2].inner_state)
+  assert int(states[3].notfinite_count) == 1 and int(states[4].notfinite_count) == 0
+  assert int(states[7].total_notfinite) == 1
+  assert not np.array_equal(got[4]['w'], got[3]['w'])  # stepping again
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got[-1]))
+
+
+@pytest.mark.usefixtures('x64')
+def test_grad_through_unrolled_steps_with_eps_root():
+  """d(loss after 6 Adam steps)/d(lr, initial params), float64, eps_root > 0.
+
+  One coordinate has a zero gradient at every step (its target is its
+  start), where sqrt(v + eps_root) keeps the derivative finite. Checked
+  against central finite differences (h = 1e-6: truncation ~h^2 = 1e-12,
+  cancellation ~1e-16 / 1e-6 = 1e-10; rtol 1e-6 covers both) and against
+  jax.grad through optax.adam (the same mathematics: rtol 1e-10).
+  """
+  target = jnp.array([1.0, -2.0, 0.0, 0.5], jnp.float64)
+  p0 = jnp.array([0.0, 0.0, 0.0, 0.3], jnp.float64)
+  weights = jnp.array([1.0, 0.5, 2.0, 3.0], jnp.float64)
+  loss = lambda p: jnp.sum(weights * jnp.square(p - target))
+
+  def unrolled(lib, lr, params):
+    tx = lib.adam(lr, eps_root=1e-8)
+    state = tx.init(params)
+    for _ in range(6):
+      u, state = tx.update(jax.grad(loss)(params), state, params)
+      params = optax.apply_updates(params, u)
+    return loss(params)
+
+  lr = jnp.float64(0.05)
+  f = jax.jit(functools.partial(unrolled, adamfx))
+  d_lr, d_p = jax.jit(jax.grad(f, argnums=(0, 1)))(lr, p0)
+  assert np.all(np.isfinite(d_p)) and np.isfinite(d_lr)
+  h = 1e-6
+  fd_lr = (f(lr + h, p0) - f(lr - h, p0)) / (2 * h)
+  fd_p = np.array([(f(lr, p0.at[i].add(h)) - f(lr, p0.at[i].add(-h))) / (2 * h)
+                   for i in range(4)])
+  np.testing.assert_allclose(d_lr, fd_lr, rtol=1e-6)
+  np.testing.assert_allclose(d_p, fd_p, rtol=1e-6, atol=1e-9)
+  with optax_promotion():
+    o_lr, o_p = jax.jit(jax.grad(functools.partial(unrolled, optax), argnums=(0, 1)))(lr, p0)
+  np.testing.assert_allclose(d_lr, o_lr, rtol=1e-10)
+  np.testing.assert_allclose(d_p, o_p, rtol=1e-10, atol=1e-14)
