@@ -136,8 +136,8 @@ assert gap < 1e-5
 ## 2. A jit-compiled train step with buffer donation
 
 `donate_argnums` lets XLA write the new params and optimizer state into the buffers of the old
-ones, so a step needs no second copy of them (on accelerators; the CPU backend may ignore it).
-Donated inputs must not be used again: always rebind them to the step's outputs. The optimizer
+ones, so a step needs no second copy of them. Donated inputs are deleted: always rebind them to
+the step's outputs. The optimizer
 is a static argument (a `GradientTransformation` is a hashable tuple of functions), so one step
 function serves every optimizer below.
 """),
@@ -152,8 +152,10 @@ def train_step(tx, params, state, x, y):
 tx = adamfx.adam(learning_rate=0.05)
 params = {'w': jnp.zeros(3), 'b': jnp.zeros(())}
 state = tx.init(params)
+old_mu = state[0].mu['w']
 for step in range(200):
   params, state, loss_value = train_step(tx, params, state, x, y)
+assert old_mu.is_deleted()  # its buffer was donated to the first step
 print('loss after 200 jitted steps:', float(loss(params, x, y)), '| compiled', train_step._cache_size(), 'time(s)')
 assert float(loss(params, x, y)) < 1e-3
 assert train_step._cache_size() == 1  # no recompilation after the first step
