@@ -512,7 +512,9 @@ def test_grad_through_unrolled_steps_with_eps_root():
   """d(loss after 6 Adam steps)/d(lr, initial params), float64, eps_root > 0.
 
   One coordinate has a zero gradient at every step (its target is its
-  start), where sqrt(v + eps_root) keeps the derivative finite. Checked
+  start), where sqrt(v + eps_root) keeps the derivative finite (with
+  eps_root = 0 it is NaN there, in optax as in adamfx: d sqrt(v)/dv = inf
+  times dv = 0; checked too, as the reason eps_root exists). Checked
   against central finite differences (h = 1e-6: truncation ~h^2 = 1e-12,
   cancellation ~1e-16 / 1e-6 = 1e-10; rtol 1e-6 covers both) and against
   jax.grad through optax.adam (the same mathematics: rtol 1e-10).
@@ -522,8 +524,8 @@ def test_grad_through_unrolled_steps_with_eps_root():
   weights = jnp.array([1.0, 0.5, 2.0, 3.0], jnp.float64)
   loss = lambda p: jnp.sum(weights * jnp.square(p - target))
 
-  def unrolled(lib, lr, params):
-    tx = lib.adam(lr, eps_root=1e-8)
+  def unrolled(lib, lr, params, eps_root=1e-8):
+    tx = lib.adam(lr, eps_root=eps_root)
     state = tx.init(params)
     for _ in range(6):
       u, state = tx.update(jax.grad(loss)(params), state, params)
@@ -544,3 +546,5 @@ def test_grad_through_unrolled_steps_with_eps_root():
     o_lr, o_p = jax.jit(jax.grad(functools.partial(unrolled, optax), argnums=(0, 1)))(lr, p0)
   np.testing.assert_allclose(d_lr, o_lr, rtol=1e-10)
   np.testing.assert_allclose(d_p, o_p, rtol=1e-10, atol=1e-14)
+  no_root = jax.jit(jax.grad(functools.partial(unrolled, adamfx, eps_root=0.0), argnums=1))
+  assert np.isnan(no_root(lr, p0)[2])
