@@ -7,7 +7,8 @@ of every batch; the optimiser state is split across the two processes with
 :func:`adamfx.zero1_shardings`. The trained params must equal a 1-process run
 of the whole batch (optax and adamfx, computed here in the test process), and
 the ZeRO-1 state, saved with :func:`adamfx.save_npz` (gathered across the
-processes), must restore into a 1-process target and match it too.
+processes) and :func:`adamfx.save_orbax` (each process writing its half), must
+restore into a 1-process target and match it too.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ def _worker(process_id, port, out_dir):
     local = {k: sum(s.data.size for s in v.addressable_shards) for k, v in state[0].mu.items()}
     host_params = {k: np.asarray(v.addressable_data(0)) for k, v in params.items()}
     adamfx.save_npz(os.path.join(out_dir, 'state.npz'), state)  # gathers; process 0 writes
+    adamfx.save_orbax(os.path.join(out_dir, 'state_orbax'), state)  # each process its shards
     np.savez(os.path.join(out_dir, f'params_{process_id}.npz'),
              local_w=local['w'], local_b=local['b'], **host_params)
   finally:
@@ -191,7 +193,8 @@ def test_two_processes_match_one_process(two_process_run):
   assert jax.process_count() == 1
 
 
-def test_zero1_state_gathered_from_two_processes_restores(two_process_run):
+@pytest.mark.parametrize('fmt', ['npz', 'orbax'])
+def test_zero1_state_saved_by_two_processes_restores_in_one(two_process_run, fmt):
   import jax
 
   import adamfx
@@ -199,7 +202,10 @@ def test_zero1_state_gathered_from_two_processes_restores(two_process_run):
   tx = adamfx.adam(1e-2)
   ref_params, ref_state = _run_one_process(tx)
   target = jax.eval_shape(tx.init, ref_params)
-  state = adamfx.restore_npz(two_process_run / 'state.npz', target)
+  if fmt == 'npz':
+    state = adamfx.restore_npz(two_process_run / 'state.npz', target)
+  else:
+    state = adamfx.restore_orbax(two_process_run / 'state_orbax', target)
   assert int(state[0].count) == STEPS
   for field in ('mu', 'nu'):
     for k in ('w', 'b'):
