@@ -439,6 +439,23 @@ def test_zero1_rejects_unknown_axis_and_shapeless_leaves():
     adamfx.zero1_shardings({'w': 'oops'}, mesh, 'data')
 
 
+def test_jit_init_zeros_are_exact_for_inf_and_nan_params():
+  """Under jit the zeros are computed from the params: still exactly 0."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import adamfx
+
+  params = {'w': jnp.array([jnp.inf, -jnp.inf, jnp.nan, 1.0])}
+  tx = adamfx.adam(1e-3, mu_dtype=jnp.bfloat16, amsgrad=True)
+  state = jax.jit(tx.init)(params)[0]
+  for field, dtype in (('mu', jnp.bfloat16), ('nu', jnp.float32), ('nu_max', jnp.float32)):
+    leaf = getattr(state, field)['w']
+    assert leaf.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(leaf, np.float32), np.zeros(4, np.float32))
+
+
 def test_optax_jit_init_lands_on_one_device(results):
   """Documents the optax behaviour adamfx fixes (optax issue 548)."""
   print('optax:', results['optax'])
