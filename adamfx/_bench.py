@@ -48,7 +48,7 @@ CASES = ('large', 'transformer', 'tiny', 'mixed')
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--preset', choices=tuple(PRESETS), default='default',
-                      help='problem sizes: tiny (seconds), default (~1 min), full (the'
+                      help='problem sizes: tiny (seconds), default (minutes on 2 busy cores), full (the'
                            ' issue\'s sizes: 16M leaf, 121-leaf 54M model, 2000 tiny'
                            ' leaves; many minutes on 2 cores)')
   parser.add_argument('--cases', nargs='+', choices=CASES, default=list(CASES))
