@@ -242,6 +242,14 @@ def test_jit_once_vmap_scan_bf16_and_errors():
     ref_u = [ref.update(row, ref.init(row))[0] for row in batch]
   np.testing.assert_allclose(np.asarray(bu), np.stack(ref_u), rtol=1e-6)
   assert bstate.mu.codes.shape == (2, 512) and bstate.mu.scale.shape == (2, 2)
+  # NAdam: the first step from a zero state is exact, so it is optax.nadam's.
+  g = jnp.linspace(-1, 1, 512)
+  nadam8, nadam = adamfx.adam8bit(1e-3, nesterov=True, min_8bit_size=0), optax.nadam(1e-3)
+  with optax_promotion():
+    ref_u, _ = nadam.update(g, nadam.init(g))
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(nadam8.update)(g, nadam8.init(g))[0]), np.asarray(ref_u), rtol=1e-6
+  )
   with pytest.raises(ValueError, match='`block_size` must be a positive int, got 0'):
     adamfx.adam8bit(1e-3, block_size=0)
   with pytest.raises(ValueError, match='`b2` must be in'):
