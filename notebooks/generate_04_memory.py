@@ -38,7 +38,7 @@ import numpy as np
 import adamfx
 from adamfx import _memory_bench as mb
 
-FULL = os.environ.get('ADAMFX_MEMORY_FULL') == '1'  # True: ~10 minutes on 2 CPU cores
+FULL = os.environ.get('ADAMFX_MEMORY_FULL') == '1'  # True: the README's numbers (slow: 10-25 min on 2 cores)
 key = jax.random.PRNGKey(0)
 digits, lm = mb.digits_task(), mb.lm_task()
 print(jax.__version__, jax.devices()[0].platform, 'FULL =', FULL)
