@@ -693,20 +693,22 @@ OPTIMIZERS = {
     'AdaGrad': optax.adagrad,
     'RMSProp': optax.rmsprop,
 }
-LRS = [1e-2, 3e-2, 1e-1, 3e-1]  # a coarse grid around the best rates of a wider sweep
+LRS = [3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # coarse; a best rate on its edge is flagged below
+LOGREG_LRS = [3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0]  # convex and smooth: larger rates work
 
 
-def best_of_sweep(model, make_tx):
-  losses, full, acc = sweep(model, lambda lr: make_tx(lr), {'lr': LRS})
+def best_of_sweep(model, make_tx, lrs=LRS):
+  losses, full, acc = sweep(model, lambda lr: make_tx(lr), {'lr': lrs})
   i = int(np.argmin(full[:, -1]))
-  return dict(lr=LRS[i], loss=float(full[i, -1]), acc=float(acc[i]), curve=losses[i])
+  edge = ' (edge of the grid)' if i in (0, len(lrs) - 1) else ''
+  return dict(lr=lrs[i], loss=float(full[i, -1]), acc=float(acc[i]), curve=losses[i], edge=edge)
 
 
-def compare(model, optimizers):
+def compare(model, optimizers, lrs=LRS):
   best = {}
   for name, make_tx in optimizers.items():
-    best[name] = r = best_of_sweep(model, make_tx)
-    print(f"{name:15s} best lr {r['lr']:<6g} final train loss {r['loss']:.4f}  test acc {r['acc']:.1%}")
+    best[name] = r = best_of_sweep(model, make_tx, lrs)
+    print(f"{name:15s} best lr {r['lr']:<6g} final train loss {r['loss']:.4f}  test acc {r['acc']:.1%}{r['edge']}")
   fig, ax = plt.subplots(figsize=(7, 3.5))
   for name, r in best.items():
     ax.semilogy(smooth(r['curve']), label=f"{name} (lr {r['lr']:g})")
@@ -721,19 +723,18 @@ Paper (MNIST, L2-regularised logistic regression): "Adam yields similar converge
 momentum and both converge faster than Adagrad".
 """),
     code("""
-best_logreg = compare('logreg', {k: OPTIMIZERS[k] for k in ('Adam (adamfx)', 'SGD + Nesterov', 'AdaGrad')})
+best_logreg = compare('logreg', {k: OPTIMIZERS[k] for k in ('Adam (adamfx)', 'SGD + Nesterov', 'AdaGrad')}, LOGREG_LRS)
 adam, nesterov, adagrad = (best_logreg[k]['loss'] for k in ('Adam (adamfx)', 'SGD + Nesterov', 'AdaGrad'))
-assert adam < adagrad and nesterov < adagrad
 assert best_logreg['Adam (adamfx)']['acc'] > 0.93
 """),
     md("""
-**Outcome vs the paper.** As in the paper, both Adam and SGD with Nesterov momentum converge
-faster than AdaGrad on these dense features. Here Adam reaches a lower training loss than
-SGD+Nesterov in the same number of steps rather than a similar one (with tuned learning rates,
-at this small scale); both generalise alike (test accuracy above).
+**Outcome vs the paper.** As in the paper: Adam and SGD with Nesterov momentum converge alike
+(final training losses within about 10% of each other, each at its best learning rate, 0.3 for
+Adam and 3 for SGD), and both faster than AdaGrad. Test accuracies agree within a point.
 """),
     code("""
-assert adam < nesterov
+assert abs(adam - nesterov) < 0.25 * min(adam, nesterov)
+assert max(adam, nesterov) < 0.5 * adagrad
 """),
     md("""
 ## Figure 2: a multilayer perceptron
@@ -860,7 +861,7 @@ experiment; here it is on the MLP, next to Adam.
     code("""
 best_adamax = {'Adam': best_mlp['Adam (adamfx)'], 'AdaMax': best_of_sweep('mlp', adamfx.adamax)}
 for name, r in best_adamax.items():
-  print(f"{name:7s} best lr {r['lr']:<6g} final train loss {r['loss']:.4f}  test acc {r['acc']:.1%}")
+  print(f"{name:7s} best lr {r['lr']:<6g} final train loss {r['loss']:.4f}  test acc {r['acc']:.1%}{r['edge']}")
 fig, ax = plt.subplots(figsize=(7, 3.5))
 for name, r in best_adamax.items():
   ax.semilogy(smooth(r['curve']), label=f"{name} (lr {r['lr']:g})")
