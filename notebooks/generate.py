@@ -753,7 +753,8 @@ assert best_mlp['Adam (adamfx)']['acc'] > 0.95
     md("""
 **Outcome vs the paper.** As in the paper, Adam reaches the lowest training loss of the four,
 each at its best learning rate, by an order of magnitude here; RMSProp, Adam's closest relative
-(no momentum, no bias correction), comes next. Test accuracies are all within about a point.
+(no momentum, no bias correction), comes next. (AdaGrad's best rate is the grid's largest, 0.3:
+it might do somewhat better with a larger one.) Test accuracies are all within about a point.
 """),
     md(r"""
 ## Figure 4: the bias correction
