@@ -398,6 +398,7 @@ def scale_by_adam8bit(
     return _adam.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_impl(updates, state):
+    updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
     shapes = jax.tree.map(
         lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
     )
