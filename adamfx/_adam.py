@@ -706,11 +706,11 @@ def inject_hyperparams(
     return optax.inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
 
   def dtype_for(tree):
-    # optax.tree.dtype promotes under the global rule, and strict promotion
-    # refuses a mixed bfloat16/float32 params tree; it only picks a dtype.
-    with jax.numpy_dtype_promotion('standard'):
-      dtype = optax.tree.dtype(tree, 'highest')
-    return _numerics.real_dtype(_numerics.compute_dtype(dtype))
+    # The leaves' dtypes promoted together with float32, real part. Not
+    # optax.tree.dtype(tree, 'highest'): it refuses a float64 + complex64
+    # tree, and under strict promotion a bfloat16 + float32 one.
+    dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
+    return _numerics.real_dtype(_numerics.compute_dtype(*dtypes))
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs):

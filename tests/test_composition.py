@@ -51,6 +51,10 @@ class Member(NamedTuple):
 TABLE = [
     Member('adam', lambda: adamfx.adam(LR), lambda: optax.adam(LR)),
     Member('nadam', lambda: adamfx.adam(LR, nesterov=True), lambda: optax.nadam(LR)),
+    # Injected hyperparameters are float32 (or wider) arrays that meet 16-bit
+    # updates: the updates must still come back in the params' dtype.
+    Member('inject_adam', lambda: adamfx.inject_hyperparams(adamfx.adam)(learning_rate=LR),
+           lambda: optax.inject_hyperparams(optax.adam)(learning_rate=LR)),
     Member('amsgrad', lambda: adamfx.adam(LR, amsgrad=True), lambda: optax.amsgrad(LR)),
     Member('adamw', lambda: adamfx.adamw(LR, weight_decay=0.1),
            lambda: optax.adamw(LR, weight_decay=0.1)),
@@ -231,6 +235,24 @@ def test_dtypes_of_updates_and_state_are_preserved(member, x64):
       assert _dtypes(getattr(adam_state, name)) == want
 
 
+def _set_counts(state, value):
+  """Every ``count`` field in a (nested) optax state set to ``value``.
+
+  (``optax.tree.set`` stops at the outermost match, e.g. the count of
+  InjectHyperparamsState, leaving the AdamState's inside untouched.)
+  """
+  if isinstance(state, tuple) and hasattr(state, '_fields'):
+    fields = {k: _set_counts(v, value) for k, v in state._asdict().items()}
+    if 'count' in fields:
+      fields['count'] = jnp.asarray(value, jnp.int32)
+    return type(state)(**fields)
+  if isinstance(state, (tuple, list)):
+    return type(state)(_set_counts(x, value) for x in state)
+  if isinstance(state, dict):
+    return {k: _set_counts(v, value) for k, v in state.items()}
+  return state
+
+
 def _adam_states(state):
   return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, adamfx.AdamState))
           if isinstance(s, adamfx.AdamState)]
@@ -333,18 +355,19 @@ def test_count_saturates_at_int32_max(member):
   tx, step = _stepper(member.name)
   params = _params()
   top = jnp.iinfo(jnp.int32).max
-  state = optax.tree.set(tx.init(params), count=jnp.asarray(top - 1, jnp.int32))
+  state = _set_counts(tx.init(params), top - 1)
   outs = []
   for i in range(2):
     _, u, state = step(params, state, _grads(params, i))
     outs.append(u)
+  assert _adam_states(state)
   for s in _adam_states(state):
     assert int(s.count) == top
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outs))
   if member.reference is not None:
     ref = member.reference()
     with optax_promotion():
-      rs = optax.tree.set(ref.init(params), count=jnp.asarray(top - 1, jnp.int32))
+      rs = _set_counts(ref.init(params), top - 1)
       for i in range(2):
         ru, rs = ref.update(_grads(params, i), rs, params)
     _assert_close(outs[-1], ru, member.rtol, member.atol * LR)
