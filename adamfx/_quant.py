@@ -276,6 +276,50 @@ def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax
   return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
 
 
+def _explicit_sharding(x: Any) -> Any:
+  """``x``'s sharding if it has Explicit mesh axes (``jax.make_mesh``'s default).
+
+  Blocking reshapes a leaf across its shards, which explicit sharding types
+  refuse; the callers then run the blockwise code under
+  ``jax.sharding.auto_axes`` and pin the outputs' shardings.
+  """
+  try:
+    sharding = jax.typeof(x).sharding
+  except (AttributeError, TypeError):
+    return None
+  mesh = getattr(sharding, 'mesh', None)
+  axis_types = getattr(mesh, 'axis_types', None) or ()
+  if not any(t == jax.sharding.AxisType.Explicit for t in axis_types):
+    return None
+  return sharding
+
+
+def _scale_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
+  """The block scales' sharding: the param's where it divides, else replicated."""
+  mesh = sharding.mesh
+  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+  if len(spec) == len(shape):
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    ways = lambda e: math.prod(
+        sizes[n] for n in (e if isinstance(e, tuple) else (e,)) if n is not None
+    )
+    if all(d % ways(e) == 0 for d, e in zip(shape, spec)):
+      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _with_auto_axes(fn: Any, out_shardings: Any, *args: Any) -> Any:
+  sharding = _explicit_sharding(args[0])
+  if sharding is None:
+    return fn(*args)
+  mesh = sharding.mesh
+  axes = tuple(
+      n for n, t in zip(mesh.axis_names, mesh.axis_types)
+      if t == jax.sharding.AxisType.Explicit
+  )
+  return jax.sharding.auto_axes(fn, axes=axes, out_sharding=out_shardings(sharding))(*args)
+
+
 def _is_quantized(x: Any) -> bool:
   return isinstance(x, QuantizedArray)
 
@@ -389,8 +433,13 @@ def scale_by_adam8bit(
       return QuantizedArray(
           codes=_numerics.zeros_like(p, jnp.uint8),
           # A slice of p's blocked zeros, so that under jit(init) the scales
-          # follow p's sharding (plain zeros would land on one device).
-          scale=_to_blocks(zeros, block_size)[..., 0],
+          # follow p's sharding (plain zeros would land on one device). Under
+          # explicit sharding the (small) scales are replicated.
+          scale=_with_auto_axes(
+              lambda z: _to_blocks(z, block_size)[..., 0],
+              lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
+              zeros,
+          ),
       )
 
     mu = jax.tree.map(init_leaf, params)
@@ -425,16 +474,38 @@ def scale_by_adam8bit(
         out_m.append(_numerics.saturate(m_new, m.dtype))
         out_v.append(_numerics.saturate(v_new, v.dtype))
       else:
-        m_old = dequantize(m, signed=True, block_size=block_size)
-        v_old = dequantize(v, signed=False, block_size=block_size)
-        u, m_new, v_new, _ = step(g, m_old, v_old, None)
-        # A non-finite element keeps its history and stays out of its block's
-        # absmax (else one NaN gradient would zero or poison the whole block).
-        bad = ~(jnp.isfinite(m_new) & jnp.isfinite(v_new))
-        m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
-        v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
-        out_m.append(quantize(m_new, signed=True, block_size=block_size))
-        out_v.append(quantize(v_new, signed=False, block_size=block_size))
+
+        # count and array hyperparameters are arguments, not closures: under
+        # auto_axes they must carry the function's (auto) mesh types.
+        hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+        arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
+
+        def quantized_step(g, m, v, count, arrays, hps=hps):
+          m_old = dequantize(m, signed=True, block_size=block_size)
+          v_old = dequantize(v, signed=False, block_size=block_size)
+          u, m_new, v_new, _ = _adam._moment_step(
+              g, m_old, v_old, None, count=count, **{**hps, **arrays},
+              nesterov=nesterov, amsgrad=False, infinity_norm=False,
+          )
+          # A non-finite element keeps its history and stays out of its
+          # block's absmax (else one NaN gradient would poison the block).
+          bad = ~(jnp.isfinite(m_new) & jnp.isfinite(v_new))
+          m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+          v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+          return (
+              u,
+              quantize(m_new, signed=True, block_size=block_size),
+              quantize(v_new, signed=False, block_size=block_size),
+          )
+
+        shardings = lambda sh, m=m, v=v: (
+            sh,
+            jax.tree.map(lambda a: jax.typeof(a).sharding, m),
+            jax.tree.map(lambda a: jax.typeof(a).sharding, v),
+        )
+        u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
+        out_m.append(m_q)
+        out_v.append(v_q)
       out_u.append(u.astype(g.dtype))
     unflatten = functools.partial(jax.tree.unflatten, treedef)
     state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))

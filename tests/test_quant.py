@@ -304,6 +304,17 @@ _SHARDED = textwrap.dedent('''
       c0, c1 = np.asarray(q0.codes, int), np.asarray(q1.codes, int)
       assert np.abs(c0 - c1).max() <= 1 and (c0 != c1).mean() < 1e-3, (c0 != c1).mean()
       np.testing.assert_allclose(np.asarray(q0.scale), np.asarray(q1.scale), rtol=1e-5)
+    # The same on an Explicit-axes mesh (jax.make_mesh's default), where the
+    # blockwise reshapes run under auto_axes and the outputs keep the layout.
+    from jax.sharding import AxisType
+    emesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2)
+    eshard = {'w': NamedSharding(emesh, P('data', 'model')), 'odd': NamedSharding(emesh, P('data'))}
+    eput = lambda t: jax.tree.map(jax.device_put, t, eshard)
+    u2, s2 = run(eput(params), [eput(g) for g in grads])
+    assert s2.mu['odd'].codes.sharding.is_equivalent_to(eshard['odd'], 2), s2.mu['odd'].codes
+    assert u2['w'].sharding.is_equivalent_to(eshard['w'], 2), u2['w'].sharding
+    for a, b in zip(jax.tree.leaves(u0), jax.tree.leaves(u2)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     # The bf16 nu's stochastic rounding hashes global element indices: the
     # same bits sharded or not, so the same stored nu (up to the float32
     # 1-ulp fusion differences above flipping a rare rounding decision).

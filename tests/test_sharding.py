@@ -24,7 +24,7 @@ CONFIGS = (
     'adam8bit',
 )
 MESHES = ('auto', 'explicit')
-EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16')
+EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
 # Trained on the mesh and compared with one device (each costs two compiles,
 # so a subset that still covers nesterov, weight decay, amsgrad, adamax, the
 # state dtypes with 16-bit stochastic rounding, and injected hyperparameters).
