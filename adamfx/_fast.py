@@ -70,6 +70,31 @@ def _leaf_update(g, m, v, vm, count, dynamic, *, static, nesterov, amsgrad, infi
   )
 
 
+CHUNK = 8  # leaves per compiled eager call: fewer dispatches, short compiles
+
+
+def _chunks(indices: list[int], signature: Any) -> list[list[int]]:
+  """Splits leaf indices into runs of equal signature, of power-of-two lengths.
+
+  Leaves of one shape and dtype share compiled code; a chunk of ``CHUNK``
+  leaves is one dispatch instead of ``CHUNK``, and the lengths 8, 4, 2, 1
+  bound the variants compiled per signature to four.
+  """
+  groups: dict[Any, list[int]] = {}
+  for i in indices:
+    groups.setdefault(signature(i), []).append(i)
+  out = []
+  for members in groups.values():
+    start = 0
+    while start < len(members):
+      size = CHUNK
+      while size > len(members) - start:
+        size //= 2
+      out.append(members[start:start + size])
+      start += size
+  return out
+
+
 def family_update(
     updates: Any,
     state: Any,
@@ -136,14 +161,21 @@ def family_update(
     count = sub.count
     columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
     outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
-  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
-    if g is None or narrow[i]:
-      continue
-    u, leaf_state = _leaf_update(
-        g, m, v, vm, state.count, dynamic, static=static, **flags
+  rest = [i for i, g in enumerate(g_leaves) if g is not None and not narrow[i]]
+  signature = lambda i: tuple(
+      None if x is None else (x.shape, x.dtype, getattr(x, 'weak_type', False))
+      for x in (g_leaves[i], m_leaves[i], v_leaves[i], vm_leaves[i])
+  )
+  for chunk in _chunks(rest, signature):
+    take = lambda xs: [xs[i] for i in chunk]
+    u, sub = _leaf_update(
+        take(g_leaves), take(m_leaves), take(v_leaves),
+        take(vm_leaves) if amsgrad else None, state.count, dynamic,
+        static=static, **flags,
     )
-    count = leaf_state.count
-    outs[i] = (u, leaf_state.mu, leaf_state.nu, leaf_state.nu_max)
+    count = sub.count
+    for j, i in enumerate(chunk):
+      outs[i] = (u[j], sub.mu[j], sub.nu[j], sub.nu_max[j] if amsgrad else None)
   if count is None:  # no leaf to update
     return _adam._family_update(updates, state, *hps, **flags)
   u, mu, nu, nu_max = (
@@ -158,12 +190,15 @@ def _scale_leaf(u, step, *, static, as_schedule):
   # ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
   # update's dtype by ``_adam._keep_dtypes`` (standard promotion).
   # ``as_schedule`` is static: a traced flag cannot choose a Python branch.
-  with jax.numpy_dtype_promotion('standard'):
-    if static is not None:
-      return (static * u).astype(u.dtype)
-    if as_schedule:
-      step = step.astype(u.dtype)
-    return (step * u).astype(u.dtype)
+  # ``u`` is a list of leaves (one compiled call per chunk of leaves).
+  def one(u):
+    with jax.numpy_dtype_promotion('standard'):
+      if static is not None:
+        return (static * u).astype(u.dtype)
+      size = step.astype(u.dtype) if as_schedule else step
+      return (size * u).astype(u.dtype)
+
+  return [one(x) for x in u]
 
 
 def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
@@ -206,12 +241,18 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
       else:
         static, dynamic = step, None
       new_state = state
-    new_updates = jax.tree.map(
-        lambda u: None if u is None else _scale_leaf(
-            u, None if dynamic is None else dynamic[0], static=static,
-            as_schedule=dynamic is not None and dynamic[1]),
-        updates, is_leaf=_is_none,
-    )
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+    out = list(leaves)
+    present = [i for i, u in enumerate(leaves) if u is not None]
+    signature = lambda i: (leaves[i].shape, leaves[i].dtype, leaves[i].weak_type)
+    for chunk in _chunks(present, signature):
+      scaled = _scale_leaf(
+          [leaves[i] for i in chunk], None if dynamic is None else dynamic[0],
+          static=static, as_schedule=dynamic is not None and dynamic[1],
+      )
+      for i, u in zip(chunk, scaled):
+        out[i] = u
+    new_updates = jax.tree.unflatten(treedef, out)
     return new_updates, new_state
 
   return optax.GradientTransformation(traced.init, update_fn)

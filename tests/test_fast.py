@@ -223,3 +223,17 @@ def test_ravel_params_round_trip_and_grad():
 def test_ravel_params_rejects_non_arrays():
   with pytest.raises(TypeError, match='leaf 0 is str'):
     adamfx.ravel_params({'a': 'x'})
+
+
+@pytest.mark.parametrize('amsgrad', [False, True])
+def test_eager_chunks_of_same_shape_leaves_are_bitwise_the_traced_path(amsgrad):
+  # 13 leaves of one shape run as compiled chunks of 8, 4 and 1 leaves; the
+  # others singly. Order and pairing of leaves must survive the chunking.
+  rng = np.random.default_rng(3)
+  params = {f'x{i:02d}': jnp.asarray(rng.standard_normal(4), jnp.float32) for i in range(13)}
+  params.update(_tree((jnp.float32, jnp.bfloat16)))
+  tx = lambda: adamfx.adam(1e-2, amsgrad=amsgrad)
+  _, eager = _run(tx(), params, jit=False)
+  _, traced = _run(tx(), params, jit=True)
+  _bitwise(eager, traced)
+  assert [len(c) for c in _fast._chunks(list(range(13)), lambda i: 0)] == [8, 4, 1]
