@@ -530,13 +530,26 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  if not callable(weight_decay):
-    _checks.check_non_negative('weight_decay', weight_decay)
-  return optax.chain(
+  return _decoupled_decay_chain(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
+      learning_rate, weight_decay, mask,
+  )
+
+
+def _decoupled_decay_chain(
+    scaling: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    weight_decay: ScalarOrSchedule,
+    mask: Any,
+) -> optax.GradientTransformationExtraArgs:
+  """``scaling``, then AdamW's decoupled decay, then the learning rate."""
+  if not callable(weight_decay):
+    _checks.check_non_negative('weight_decay', weight_decay)
+  return optax.chain(
+      scaling,
       _keep_dtypes(optax.add_decayed_weights(weight_decay, mask)),
       _scale_by_learning_rate(learning_rate),
   )

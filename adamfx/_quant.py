@@ -641,13 +641,10 @@ def adamw8bit(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  if not callable(weight_decay):
-    _checks.check_non_negative('weight_decay', weight_decay)
-  return optax.chain(
+  return _adam._decoupled_decay_chain(
       scale_by_adam8bit(
           b1, b2, eps, eps_root,
           nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
       ),
-      _adam._keep_dtypes(optax.add_decayed_weights(weight_decay, mask)),
-      _adam._scale_by_learning_rate(learning_rate),
+      learning_rate, weight_decay, mask,
   )
