@@ -59,6 +59,8 @@ def keep_positive(stored: jax.Array, x: jax.Array) -> jax.Array:
   """
   if jnp.issubdtype(stored.dtype, jnp.complexfloating):
     return stored
+  if stored.dtype == x.dtype:  # no cast, so nothing underflowed: no work
+    return stored
   info = jnp.finfo(stored.dtype)
   tiny = float(info.smallest_subnormal)
   if tiny < float(jnp.finfo(jnp.float32).tiny):
