@@ -97,6 +97,42 @@ def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
   return _fast.scale_by_learning_rate(learning_rate, traced)  # compiled when eager
 
 
+def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any, amsgrad: bool) -> bool:
+  """Whether a leaf takes the in-place formulation of :func:`_moment_step`.
+
+  Real moments stored in the arithmetic dtype (float32 or float64), without
+  AMSGrad's third buffer. Narrower storage (whose casts may saturate and
+  must scale m and v together), complex moments and AMSGrad take the
+  general formulation.
+  """
+  return (
+      jnp.dtype(m_dtype) == cdt
+      and jnp.dtype(v_dtype) == cdt
+      and jnp.issubdtype(cdt, jnp.floating)
+      and not amsgrad
+  )
+
+
+def _m_hat(m, g, count, b1, b1c, bc1, nesterov: bool) -> jax.Array:
+  """The bias-corrected first moment (NAdam's look-ahead when ``nesterov``)."""
+  if nesterov:  # Dozat 2016, in optax's form.
+    bc1_next = 1 - _power(b1, optax.safe_increment(count), bc1.dtype)
+    return b1c * (m / bc1_next.astype(m.dtype)) + (1 - b1c) * (g / bc1.astype(m.dtype))
+  return m / bc1.astype(m.dtype)
+
+
+def _ratio(m_hat, v_hat, eps, eps_root, *, guard: bool) -> jax.Array:
+  """``m_hat / (sqrt(v_hat + eps_root) + eps)``, in optax's order.
+
+  With ``guard``, a zero denominator (``eps == eps_root == 0`` and every
+  gradient so far 0, where ``m_hat`` is 0 too) gives 0, not 0/0.
+  """
+  denom = jnp.sqrt(v_hat + eps_root) + eps
+  if guard:
+    denom = jnp.where(denom > 0, denom, 1)
+  return m_hat / denom.astype(m_hat.dtype)
+
+
 def _moment_step(
     g: jax.Array,
     m: jax.Array,
@@ -119,12 +155,19 @@ def _moment_step(
   squared are computed on values rescaled by an exact power of two, so a
   finite gradient never produces ``inf`` or ``NaN``; everywhere else the
   operations are those of optax, in optax's order.
+
+  Two formulations share the rest: where the moments are stored in the
+  arithmetic dtype (see :func:`_in_place`), the rescaling depends on the
+  gradient alone and the update is read off the stored moments, so that XLA
+  updates donated moments in place; elsewhere the update is computed before
+  the storage casts, which may scale a saturating element's m and v together.
   """
   cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
   rdt = _numerics.real_dtype(cdt)
   _checks.check_decay_in_dtype('b1', b1, rdt)
   _checks.check_decay_in_dtype('b2', b2, rdt)
   nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
+  in_place = _in_place(cdt, m.dtype, v.dtype, amsgrad)
   g = g.astype(cdt)
   m = m.astype(cdt)
   v = jnp.real(v).astype(rdt)
@@ -138,6 +181,32 @@ def _moment_step(
     m_hat = m / bc1.astype(cdt)
     safe_v = jnp.where(v > 0, v, 1).astype(cdt)
     return m_hat / safe_v, m, v, None
+
+  if in_place:
+    # Moments stored in the arithmetic dtype: nothing is cast on the way to
+    # storage, so the update can be read off the stored moments. The scale
+    # c depends on g alone (1 unless |g| >= 2**63 in float32), so m's update
+    # reads g and m, v's reads g and v, and XLA updates the donated m and v
+    # in place in one loop each, as for optax (no copies, no temporaries).
+    # Where c < 1 the element's history is stored c times smaller, so
+    # (c g)**2 and every sum of such squares fit: m / sqrt(v) keeps its
+    # value, and the history reads as that of a gradient c times smaller,
+    # which Adam is invariant to.
+    c = _numerics.square_safe_scale(g)
+    g = g * c
+    m = (1 - b1c) * g + b1c * (m * c)
+    v = (1 - _hp(b2, rdt)) * jnp.square(g) + b2r * (v * c * c)
+    # v_hat = v / (1 - b2**t) fits for any state reached from zeros. In one
+    # made elsewhere (optax's moments with a reset count, say) it may
+    # overflow: that element's step is then 0 (m_hat / inf), not NaN, until
+    # 1 - b2**t has grown enough, a few steps later.
+    m_hat = _m_hat(m, g, count, b1, b1c, bc1, nesterov)
+    update = _ratio(
+        m_hat, v / bc2, _hp(eps, rdt), _hp(eps_root, rdt),
+        # eps > 0 keeps the denominator positive; else 0/0 must give 0.
+        guard=not (isinstance(eps, (int, float)) and eps > 0),
+    )
+    return update, m, v, None
 
   g_big, v_big, small = _numerics.huge_thresholds(rdt)
   absg = jnp.abs(g)
@@ -155,19 +224,14 @@ def _moment_step(
   sq = jnp.square(absg * scale) if jnp.iscomplexobj(g) else jnp.square(g)
   m = (1 - b1c) * g + b1c * m
   v = (1 - _hp(b2, rdt)) * sq + b2r * v
-  if nesterov:  # Dozat 2016, in optax's form.
-    bc1_next = 1 - _power(b1, optax.safe_increment(count), rdt)
-    m_hat = b1c * (m / bc1_next.astype(cdt)) + (1 - b1c) * (g / bc1.astype(cdt))
-  else:
-    m_hat = m / bc1.astype(cdt)
+  m_hat = _m_hat(m, g, count, b1, b1c, bc1, nesterov)
   v_hat = v / bc2
   if amsgrad:
     v_hat = jnp.maximum(v_max * scale * scale, v_hat)
     v_max = v_hat
-  denom = jnp.sqrt(v_hat + _hp(eps_root, rdt) * scale * scale) + _hp(eps, rdt) * scale
-  # denom == 0 only when eps == eps_root == 0 and every gradient so far was 0,
-  # where m_hat is 0 too: return 0, not 0/0.
-  update = m_hat / jnp.where(denom > 0, denom, 1).astype(cdt)
+  update = _ratio(
+      m_hat, v_hat, _hp(eps, rdt) * scale, _hp(eps_root, rdt) * scale * scale, guard=True
+  )
 
   # What is stored must fit the state's dtype. Where the second moment would
   # not, scale this leaf element's history (m by c, v by c**2, c a power of
@@ -223,6 +287,13 @@ def _family_update(
         nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
     )
     out_u.append(u.astype(g.dtype))
+    if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype, amsgrad):
+      # Stored as computed: the in-place formulation's moments always fit,
+      # and a clamp here would keep XLA from updating m and v in place.
+      out_m.append(m_new)
+      out_v.append(v_new)
+      out_vm.append(None)
+      continue
     out_m.append(_numerics.saturate(m_new, m.dtype))
     # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
     # would return 0.999 * nu as nu (see adamfx._rounding).

@@ -95,6 +95,29 @@ def fit_exponent(x: jax.Array, limit: Any) -> jax.Array:
   return power(half) * power(k - half)
 
 
+def square_safe_scale(g: jax.Array) -> jax.Array:
+  """A power of two ``c`` with ``|c * g| < 2**(e/2 - 1)``, 1 wherever it can be.
+
+  ``e`` is the dtype's maximum exponent (128 for float32), so ``(c * g)**2``
+  is below a quarter of the largest finite value: squares, and averages of
+  squares, cannot overflow. ``c`` is 1 for every ``|g| < 2**63`` (float32;
+  ``2**511`` for float64) and is read off ``g``'s exponent bits, so it costs
+  a few integer operations and depends on ``g`` alone. For float32 and
+  float64 (the arithmetic dtypes); ``inf`` and ``NaN`` get ``c = 2**-66``
+  (float32) and stay what they are.
+  """
+  info = jnp.finfo(g.dtype)
+  uint = jnp.uint64 if info.bits == 64 else jnp.uint32
+  bias = info.maxexp - 1
+  top = bias + info.maxexp // 2 - 2  # biased exponent of 2**63 (float32)
+  exponent_bits = jax.lax.bitcast_convert_type(g, uint) & uint(
+      (2 * info.maxexp - 1) << info.nmant
+  )
+  # c's biased exponent is min(bias, bias + top - e): three integer operations.
+  bits = jnp.minimum(uint(bias << info.nmant), uint((bias + top) << info.nmant) - exponent_bits)
+  return jax.lax.bitcast_convert_type(bits, g.dtype)
+
+
 def huge_thresholds(dtype: Any) -> tuple[float, float, float]:
   """Thresholds of the rescaled path of the moment update, for ``dtype``.
 

@@ -102,18 +102,16 @@ def test_optax_freezes_on_the_same_input(dtype):
 
 @pytest.mark.parametrize('amsgrad', [False, True], ids=['adam', 'amsgrad'])
 def test_float32_huge_gradients_match_float64_reference(amsgrad):
-  """Gradients of 1.3e18..1.6e19 take adamfx's rescaled path (their squares
-  are near or past float32's range) while the stored moments, nu_max
-  included, still fit float32: adamfx's arithmetic on exact powers of two
-  must then give Algorithm 1's numbers. For Adam, the first step is ~3e19,
-  followed by ordinary ones, where v_hat = v / (1 - b2**t) overflows float32
-  although v does not (nu_max, the max of v_hat, would not fit)."""
+  """Gradients of 1.3e18 up to 2**63 (9.2e18): their squares are near
+  float32's maximum, and (1 - b2**t) v / (1 - b2) near it at t = 1, yet
+  every moment fits float32, so Adam's numbers must be Algorithm 1's. With
+  AMSGrad (the general formulation, which rescales by exact powers of two
+  where v_hat would overflow and keeps unscaled moments) up to 1.6e19."""
   rng = np.random.default_rng(0)
   n, steps = 16, 40
-  mags = 10.0 ** rng.uniform(18.1, 19.2, size=(steps, n))
+  top = 19.2 if amsgrad else np.log10(0.999 * 2.0**63)
+  mags = 10.0 ** rng.uniform(18.1, top, size=(steps, n))
   grads = np.sign(rng.normal(size=(steps, n))) * mags
-  if not amsgrad:
-    grads[0] *= 3e19 / mags[0] * rng.uniform(0.9, 1.2, size=n)
   grads[1:4] = rng.normal(size=(3, n))  # huge, then ordinary
   grads[10:20] *= 1e-19 * (rng.random((10, n)) < 0.5)
   grads = grads.astype(np.float32)
@@ -128,6 +126,57 @@ def test_float32_huge_gradients_match_float64_reference(amsgrad):
   # 0.99900001, which moves 1 - b2**t by up to 1.3e-5 relative (at t = 1)
   # and so the step by up to 6.5e-6: rtol 2e-5.
   np.testing.assert_allclose(np.stack(updates), ref[0], rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('nesterov', [False, True], ids=['adam', 'nadam'])
+def test_float32_gradients_past_2_63_rescale_the_history(nesterov):
+  """From |g| = 2**63 on, (g**2 could overflow float32) the element's stored
+  history is multiplied by the power of two c that brings |c g| below 2**63.
+  So each stored m / sqrt(v) is exactly Algorithm 1's ratio of that step's
+  moments computed from the previous stored state (Adam is invariant to the
+  gradient's scale), and the step is the float64 step from that state."""
+  tx = adamfx.scale_by_adam(nesterov=nesterov)
+  rng = np.random.default_rng(3)
+  steps, n = 12, 6
+  grads = np.sign(rng.normal(size=(steps, n))) * 10.0 ** rng.uniform(17.5, 38.5, size=(steps, n))
+  grads = np.clip(grads, -3.4e38, 3.4e38).astype(np.float32)
+  updates, states, _ = run(tx, jnp.zeros(n), [jnp.asarray(g) for g in grads])
+  m_prev, v_prev = np.zeros(n), np.zeros(n)
+  for t, (u, s, g) in enumerate(zip(updates, states, f64(grads)), start=1):
+    assert finite(s) and finite(u)
+    c = np.where(np.abs(g) >= 2.0**63, 2.0 ** (62 - np.floor(np.log2(np.abs(g)))), 1.0)
+    m = 0.9 * m_prev * c + 0.1 * g * c
+    v = 0.999 * v_prev * c * c + 0.001 * (g * c) ** 2
+    np.testing.assert_allclose(f64(s.mu), m, rtol=1e-6)
+    np.testing.assert_allclose(f64(s.nu), v, rtol=1e-6)
+    m_hat = m / (1 - 0.9**t)
+    if nesterov:
+      m_hat = 0.9 * m / (1 - 0.9 ** (t + 1)) + 0.1 * g * c / (1 - 0.9**t)
+    # b2 in float32 moves 1 - b2**t by up to 1.3e-5 (see above).
+    np.testing.assert_allclose(
+        f64(u), m_hat / (np.sqrt(v / (1 - 0.999**t)) + 1e-8), rtol=2e-5
+    )
+    m_prev, v_prev = f64(s.mu), f64(s.nu)
+
+
+def test_optax_state_near_the_maximum_gives_finite_steps():
+  """Moments made elsewhere (here: optax's, after gradients of 1.8e19) and
+  a count reset to 0, then gradients of 9e18 (below 2**63, so not
+  rescaled): v / (1 - b2**t) overflows float32 at the first step. Those
+  elements do not move then (m_hat / inf), nothing is NaN or inf, and from
+  the next step on they move again, with the gradient's sign."""
+  state = optax.scale_by_adam().init(jnp.zeros(3))
+  with optax_promotion():
+    _, state = optax.scale_by_adam().update(jnp.array([1.8e19, -1.8e19, 1.0]), state)
+  assert finite(state.nu)
+  g = jnp.array([9e18, -9e18, 1.0])
+  tx = adamfx.scale_by_adam()
+  fx_state = adamfx.AdamState(count=jnp.zeros([], jnp.int32), mu=state.mu, nu=state.nu)
+  for t in range(1, 4):
+    u, fx_state = tx.update(g, fx_state)
+    assert finite(u) and finite(fx_state)
+    expected = [0.0, 0.0, 1.0] if t == 1 else [1.0, -1.0, 1.0]
+    np.testing.assert_array_equal(np.sign(f64(u)), expected)
 
 
 def test_float16_large_gradients_match_float64_reference():
