@@ -235,15 +235,19 @@ def _floor_runner(params, grads):
 
 
 def _torch_runner(name, params, grads, fused):
+  import jax
   import numpy as np
   import torch
 
   dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+  # Where JAX runs on a GPU, torch does too (if it can), for a like-for-like column.
+  cuda = jax.default_backend() == 'gpu' and torch.cuda.is_available()
+  device = 'cuda' if cuda else 'cpu'
+  sync = torch.cuda.synchronize if cuda else (lambda: None)
 
   def to_torch(x):
-    return torch.from_numpy(np.asarray(x, np.float32).copy()).to(dtypes[x.dtype.name])
-
-  import jax
+    t = torch.from_numpy(np.asarray(x, np.float32).copy())
+    return t.to(device=device, dtype=dtypes[x.dtype.name])
 
   ps = [torch.nn.Parameter(to_torch(x)) for x in jax.tree.leaves(params)]
   for p, g in zip(ps, jax.tree.leaves(grads)):
@@ -261,9 +265,11 @@ def _torch_runner(name, params, grads, fused):
 
     def time(self, steps):
       with torch.no_grad():
+        sync()
         t = time.perf_counter()
         for _ in range(steps):
           opt.step()
+        sync()
         return (time.perf_counter() - t) / steps
 
   return Torch()
