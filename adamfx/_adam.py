@@ -17,6 +17,7 @@ from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adamfx import _checks
@@ -97,6 +98,40 @@ def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
   return _fast.scale_by_learning_rate(learning_rate, traced)  # compiled when eager
 
 
+def _chain_learning_rate(
+    scaling: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    **flags: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(scaling, learning-rate scaling)``, one call when eager.
+
+  ``scaling`` is :func:`scale_by_adam` or :func:`scale_by_adamax` with these
+  hyperparameters and ``flags``. The state and, under a trace, the update
+  are the chain's; called eagerly, the learning rate is applied inside the
+  family's compiled calls, so a step is one dispatch per chunk of leaves and
+  one pass less over memory, with the chain's numbers.
+  """
+  chain = optax.chain(scaling, _scale_by_learning_rate(learning_rate))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if isinstance(state, tuple) and len(state) == 2 and _fast.eager(
+        updates, state, (b1, b2, eps, eps_root)
+    ):
+      plan = _fast.learning_rate_plan(learning_rate, state[1])
+      if plan is not None:
+        updates, inner = _fast.family_update(
+            updates, state[0], b1, b2, eps, eps_root, lr=plan, **flags
+        )
+        return updates, (inner, plan.new_state)
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+
+
 def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any, amsgrad: bool) -> bool:
   """Whether a leaf takes the in-place formulation of :func:`_moment_step`.
 
@@ -133,6 +168,107 @@ def _ratio(m_hat, v_hat, eps, eps_root, *, guard: bool) -> jax.Array:
   return m_hat / denom.astype(m_hat.dtype)
 
 
+class _Scalars(NamedTuple):
+  """The scalars of one step in one arithmetic dtype, shared by its leaves."""
+
+  b1: Any
+  one_minus_b1: Any
+  b2: Any
+  one_minus_b2: Any
+  inv_bc1: Any  # 1 / (1 - b1**t)
+  inv_bc2: Any  # 1 / (1 - b2**t)
+  inv_bc1_next: Any  # 1 / (1 - b1**(t+1)), for NAdam
+  eps: Any
+  eps_root: Any
+  guard: bool  # whether the denominator can be 0 (eps not a positive number)
+
+
+def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scalars:
+  """:class:`_Scalars` in ``dtype``, made once per update and dtype (``cache``).
+
+  Python numbers become NumPy constants of ``dtype`` (``1 - b1`` computed in
+  Python first, as optax's weakly typed arithmetic does); arrays are cast.
+  The bias corrections enter as reciprocals (see :func:`_in_place_step`).
+  """
+  key = (dtype, nesterov)
+  if cache is not None and key in cache:
+    return cache[key]
+
+  def const(x):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+      return np.asarray(x, dtype)
+    return jnp.asarray(x).astype(dtype)
+
+  def one_minus(x):
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+      return np.asarray(1 - x, dtype)
+    return 1 - const(x)
+
+  def inverse_correction(b, t):  # 1 / (1 - b**t)
+    return jax.lax.div(np.asarray(1, dtype), 1 - _power(b, t, dtype))
+
+  k = _Scalars(
+      b1=const(b1), one_minus_b1=one_minus(b1), b2=const(b2), one_minus_b2=one_minus(b2),
+      inv_bc1=inverse_correction(b1, count), inv_bc2=inverse_correction(b2, count),
+      inv_bc1_next=(
+          inverse_correction(b1, optax.safe_increment(count)) if nesterov else None
+      ),
+      eps=const(eps), eps_root=const(eps_root),
+      guard=not (isinstance(eps, (int, float)) and eps > 0),
+  )
+  if cache is not None:
+    cache[key] = k
+  return k
+
+
+def _in_place_step(
+    g: jax.Array, m: jax.Array, v: jax.Array, k: _Scalars, *, nesterov: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""The Adam step for moments stored in the arithmetic dtype.
+
+  Returns ``(update, mu, nu)``, ``mu`` and ``nu`` as stored. Nothing is cast
+  on the way to storage, so the update is read off the stored moments, and
+  the overflow guard is a clip of ``g`` at ``±2**63`` (float32; ``±2**511``
+  in float64), past which ``g**2`` could overflow: ``mu``'s new value reads
+  ``g`` and ``mu`` only, ``nu``'s ``g`` and ``nu``, and XLA updates donated
+  moments in place in one loop each, as for optax: no copies, no
+  temporaries. Every ``nu`` is then an average of squares below a quarter
+  of the dtype's maximum, so nothing overflows, and below the clip the
+  numbers are optax's (its operations, in its order, bit for bit).
+
+  Written with ``lax`` operations, not ``jnp``: a model of thousands of
+  leaves traces and compiles this once per leaf.
+  """
+  lax = jax.lax
+  big = _numerics.square_safe_limit(g.dtype)
+  clipped = lax.clamp(-big, g, big)
+  m = lax.add(lax.mul(k.one_minus_b1, clipped), lax.mul(k.b1, m))
+  # g - g is 0, or NaN where g is inf or NaN: a non-finite gradient still
+  # gives a NaN update and moment, as in optax, not a clipped finite one.
+  m = lax.add(m, lax.sub(g, g))
+  v = lax.add(lax.mul(k.one_minus_b2, lax.mul(clipped, clipped)), lax.mul(k.b2, v))
+  g = clipped
+  # x / (1 - b**t) as x * (1 / (1 - b**t)): what XLA compiles optax's
+  # division by a broadcast scalar into on CPU, written out so that a 0-d
+  # leaf (scalar code, where XLA keeps a division) and a step compiled over
+  # other leaves get the same bits.
+  if nesterov:  # Dozat 2016, in optax's form.
+    m_hat = lax.add(
+        lax.mul(k.b1, lax.mul(m, k.inv_bc1_next)), lax.mul(k.one_minus_b1, lax.mul(g, k.inv_bc1))
+    )
+  else:
+    m_hat = lax.mul(m, k.inv_bc1)
+  # v_hat = v / (1 - b2**t) fits for any state reached from zeros. In one
+  # made elsewhere (optax's moments with a reset count, say) it may
+  # overflow: that element's step is then 0 (m_hat / inf), not NaN, until
+  # 1 - b2**t has grown enough, a few steps later.
+  v_hat = lax.mul(v, k.inv_bc2)
+  denom = lax.add(lax.sqrt(lax.add(v_hat, k.eps_root)), k.eps)
+  if k.guard:  # eps == eps_root == 0 and no gradient yet: 0, not 0/0
+    denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
+  return lax.div(m_hat, denom), m, v
+
+
 def _moment_step(
     g: jax.Array,
     m: jax.Array,
@@ -147,27 +283,33 @@ def _moment_step(
     nesterov: bool,
     amsgrad: bool,
     infinity_norm: bool,
+    scalars: Optional[dict[Any, Any]] = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
   r"""One Adam-family step for one leaf, in at least float32.
 
   Returns ``(update, mu, nu, nu_max)`` in the arithmetic dtype, before the
-  storage casts. Elements whose gradient or second moment would overflow when
-  squared are computed on values rescaled by an exact power of two, so a
-  finite gradient never produces ``inf`` or ``NaN``; everywhere else the
-  operations are those of optax, in optax's order.
+  storage casts. A finite gradient never produces ``inf`` or ``NaN``, and
+  wherever nothing would overflow the operations are those of optax, in
+  optax's order. Two formulations:
 
-  Two formulations share the rest: where the moments are stored in the
-  arithmetic dtype (see :func:`_in_place`), the rescaling depends on the
-  gradient alone and the update is read off the stored moments, so that XLA
-  updates donated moments in place; elsewhere the update is computed before
-  the storage casts, which may scale a saturating element's m and v together.
+  - moments stored in the arithmetic dtype (float32/float64, see
+    :func:`_in_place`): :func:`_in_place_step`, which clips ``|g|`` at
+    ``2**63`` (float32), so that XLA updates donated moments in place;
+  - otherwise (16-bit storage, AMSGrad, complex): elements whose gradient or
+    second moment would overflow when squared are computed on values
+    rescaled by an exact power of two, the update is computed before the
+    storage casts, and a saturating element's m and v are scaled together.
+
+  ``scalars`` caches the step's scalars across the leaves of one update.
   """
   cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
   rdt = _numerics.real_dtype(cdt)
   _checks.check_decay_in_dtype('b1', b1, rdt)
   _checks.check_decay_in_dtype('b2', b2, rdt)
   nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
-  in_place = _in_place(cdt, m.dtype, v.dtype, amsgrad)
+  if not infinity_norm and _in_place(cdt, m.dtype, v.dtype, amsgrad):
+    k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
+    return (*_in_place_step(g.astype(cdt), m, v, k, nesterov=nesterov), None)
   g = g.astype(cdt)
   m = m.astype(cdt)
   v = jnp.real(v).astype(rdt)
@@ -181,32 +323,6 @@ def _moment_step(
     m_hat = m / bc1.astype(cdt)
     safe_v = jnp.where(v > 0, v, 1).astype(cdt)
     return m_hat / safe_v, m, v, None
-
-  if in_place:
-    # Moments stored in the arithmetic dtype: nothing is cast on the way to
-    # storage, so the update can be read off the stored moments. The scale
-    # c depends on g alone (1 unless |g| >= 2**63 in float32), so m's update
-    # reads g and m, v's reads g and v, and XLA updates the donated m and v
-    # in place in one loop each, as for optax (no copies, no temporaries).
-    # Where c < 1 the element's history is stored c times smaller, so
-    # (c g)**2 and every sum of such squares fit: m / sqrt(v) keeps its
-    # value, and the history reads as that of a gradient c times smaller,
-    # which Adam is invariant to.
-    c = _numerics.square_safe_scale(g)
-    g = g * c
-    m = (1 - b1c) * g + b1c * (m * c)
-    v = (1 - _hp(b2, rdt)) * jnp.square(g) + b2r * (v * c * c)
-    # v_hat = v / (1 - b2**t) fits for any state reached from zeros. In one
-    # made elsewhere (optax's moments with a reset count, say) it may
-    # overflow: that element's step is then 0 (m_hat / inf), not NaN, until
-    # 1 - b2**t has grown enough, a few steps later.
-    m_hat = _m_hat(m, g, count, b1, b1c, bc1, nesterov)
-    update = _ratio(
-        m_hat, v / bc2, _hp(eps, rdt), _hp(eps_root, rdt),
-        # eps > 0 keeps the denominator positive; else 0/0 must give 0.
-        guard=not (isinstance(eps, (int, float)) and eps > 0),
-    )
-    return update, m, v, None
 
   g_big, v_big, small = _numerics.huge_thresholds(rdt)
   absg = jnp.abs(g)
@@ -277,6 +393,7 @@ def _family_update(
   else:
     vm_leaves = [None] * len(g_leaves)
   out_u, out_m, out_v, out_vm = [], [], [], []
+  scalars = {}
   for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
     if g is None:
       for out in (out_u, out_m, out_v, out_vm):
@@ -285,6 +402,7 @@ def _family_update(
     u, m_new, v_new, vm_new = _moment_step(
         g, m, v, vm, count, b1, b2, eps, eps_root,
         nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
+        scalars=scalars,
     )
     out_u.append(u.astype(g.dtype))
     if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype, amsgrad):
@@ -395,9 +513,12 @@ def scale_by_adam(
   ``amsgrad=True``, :math:`\hat v_t` is replaced by its running maximum
   :math:`\max(\hat v_{t-1}^{\max}, \hat v_t)`.
 
-  The arithmetic runs in at least float32 whatever the params' dtype, and
-  elements that would overflow when squared are rescaled by an exact power of
-  two, so a finite gradient never yields ``inf`` or ``NaN``.
+  The arithmetic runs in at least float32 whatever the params' dtype, and a
+  finite gradient never yields ``inf`` or ``NaN``: with moments stored in
+  float32 (float64), gradient elements are clipped at ``±2**63``
+  (``±2**511``), past which their square could overflow; with 16-bit
+  storage or AMSGrad, elements that would overflow when squared are
+  rescaled by an exact power of two.
 
   Args:
     b1: decay of the first moment, in [0, 1); default 0.9.
@@ -530,12 +651,12 @@ def adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
-  return optax.chain(
+  return _chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
-      _scale_by_learning_rate(learning_rate),
+      learning_rate, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad,
   )
 
 
@@ -721,8 +842,8 @@ def adamax(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, section 7.1.
   """
-  return optax.chain(
-      scale_by_adamax(b1, b2, eps), _scale_by_learning_rate(learning_rate)
+  return _chain_learning_rate(
+      scale_by_adamax(b1, b2, eps), learning_rate, b1, b2, eps, 0.0, infinity_norm=True
   )
 
 

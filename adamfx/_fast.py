@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 from typing import Any
+from typing import NamedTuple
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,16 +62,24 @@ def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
 
 
 @functools.partial(
-    jax.jit, static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm')
+    jax.jit,
+    static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static', 'lr_kind'),
 )
-def _leaf_update(g, m, v, vm, count, dynamic, *, static, nesterov, amsgrad, infinity_norm):
+def _leaf_update(
+    g, m, v, vm, count, dynamic, lr_size=None, *,
+    static, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
+):
   from adamfx import _adam  # noqa: PLC0415 (circular at import time)
 
   hps = [s if d is None else d for s, d in zip(static, dynamic)]
   state = _adam.AdamState(count, m, v, vm)
-  return _adam._family_update(
+  u, state = _adam._family_update(
       g, state, *hps, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm
   )
+  if lr_kind is not None:  # the learning-rate scaling, in the same call
+    u = [None if x is None else _scale_one(x, lr_size, lr_static, lr_kind == 'schedule')
+         for x in u]
+  return u, state
 
 
 CHUNK = 8  # leaves per compiled eager call: fewer dispatches, short compiles
@@ -108,6 +118,7 @@ def family_update(
     nesterov: bool = False,
     amsgrad: bool = False,
     infinity_norm: bool = False,
+    lr: Any = None,
 ) -> tuple[Any, Any]:
   """``_adam._family_update``, compiled leaf by leaf when called eagerly.
 
@@ -121,9 +132,12 @@ def family_update(
     nesterov: NAdam.
     amsgrad: AMSGrad.
     infinity_norm: AdaMax.
+    lr: a :class:`_LearningRate` to scale the updates by in the same compiled
+      calls (eager only; the caller checks :func:`eager`), or None.
 
   Returns:
-    ``(updates, state)`` exactly as ``_adam._family_update`` returns them.
+    ``(updates, state)`` exactly as ``_adam._family_update`` returns them
+    (then scaled as the learning-rate transformation would).
   """
   from adamfx import _adam  # noqa: PLC0415
   from adamfx import _checks  # noqa: PLC0415
@@ -147,6 +161,8 @@ def family_update(
   else:
     vm_leaves = [None] * len(g_leaves)
   static, dynamic = _split_hyperparams(hps)
+  lr_args = {} if lr is None else dict(lr_static=lr.static, lr_kind=lr.kind)
+  lr_size = None if lr is None else lr.size
   narrow = [g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)]
   outs = [(None, None, None, None)] * len(g_leaves)
   count = None
@@ -157,8 +173,8 @@ def family_update(
     pick = lambda xs: [x if k else None for x, k in zip(xs, narrow)]
     u, sub = _leaf_update(  # the same function; traced once per tree structure
         pick(g_leaves), pick(m_leaves), pick(v_leaves),
-        pick(vm_leaves) if amsgrad else None, state.count, dynamic,
-        static=static, **flags,
+        pick(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
+        static=static, **flags, **lr_args,
     )
     count = sub.count
     columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
@@ -172,13 +188,14 @@ def family_update(
     take = lambda xs: [xs[i] for i in chunk]
     u, sub = _leaf_update(
         take(g_leaves), take(m_leaves), take(v_leaves),
-        take(vm_leaves) if amsgrad else None, state.count, dynamic,
-        static=static, **flags,
+        take(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
+        static=static, **flags, **lr_args,
     )
     count = sub.count
     for j, i in enumerate(chunk):
       outs[i] = (u[j], sub.mu[j], sub.nu[j], sub.nu_max[j] if amsgrad else None)
   if count is None:  # no leaf to update
+    assert lr is None or not any(x is not None for x in g_leaves)
     return _adam._family_update(updates, state, *hps, **flags)
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
@@ -186,21 +203,67 @@ def family_update(
   return u, _adam.AdamState(count, mu, nu, nu_max if amsgrad else None)
 
 
+def _scale_one(u, size, static, as_schedule):
+  """One leaf of ``_keep_dtypes(optax.scale_by_learning_rate(...))``.
+
+  optax.scale: ``step_size * g``; optax.scale_by_schedule:
+  ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
+  update's dtype (standard promotion).
+  """
+  with jax.numpy_dtype_promotion('standard'):
+    if static is not None:
+      return (static * u).astype(u.dtype)
+    size = size.astype(u.dtype) if as_schedule else size
+    return (size * u).astype(u.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=('static', 'as_schedule'))
 def _scale_leaf(u, step, *, static, as_schedule):
-  # optax.scale: ``step_size * g``; optax.scale_by_schedule:
-  # ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
-  # update's dtype by ``_adam._keep_dtypes`` (standard promotion).
   # ``as_schedule`` is static: a traced flag cannot choose a Python branch.
   # ``u`` is a list of leaves (one compiled call per chunk of leaves).
-  def one(u):
-    with jax.numpy_dtype_promotion('standard'):
-      if static is not None:
-        return (static * u).astype(u.dtype)
-      size = step.astype(u.dtype) if as_schedule else step
-      return (size * u).astype(u.dtype)
+  return [_scale_one(x, step, static, as_schedule) for x in u]
 
-  return [one(x) for x in u]
+
+class _LearningRate(NamedTuple):
+  """How one eager call scales by the learning rate, and the state after."""
+
+  static: Any  # a Python number (-lr), hashed into the compiled code, or None
+  size: Any  # else an array: -lr, or -schedule(count)
+  kind: str  # 'number', 'array' or 'schedule'
+  new_state: Any
+
+
+def learning_rate_plan(learning_rate: Any, state: Any) -> Optional[_LearningRate]:
+  """The eager scaling by ``learning_rate`` from the state ``state``, or None.
+
+  None where the compiled path does not apply (a traced learning rate, a
+  schedule returning a Python number, whose rounding is optax's own).
+  """
+  import optax  # noqa: PLC0415
+
+  if not callable(learning_rate):
+    with jax.numpy_dtype_promotion('standard'):
+      step = -1 * learning_rate  # as optax.scale_by_learning_rate computes it
+    if isinstance(step, jax.core.Tracer):
+      return None
+    if isinstance(step, (jax.Array, np.ndarray)):
+      return _LearningRate(None, step, 'array', state)
+    return _LearningRate(step, None, 'number', state)
+  if not all(isinstance(x, jax.Array) and _concrete(x) for x in jax.tree.leaves(state)):
+    return None
+  with jax.numpy_dtype_promotion('standard'):
+    size = -1 * learning_rate(state.count)
+  if not isinstance(size, jax.Array) or not _concrete(size):
+    return None
+  new_state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+  return _LearningRate(None, size, 'schedule', new_state)
+
+
+def eager(*trees: Any) -> bool:
+  """Whether the compiled eager path applies: every leaf a concrete array."""
+  return not jax.config.jax_disable_jit and all(
+      _concrete(x) for x in jax.tree.leaves(trees)
+  )
 
 
 def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
@@ -217,44 +280,27 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
   """
   import optax  # noqa: PLC0415
 
-  schedule = callable(learning_rate)
-  if not schedule:
-    with jax.numpy_dtype_promotion('standard'):
-      step = -1 * learning_rate  # as optax.scale_by_learning_rate computes it
-
   def update_fn(updates, state, params=None):
     leaves = jax.tree.leaves((updates, state))
-    if (
-        jax.config.jax_disable_jit
-        or not all(isinstance(x, jax.Array) and _concrete(x) for x in leaves)
-        or (not schedule and isinstance(step, jax.core.Tracer))
+    plan = None
+    if not jax.config.jax_disable_jit and all(
+        isinstance(x, jax.Array) and _concrete(x) for x in leaves
     ):
+      plan = learning_rate_plan(learning_rate, state)
+    if plan is None:
       return traced.update(updates, state, params)
-    if schedule:
-      with jax.numpy_dtype_promotion('standard'):
-        size = -1 * learning_rate(state.count)
-      if not isinstance(size, jax.Array):  # keep optax's own rounding
-        return traced.update(updates, state, params)
-      static, dynamic = None, (size, True)
-      new_state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
-    else:
-      if isinstance(step, (jax.Array, np.ndarray)):
-        static, dynamic = None, (step, False)
-      else:
-        static, dynamic = step, None
-      new_state = state
     leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
     out = list(leaves)
     present = [i for i, u in enumerate(leaves) if u is not None]
     signature = lambda i: (leaves[i].shape, leaves[i].dtype, leaves[i].weak_type)
     for chunk in _chunks(present, signature):
       scaled = _scale_leaf(
-          [leaves[i] for i in chunk], None if dynamic is None else dynamic[0],
-          static=static, as_schedule=dynamic is not None and dynamic[1],
+          [leaves[i] for i in chunk], plan.size,
+          static=plan.static, as_schedule=plan.kind == 'schedule',
       )
       for i, u in zip(chunk, scaled):
         out[i] = u
     new_updates = jax.tree.unflatten(treedef, out)
-    return new_updates, new_state
+    return new_updates, plan.new_state
 
   return optax.GradientTransformation(traced.init, update_fn)

@@ -2,8 +2,9 @@
 
 Adam's second moment holds squared gradients, so it overflows long before the
 gradient does: in float16 a single gradient above 256, in float32 one above
-~1.8e19. The helpers here keep the arithmetic in at least float32, rescale the
-rare huge elements by an exact power of two, and saturate what is stored.
+~1.8e19. The helpers here keep the arithmetic in at least float32, give the
+clip that keeps float32 squares finite, rescale the rare huge elements of
+narrower storage by an exact power of two, and saturate what is stored.
 """
 
 from __future__ import annotations
@@ -95,27 +96,14 @@ def fit_exponent(x: jax.Array, limit: Any) -> jax.Array:
   return power(half) * power(k - half)
 
 
-def square_safe_scale(g: jax.Array) -> jax.Array:
-  """A power of two ``c`` with ``|c * g| < 2**(e/2 - 1)``, 1 wherever it can be.
+def square_safe_limit(dtype: Any) -> np.ndarray:
+  """``2**(e/2 - 1)`` in ``dtype``, ``e`` its maximum exponent: ``2**63`` for float32.
 
-  ``e`` is the dtype's maximum exponent (128 for float32), so ``(c * g)**2``
-  is below a quarter of the largest finite value: squares, and averages of
-  squares, cannot overflow. ``c`` is 1 for every ``|g| < 2**63`` (float32;
-  ``2**511`` for float64) and is read off ``g``'s exponent bits, so it costs
-  a few integer operations and depends on ``g`` alone. For float32 and
-  float64 (the arithmetic dtypes); ``inf`` and ``NaN`` get ``c = 2**-66``
-  (float32) and stay what they are.
+  A gradient clipped to ``±`` this has a square below a quarter of the
+  dtype's largest value, so squares, and averages of squares, cannot
+  overflow.
   """
-  info = jnp.finfo(g.dtype)
-  uint = jnp.uint64 if info.bits == 64 else jnp.uint32
-  bias = info.maxexp - 1
-  top = bias + info.maxexp // 2 - 2  # biased exponent of 2**63 (float32)
-  exponent_bits = jax.lax.bitcast_convert_type(g, uint) & uint(
-      (2 * info.maxexp - 1) << info.nmant
-  )
-  # c's biased exponent is min(bias, bias + top - e): three integer operations.
-  bits = jnp.minimum(uint(bias << info.nmant), uint((bias + top) << info.nmant) - exponent_bits)
-  return jax.lax.bitcast_convert_type(bits, g.dtype)
+  return np.asarray(2.0 ** (jnp.finfo(dtype).maxexp // 2 - 1), dtype)
 
 
 def huge_thresholds(dtype: Any) -> tuple[float, float, float]:

@@ -149,6 +149,34 @@ def test_inject_hyperparams_eager_does_not_recompile():
   assert sizes[-1] == sizes[1], f'recompiled: {sizes}'
 
 
+@pytest.mark.parametrize('lr', ['number', 'array', 'schedule'])
+@pytest.mark.parametrize('make', [adamfx.adam, adamfx.nadam, adamfx.adamax])
+def test_eager_step_scales_by_the_learning_rate_in_the_same_call(monkeypatch, make, lr):
+  # Eagerly, adam's learning rate is applied inside the family's compiled
+  # calls (one dispatch and one pass less per chunk): the separate scaling
+  # is never called, and the numbers and state are the chain's under jit.
+  learning_rate = {
+      'number': 1e-2,
+      'array': jnp.asarray(1e-2, jnp.float32),
+      'schedule': optax.linear_schedule(1e-2, 1e-3, 3),
+  }[lr]
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('separate learning-rate call')
+
+  params = _tree()
+  _, traced = _run(make(learning_rate), params, jit=True)
+  monkeypatch.setattr(_fast, '_scale_leaf', refuse)
+  _, eager = _run(make(learning_rate), params, jit=False)
+  if lr == 'schedule':  # the schedule's value is computed eagerly, as optax does
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL), eager, traced)
+    assert int(eager[-1][1][1].count) == STEPS
+  else:
+    # The 0-d leaf is scalar code, compiled apart from the other leaves
+    # eagerly: one ulp (seen with NAdam), as in flat mode below.
+    _bitwise(eager, traced, scalar_ulp=1)
+
+
 def test_eager_under_disable_jit():
   params = _tree()
   with jax.disable_jit():
