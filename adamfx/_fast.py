@@ -5,7 +5,9 @@ dozens of separate array operations per leaf, each a dispatch and a pass over
 memory. :func:`family_update` instead runs every leaf through one compiled
 call of the same :func:`adamfx._adam._family_update`, leaves of one shape
 and dtype in chunks of up to ``CHUNK``, so an eager step costs about one
-dispatch per chunk. Under a trace (``jit``, ``vmap``, ``grad``,
+dispatch per chunk; :func:`adamfx.adam` (and ``nadam``, ``amsgrad``,
+``adamax``) applies its learning rate in those same calls
+(:func:`learning_rate_plan`). Under a trace (``jit``, ``vmap``, ``grad``,
 ``scan``) it is ``_family_update`` itself, so compiled code is unchanged.
 
 The compiled function lives at module level and takes Python-number
@@ -83,14 +85,17 @@ def _leaf_update(
 
 
 CHUNK = 8  # leaves per compiled eager call: fewer dispatches, short compiles
+SMALL_CHUNK = 64  # for leaves of fewer than SMALL elements, where dispatch dominates
+SMALL = 1 << 14
 
 
-def _chunks(indices: list[int], signature: Any) -> list[list[int]]:
+def _chunks(indices: list[int], signature: Any, size_of: Any) -> list[list[int]]:
   """Splits leaf indices into runs of equal signature, of power-of-two lengths.
 
   Leaves of one shape and dtype share compiled code; a chunk of ``CHUNK``
-  leaves is one dispatch instead of ``CHUNK``, and the lengths 8, 4, 2, 1
-  bound the variants compiled per signature to four.
+  leaves (``SMALL_CHUNK`` of leaves with fewer than ``SMALL`` elements, whose
+  step is mostly dispatch) is one dispatch, and the power-of-two lengths
+  bound the variants compiled per signature to four (seven).
   """
   groups: dict[Any, list[int]] = {}
   for i in indices:
@@ -98,8 +103,9 @@ def _chunks(indices: list[int], signature: Any) -> list[list[int]]:
   out = []
   for members in groups.values():
     start = 0
+    longest = SMALL_CHUNK if size_of(members[0]) < SMALL else CHUNK
     while start < len(members):
-      size = CHUNK
+      size = longest
       while size > len(members) - start:
         size //= 2
       out.append(members[start:start + size])
@@ -180,11 +186,13 @@ def family_update(
     columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
     outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
   rest = [i for i, g in enumerate(g_leaves) if g is not None and not narrow[i]]
-  signature = lambda i: tuple(
-      None if x is None else (x.shape, x.dtype, getattr(x, 'weak_type', False))
-      for x in (g_leaves[i], m_leaves[i], v_leaves[i], vm_leaves[i])
-  )
-  for chunk in _chunks(rest, signature):
+  def signature(i):  # shapes agree (checked above): the gradient's, and dtypes
+    g = g_leaves[i]
+    vm = vm_leaves[i]
+    return (g.shape, g.dtype, g.weak_type, m_leaves[i].dtype, v_leaves[i].dtype,
+            None if vm is None else vm.dtype)
+
+  for chunk in _chunks(rest, signature, lambda i: g_leaves[i].size):
     take = lambda xs: [xs[i] for i in chunk]
     u, sub = _leaf_update(
         take(g_leaves), take(m_leaves), take(v_leaves),
@@ -293,7 +301,7 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
     out = list(leaves)
     present = [i for i, u in enumerate(leaves) if u is not None]
     signature = lambda i: (leaves[i].shape, leaves[i].dtype, leaves[i].weak_type)
-    for chunk in _chunks(present, signature):
+    for chunk in _chunks(present, signature, lambda i: leaves[i].size):
       scaled = _scale_leaf(
           [leaves[i] for i in chunk], plan.size,
           static=plan.static, as_schedule=plan.kind == 'schedule',

@@ -255,8 +255,8 @@ def test_ravel_params_rejects_non_arrays():
 
 @pytest.mark.parametrize('amsgrad', [False, True])
 def test_eager_chunks_of_same_shape_leaves_are_bitwise_the_traced_path(amsgrad):
-  # 13 leaves of one shape run as compiled chunks of 8, 4 and 1 leaves; the
-  # others singly. Order and pairing of leaves must survive the chunking.
+  # 13 small leaves of one shape run as compiled chunks of 8, 4 and 1
+  # leaves; the others singly. Order and pairing of leaves must survive the chunking.
   rng = np.random.default_rng(3)
   params = {f'x{i:02d}': jnp.asarray(rng.standard_normal(4), jnp.float32) for i in range(13)}
   params.update(_tree((jnp.float32, jnp.bfloat16)))
@@ -264,4 +264,9 @@ def test_eager_chunks_of_same_shape_leaves_are_bitwise_the_traced_path(amsgrad):
   _, eager = _run(tx(), params, jit=False)
   _, traced = _run(tx(), params, jit=True)
   _bitwise(eager, traced)
-  assert [len(c) for c in _fast._chunks(list(range(13)), lambda i: 0)] == [8, 4, 1]
+  small, big = (lambda i: 4), (lambda i: _fast.SMALL)
+  assert [len(c) for c in _fast._chunks(list(range(13)), lambda i: 0, small)] == [8, 4, 1]
+  # Up to 64 small leaves a call, 8 big ones.
+  assert [len(c) for c in _fast._chunks(list(range(100)), lambda i: 0, small)] == [64, 32, 4]
+  assert [len(c) for c in _fast._chunks(list(range(13)), lambda i: 0, big)] == [8, 4, 1]
+  assert [len(c) for c in _fast._chunks(list(range(20)), lambda i: 0, big)] == [8, 8, 4]
