@@ -19,6 +19,7 @@ from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
+from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
 from adamfx._quant import QuantizedArray
 from adamfx._quant import adam8bit
@@ -46,6 +47,7 @@ __all__ = (
     "inject_hyperparams",
     "nadam",
     "nadamw",
+    "pack_state",
     "ravel_params",
     "restore_npz",
     "restore_orbax",

@@ -15,7 +15,8 @@ preset); thousands of tiny leaves (with the per-leaf floor: a jitted
 bfloat16. Modes: jitted with donated params and state, jitted without
 donation, and eager ``update`` calls. ``flat`` rows run adamfx on the params
 packed by :func:`adamfx.ravel_params` (one buffer per dtype) against optax on
-the tree.
+the tree; ``packed`` rows run :func:`adamfx.pack_state` (tree-shaped params
+and updates, moments packed per dtype).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--cases', nargs='+', choices=CASES, default=list(CASES))
   parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
   parser.add_argument('--repeats', type=int, default=None, help='override the preset')
-  parser.add_argument('--no-flat', action='store_true', help='skip the flat-mode rows')
+  parser.add_argument('--no-flat', action='store_true',
+                      help='skip the flat-mode and packed-state rows')
   parser.add_argument('--no-torch', action='store_true', help='skip torch.optim.Adam')
   parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
 
@@ -315,23 +317,29 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
     for mode in modes:
       plan.append((case, mode, False))
       if flat and case in ('tiny', 'transformer'):
-        plan.append((case, mode, True))
+        plan.append((case, mode, 'flat'))
+        if mode != 'eager':  # pack_state is for jitted steps (see its docstring)
+          plan.append((case, mode, 'packed'))
   total = len(plan) + 1
   tick = progress or (lambda *a: None)
 
   tick(0, total, 'bandwidth (axpy)')
   bw = _bandwidth(preset['axpy'])
   rows = []
-  for k, (case, mode, is_flat) in enumerate(plan, 1):
-    label = f'{case}{" flat" if is_flat else ""} / {mode}'
+  for k, (case, mode, variant) in enumerate(plan, 1):
+    is_flat = bool(variant)
+    label = f'{case}{" " + variant if variant else ""} / {mode}'
     tick(k, total, label)
     params = trees[case]
     grads = jax.tree.map(lambda x: (x * 0.5 + 0.01).astype(x.dtype), params)
     n_leaves, n_params, nbytes = _describe(params)
     runners = [
         _Runner('optax', optax.adam(1e-3), params, grads, mode),
-        _Runner('adamfx', adamfx.adam(1e-3), params, grads, mode,
-                flat=adamfx.ravel_params if is_flat else None),
+        _Runner('adamfx',
+                adamfx.pack_state(adamfx.adam(1e-3)) if variant == 'packed'
+                else adamfx.adam(1e-3),
+                params, grads, mode,
+                flat=adamfx.ravel_params if variant == 'flat' else None),
     ]
     if mode == 'jit+donate' and case == 'tiny' and not is_flat:
       runners.append(_floor_runner(params, grads))
@@ -343,7 +351,8 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
       for r in runners:
         times[r.name].append(r.time(preset['steps']))
     row = {
-        'case': case, 'flat': is_flat, 'mode': mode, 'leaves': n_leaves,
+        'case': case, 'flat': variant == 'flat', 'variant': variant or 'tree', 'mode': mode,
+        'leaves': n_leaves,
         'params': n_params, 'param_bytes': nbytes,
     }
     for r in runners:
@@ -428,7 +437,8 @@ def format_table(result: dict[str, Any]) -> str:
     for name in ('floor', 'torch_foreach', 'torch_fused'):
       if name in r:
         other.append(f'{name} {r[name]["ms"]["median"]:.3g}')
-    case = r['case'] + (' (adamfx flat)' if r['flat'] else '')
+    variant = r.get('variant', 'flat' if r['flat'] else 'tree')
+    case = r['case'] + ('' if variant == 'tree' else f' (adamfx {variant})')
     lines.append(
         f'| {case} | {r["mode"]} | {r["leaves"]} | {r["params"]:,} | {_fmt_ms(o["ms"])} |'
         f' {_fmt_ms(a["ms"])} | {r["ratio"]:.2f} ({r["speedup"]:.1f}x) |'

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def _sharded(x: Any) -> bool:
@@ -112,3 +113,68 @@ def ravel_params(params: Any) -> tuple[dict[str, jax.Array], Callable[[Any], Any
     return jax.tree.unflatten(treedef, out)
 
   return flat, unravel
+
+
+def pack_state(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs ``inner`` on params packed per dtype, with tree-shaped params.
+
+  The opt-in for models of many small leaves that keep their params as a
+  tree: ``inner``'s state (Adam's ``mu`` and ``nu``) is kept as one flat
+  buffer per dtype (:func:`ravel_params`' layout); each step packs the
+  gradients (one concatenation per dtype), runs ``inner`` over the few flat
+  buffers, and returns tree-shaped updates (slices, which XLA fuses into
+  ``optax.apply_updates``). A jitted step over 2000 leaves is then about one
+  loop per leaf instead of three. For an element-wise ``inner`` (the Adam
+  family) the numbers are the tree's, bit for bit, except where a 16-bit
+  second moment is stochastically rounded (its bits are drawn per buffer).
+
+  .. math::
+
+    u = \mathrm{unravel}(\mathrm{inner}(\mathrm{ravel}(g)))
+
+  The state's structure is not the params' (``mu`` is a dict from dtype name
+  to a 1-D buffer): a state saved from ``inner`` alone does not restore into
+  it, and the gradients must have the params' dtypes. It is meant for jitted
+  steps: called eagerly, the packing and the slicing are a dispatch per
+  leaf, slower than the plain eager ``update`` (for eager loops over many
+  leaves, see :func:`ravel_params`).
+
+  Args:
+    inner: any optax transformation, e.g. ``adamfx.adam(1e-3)``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
+    state over the packed params.
+
+  Raises:
+    ValueError: at init or update, if a leaf is sharded over several devices
+      (packing would gather it; keep such params with a plain ``inner``).
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> import adamfx
+    >>> params = {'w': jnp.ones((2, 3)), 'b': jnp.zeros(3)}
+    >>> tx = adamfx.pack_state(adamfx.adam(1e-2))
+    >>> state = tx.init(params)
+    >>> state[0].mu['float32'].shape
+    (9,)
+    >>> updates, state = tx.update({'w': jnp.ones((2, 3)), 'b': -jnp.ones(3)}, state, params)
+    >>> updates['b']
+    Array([0.01, 0.01, 0.01], dtype=float32)
+  """
+
+  def init_fn(params):
+    flat, _ = ravel_params(params)
+    return inner.init(flat)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    flat, unravel = ravel_params(updates)
+    flat_params = None if params is None else ravel_params(params)[0]
+    flat, state = optax.with_extra_args_support(inner).update(
+        flat, state, flat_params, **extra_args
+    )
+    return unravel(flat), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
