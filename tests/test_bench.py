@@ -26,13 +26,16 @@ def result():
 
 def test_bench_rows_have_every_figure(result):
   rows = result['rows']
-  # large, mixed: 2 modes each; tiny: 2 modes, each with a flat row.
-  assert [(r['case'], r['mode'], r['flat']) for r in rows] == [
-      ('large', 'jit+donate', False), ('large', 'eager', False),
-      ('tiny', 'jit+donate', False), ('tiny', 'jit+donate', True),
-      ('tiny', 'eager', False), ('tiny', 'eager', True),
-      ('mixed', 'jit+donate', False), ('mixed', 'eager', False),
+  # large, mixed: 2 modes each; tiny: 2 modes, each with a flat row, and a
+  # packed-state row when jitted.
+  assert [(r['case'], r['mode'], r['variant']) for r in rows] == [
+      ('large', 'jit+donate', 'tree'), ('large', 'eager', 'tree'),
+      ('tiny', 'jit+donate', 'tree'), ('tiny', 'jit+donate', 'flat'),
+      ('tiny', 'jit+donate', 'packed'),
+      ('tiny', 'eager', 'tree'), ('tiny', 'eager', 'flat'),
+      ('mixed', 'jit+donate', 'tree'), ('mixed', 'eager', 'tree'),
   ]
+  assert [r['flat'] for r in rows] == [r['variant'] == 'flat' for r in rows]
   for r in rows:
     for name in ('optax', 'adamfx'):
       ms = r[name]['ms']
@@ -42,14 +45,14 @@ def test_bench_rows_have_every_figure(result):
     if r['mode'] == 'jit+donate':
       assert r['adamfx']['new_bytes'] is None or r['adamfx']['new_bytes'] >= 0
   floor = [r for r in rows if 'floor' in r]
-  assert [(r['case'], r['flat']) for r in floor] == [('tiny', False)]
+  assert [(r['case'], r['variant']) for r in floor] == [('tiny', 'tree')]
   assert _positive(result['bandwidth']['limit_gbs'])
   assert result['machine']['cpus'] >= 1
 
 
 def test_bench_torch_columns_when_torch_is_installed(result):
   pytest.importorskip('torch')
-  donated = [r for r in result['rows'] if r['mode'] == 'jit+donate' and not r['flat']]
+  donated = [r for r in result['rows'] if r['mode'] == 'jit+donate' and r['variant'] == 'tree']
   for r in donated:
     assert _positive(r['torch_foreach']['ms']['median'])
     assert _positive(r['torch_fused']['ms']['median'])
@@ -58,6 +61,7 @@ def test_bench_torch_columns_when_torch_is_installed(result):
 def test_bench_table_and_json(result):
   table = _bench.format_table(result)
   assert '| case | mode |' in table and 'tiny (adamfx flat)' in table
+  assert 'tiny (adamfx packed)' in table
   assert 'bandwidth limit (axpy)' in table
   assert json.loads(json.dumps(result))['preset'] == 'tiny'
 
