@@ -132,19 +132,18 @@ def _chain_learning_rate(
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
-def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any, amsgrad: bool) -> bool:
+def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
   """Whether a leaf takes the in-place formulation of :func:`_moment_step`.
 
-  Real moments stored in the arithmetic dtype (float32 or float64), without
-  AMSGrad's third buffer. Narrower storage (whose casts may saturate and
-  must scale m and v together), complex moments and AMSGrad take the
-  general formulation.
+  Real moments (and AMSGrad's maximum, stored like ``nu``) in the arithmetic
+  dtype (float32 or float64). Narrower storage (whose casts may saturate and
+  must scale m and v together) and complex moments take the general
+  formulation.
   """
   return (
       jnp.dtype(m_dtype) == cdt
       and jnp.dtype(v_dtype) == cdt
       and jnp.issubdtype(cdt, jnp.floating)
-      and not amsgrad
   )
 
 
@@ -222,11 +221,18 @@ def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scal
 
 
 def _in_place_step(
-    g: jax.Array, m: jax.Array, v: jax.Array, k: _Scalars, *, nesterov: bool
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    v_max: Optional[jax.Array],
+    k: _Scalars,
+    *,
+    nesterov: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
   r"""The Adam step for moments stored in the arithmetic dtype.
 
-  Returns ``(update, mu, nu)``, ``mu`` and ``nu`` as stored. Nothing is cast
+  Returns ``(update, mu, nu, nu_max)`` as stored (``nu_max``, AMSGrad's
+  running maximum of the bias-corrected ``nu``, None without it). Nothing is cast
   on the way to storage, so the update is read off the stored moments, and
   the overflow guard is a clip of ``g`` at ``±2**63`` (float32; ``±2**511``
   in float64), past which ``g**2`` could overflow: ``mu``'s new value reads
@@ -263,10 +269,12 @@ def _in_place_step(
   # overflow: that element's step is then 0 (m_hat / inf), not NaN, until
   # 1 - b2**t has grown enough, a few steps later.
   v_hat = lax.mul(v, k.inv_bc2)
+  if v_max is not None:  # AMSGrad, as optax: the max of the bias-corrected nu
+    v_max = v_hat = lax.max(v_max, v_hat)
   denom = lax.add(lax.sqrt(lax.add(v_hat, k.eps_root)), k.eps)
   if k.guard:  # eps == eps_root == 0 and no gradient yet: 0, not 0/0
     denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
-  return lax.div(m_hat, denom), m, v
+  return lax.div(m_hat, denom), m, v, v_max
 
 
 def _moment_step(
@@ -295,7 +303,7 @@ def _moment_step(
   - moments stored in the arithmetic dtype (float32/float64, see
     :func:`_in_place`): :func:`_in_place_step`, which clips ``|g|`` at
     ``2**63`` (float32), so that XLA updates donated moments in place;
-  - otherwise (16-bit storage, AMSGrad, complex): elements whose gradient or
+  - otherwise (16-bit storage, complex): elements whose gradient or
     second moment would overflow when squared are computed on values
     rescaled by an exact power of two, the update is computed before the
     storage casts, and a saturating element's m and v are scaled together.
@@ -307,9 +315,9 @@ def _moment_step(
   _checks.check_decay_in_dtype('b1', b1, rdt)
   _checks.check_decay_in_dtype('b2', b2, rdt)
   nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
-  if not infinity_norm and _in_place(cdt, m.dtype, v.dtype, amsgrad):
+  if not infinity_norm and _in_place(cdt, m.dtype, v.dtype):
     k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
-    return (*_in_place_step(g.astype(cdt), m, v, k, nesterov=nesterov), None)
+    return _in_place_step(g.astype(cdt), m, v, v_max, k, nesterov=nesterov)
   g = g.astype(cdt)
   m = m.astype(cdt)
   v = jnp.real(v).astype(rdt)
@@ -405,12 +413,12 @@ def _family_update(
         scalars=scalars,
     )
     out_u.append(u.astype(g.dtype))
-    if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype, amsgrad):
+    if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
       # Stored as computed: the in-place formulation's moments always fit,
       # and a clamp here would keep XLA from updating m and v in place.
       out_m.append(m_new)
       out_v.append(v_new)
-      out_vm.append(None)
+      out_vm.append(vm_new)
       continue
     out_m.append(_numerics.saturate(m_new, m.dtype))
     # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
@@ -517,8 +525,8 @@ def scale_by_adam(
   finite gradient never yields ``inf`` or ``NaN``: with moments stored in
   float32 (float64), gradient elements are clipped at ``±2**63``
   (``±2**511``), past which their square could overflow; with 16-bit
-  storage or AMSGrad, elements that would overflow when squared are
-  rescaled by an exact power of two.
+  storage, elements that would overflow when squared are rescaled by an
+  exact power of two.
 
   Args:
     b1: decay of the first moment, in [0, 1); default 0.9.
