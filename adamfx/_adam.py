@@ -178,7 +178,7 @@ class _Scalars(NamedTuple):
   inv_bc2: Any  # 1 / (1 - b2**t)
   inv_bc1_next: Any  # 1 / (1 - b1**(t+1)), for NAdam
   eps: Any
-  eps_root: Any
+  eps_root: Any  # None when it is a Python 0
   guard: bool  # whether the denominator can be 0 (eps not a positive number)
 
 
@@ -212,7 +212,9 @@ def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scal
       inv_bc1_next=(
           inverse_correction(b1, optax.safe_increment(count)) if nesterov else None
       ),
-      eps=const(eps), eps_root=const(eps_root),
+      eps=const(eps),
+      # v_hat >= 0 is never -0.0, so v_hat + 0.0 is v_hat: skip the add.
+      eps_root=None if isinstance(eps_root, (int, float)) and eps_root == 0 else const(eps_root),
       guard=not (isinstance(eps, (int, float)) and eps > 0),
   )
   if cache is not None:
@@ -271,7 +273,9 @@ def _in_place_step(
   v_hat = lax.mul(v, k.inv_bc2)
   if v_max is not None:  # AMSGrad, as optax: the max of the bias-corrected nu
     v_max = v_hat = lax.max(v_max, v_hat)
-  denom = lax.add(lax.sqrt(lax.add(v_hat, k.eps_root)), k.eps)
+  if k.eps_root is not None:
+    v_hat = lax.add(v_hat, k.eps_root)
+  denom = lax.add(lax.sqrt(v_hat), k.eps)
   if k.guard:  # eps == eps_root == 0 and no gradient yet: 0, not 0/0
     denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
   return lax.div(m_hat, denom), m, v, v_max
