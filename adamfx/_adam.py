@@ -105,28 +105,52 @@ def _chain_learning_rate(
     b2: Any,
     eps: Any,
     eps_root: Any,
+    *,
+    decay: Optional[tuple[Any, Any]] = None,
     **flags: bool,
 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(scaling, learning-rate scaling)``, one call when eager.
+  """``optax.chain(scaling, [decay,] learning-rate scaling)``, one call when eager.
 
   ``scaling`` is :func:`scale_by_adam` or :func:`scale_by_adamax` with these
-  hyperparameters and ``flags``. The state and, under a trace, the update
-  are the chain's; called eagerly, the learning rate is applied inside the
-  family's compiled calls, so a step is one dispatch per chunk of leaves and
-  one pass less over memory, with the chain's numbers.
+  hyperparameters and ``flags``; ``decay``, AdamW's ``(weight_decay, mask)``.
+  The state and, under a trace, the update are the chain's. Called eagerly,
+  the decay (a number or array, not a schedule) and the learning rate are
+  applied inside the family's compiled calls, so a step is one dispatch per
+  chunk of leaves and one or two passes less over memory, with the chain's
+  numbers.
   """
-  chain = optax.chain(scaling, _scale_by_learning_rate(learning_rate))
+  links = [scaling]
+  if decay is not None:
+    weight_decay, mask = decay
+    if not callable(weight_decay):
+      _checks.check_non_negative('weight_decay', weight_decay)
+    links.append(_keep_dtypes(optax.add_decayed_weights(weight_decay, mask)))
+  links.append(_scale_by_learning_rate(learning_rate))
+  chain = optax.chain(*links)
+
+  def fused(updates, state, params):
+    if not (isinstance(state, tuple) and len(state) == len(links)):
+      return None
+    if not _fast.eager(updates, state, params, (b1, b2, eps, eps_root)):
+      return None
+    plan = _fast.learning_rate_plan(learning_rate, state[-1])
+    if plan is None:
+      return None
+    decay_plan = None
+    if decay is not None:
+      decay_plan = _fast.decay_plan(*decay, updates, params)
+      if decay_plan is None:
+        return None
+    updates, inner = _fast.family_update(
+        updates, state[0], b1, b2, eps, eps_root, lr=plan, decay=decay_plan, **flags
+    )
+    # The decay's state (EmptyState, or MaskedState of it) does not change.
+    return updates, (inner, *state[1:-1], plan.new_state)
 
   def update_fn(updates, state, params=None, **extra_args):
-    if isinstance(state, tuple) and len(state) == 2 and _fast.eager(
-        updates, state, (b1, b2, eps, eps_root)
-    ):
-      plan = _fast.learning_rate_plan(learning_rate, state[1])
-      if plan is not None:
-        updates, inner = _fast.family_update(
-            updates, state[0], b1, b2, eps, eps_root, lr=plan, **flags
-        )
-        return updates, (inner, plan.new_state)
+    out = fused(updates, state, params)
+    if out is not None:
+      return out
     return chain.update(updates, state, params, **extra_args)
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
@@ -734,12 +758,13 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  return _decoupled_decay_chain(
+  return _chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
-      learning_rate, weight_decay, mask,
+      learning_rate, b1, b2, eps, eps_root, decay=(weight_decay, mask),
+      nesterov=nesterov, amsgrad=amsgrad,
   )
 
 

@@ -6,8 +6,8 @@ memory. :func:`family_update` instead runs every leaf through one compiled
 call of the same :func:`adamfx._adam._family_update`, leaves of one shape
 and dtype in chunks of up to ``CHUNK``, so an eager step costs about one
 dispatch per chunk; :func:`adamfx.adam` (and ``nadam``, ``amsgrad``,
-``adamax``) applies its learning rate in those same calls
-(:func:`learning_rate_plan`). Under a trace (``jit``, ``vmap``, ``grad``,
+``adamax``, ``adamw``) applies its learning rate, and AdamW its decoupled
+decay, in those same calls (:func:`learning_rate_plan`, :func:`decay_plan`). Under a trace (``jit``, ``vmap``, ``grad``,
 ``scan``) it is ``_family_update`` itself, so compiled code is unchanged.
 
 The compiled function lives at module level and takes Python-number
@@ -65,11 +65,13 @@ def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
 
 @functools.partial(
     jax.jit,
-    static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static', 'lr_kind'),
+    static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static', 'lr_kind',
+                     'decay_static', 'decay_mask'),
 )
 def _leaf_update(
-    g, m, v, vm, count, dynamic, lr_size=None, *,
+    g, m, v, vm, count, dynamic, lr_size=None, p=None, decay_size=None, *,
     static, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
+    decay_static=None, decay_mask=None,
 ):
   from adamfx import _adam  # noqa: PLC0415 (circular at import time)
 
@@ -78,6 +80,10 @@ def _leaf_update(
   u, state = _adam._family_update(
       g, state, *hps, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm
   )
+  if decay_mask is not None:  # AdamW's decoupled decay, in the same call
+    size = decay_static if decay_static is not None else decay_size
+    u = [x if x is None or not on else _decay_one(x, q, size)
+         for x, q, on in zip(u, p, decay_mask)]
   if lr_kind is not None:  # the learning-rate scaling, in the same call
     u = [None if x is None else _scale_one(x, lr_size, lr_static, lr_kind == 'schedule')
          for x in u]
@@ -125,6 +131,7 @@ def family_update(
     amsgrad: bool = False,
     infinity_norm: bool = False,
     lr: Any = None,
+    decay: Any = None,
 ) -> tuple[Any, Any]:
   """``_adam._family_update``, compiled leaf by leaf when called eagerly.
 
@@ -140,6 +147,8 @@ def family_update(
     infinity_norm: AdaMax.
     lr: a :class:`_LearningRate` to scale the updates by in the same compiled
       calls (eager only; the caller checks :func:`eager`), or None.
+    decay: a :class:`_Decay` (AdamW's decoupled decay, applied before ``lr``),
+      or None.
 
   Returns:
     ``(updates, state)`` exactly as ``_adam._family_update`` returns them
@@ -169,6 +178,14 @@ def family_update(
   static, dynamic = _split_hyperparams(hps)
   lr_args = {} if lr is None else dict(lr_static=lr.static, lr_kind=lr.kind)
   lr_size = None if lr is None else lr.size
+  if decay is not None:
+    p_leaves = decay.params
+    decay_on = decay.on
+    decay_size = decay.size
+    lr_args['decay_static'] = decay.static
+  else:
+    p_leaves = decay_on = [None] * len(g_leaves)
+    decay_size = None
   narrow = [g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)]
   outs = [(None, None, None, None)] * len(g_leaves)
   count = None
@@ -180,30 +197,32 @@ def family_update(
     u, sub = _leaf_update(  # the same function; traced once per tree structure
         pick(g_leaves), pick(m_leaves), pick(v_leaves),
         pick(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
-        static=static, **flags, **lr_args,
+        pick(p_leaves), decay_size, static=static, **flags, **lr_args,
+        decay_mask=None if decay is None else tuple(bool(x) for x in pick(decay_on)),
     )
     count = sub.count
     columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
     outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
   rest = [i for i, g in enumerate(g_leaves) if g is not None and not narrow[i]]
   def signature(i):  # shapes agree (checked above): the gradient's, and dtypes
-    g = g_leaves[i]
-    vm = vm_leaves[i]
+    g, vm, q = g_leaves[i], vm_leaves[i], p_leaves[i]
     return (g.shape, g.dtype, g.weak_type, m_leaves[i].dtype, v_leaves[i].dtype,
-            None if vm is None else vm.dtype)
+            None if vm is None else vm.dtype, decay_on[i],
+            None if q is None else (q.dtype, getattr(q, 'weak_type', False)))
 
   for chunk in _chunks(rest, signature, lambda i: g_leaves[i].size):
     take = lambda xs: [xs[i] for i in chunk]
     u, sub = _leaf_update(
         take(g_leaves), take(m_leaves), take(v_leaves),
         take(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
-        static=static, **flags, **lr_args,
+        take(p_leaves), decay_size, static=static, **flags, **lr_args,
+        decay_mask=None if decay is None else (bool(decay_on[chunk[0]]),) * len(chunk),
     )
     count = sub.count
     for j, i in enumerate(chunk):
       outs[i] = (u[j], sub.mu[j], sub.nu[j], sub.nu_max[j] if amsgrad else None)
   if count is None:  # no leaf to update
-    assert lr is None or not any(x is not None for x in g_leaves)
+    assert lr is None and decay is None or not any(x is not None for x in g_leaves)
     return _adam._family_update(updates, state, *hps, **flags)
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
@@ -223,6 +242,58 @@ def _scale_one(u, size, static, as_schedule):
       return (static * u).astype(u.dtype)
     size = size.astype(u.dtype) if as_schedule else size
     return (size * u).astype(u.dtype)
+
+
+def _decay_one(u, p, size):
+  """One leaf of ``_keep_dtypes(optax.add_decayed_weights(size))``: ``u + size * p``."""
+  with jax.numpy_dtype_promotion('standard'):
+    return (u + size * p).astype(u.dtype)
+
+
+class _Decay(NamedTuple):
+  """AdamW's decay in one eager call: ``u + weight_decay * p`` on masked-in leaves."""
+
+  static: Any  # a Python number, hashed into the compiled code, or None
+  size: Any  # else the weight decay array
+  params: list[Any]  # the params' leaves, aligned with the updates'
+  on: list[bool]  # per leaf: decayed (the mask)
+
+
+def decay_plan(weight_decay: Any, mask: Any, updates: Any, params: Any) -> Optional[_Decay]:
+  """The eager form of ``optax.add_decayed_weights(weight_decay, mask)``, or None.
+
+  None where the compiled path does not apply (no params, a schedule, a mask
+  that is not a tree of Python booleans): the caller runs optax's code.
+  """
+  if params is None or callable(weight_decay):
+    return None
+  is_none = lambda x: x is None
+  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_none)
+  try:
+    p_leaves = treedef.flatten_up_to(params)
+  except (ValueError, TypeError):
+    return None
+  if any(g is None for g in g_leaves):
+    return None
+  if mask is None:
+    on = [True] * len(g_leaves)
+  else:
+    # As optax.masked: a mask function is called on the updates; the mask
+    # may be a prefix of the tree, each of its leaves covering a subtree.
+    mask_tree = mask(updates) if callable(mask) else mask
+    try:
+      on = jax.tree.leaves(jax.tree.map(
+          lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, updates
+      ))
+    except (ValueError, TypeError):
+      return None
+    if len(on) != len(g_leaves) or not all(isinstance(x, (bool, np.bool_)) for x in on):
+      return None
+  if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+    on = [False] * len(g_leaves)  # optax skips the add
+  if isinstance(weight_decay, (jax.Array, np.ndarray)):
+    return _Decay(None, weight_decay, p_leaves, on)
+  return _Decay(weight_decay, None, p_leaves, on)
 
 
 @functools.partial(jax.jit, static_argnames=('static', 'as_schedule'))

@@ -177,6 +177,35 @@ def test_eager_step_scales_by_the_learning_rate_in_the_same_call(monkeypatch, ma
     _bitwise(eager, traced, scalar_ulp=1)
 
 
+@pytest.mark.parametrize('wd', ['number', 'array', 'zero'])
+@pytest.mark.parametrize('mask', [None, 'callable', 'tree'])
+def test_eager_adamw_decays_in_the_same_call(monkeypatch, wd, mask):
+  # AdamW's decay (a number or an array; masked or not) and learning rate
+  # are applied inside the family's compiled calls: no separate scaling
+  # call, and the numbers of optax.adamw and of the jitted chain.
+  weight_decay = {'number': 0.1, 'array': jnp.asarray(0.1, jnp.float32), 'zero': 0.0}[wd]
+  mask = {
+      None: None,
+      'callable': lambda p: jax.tree.map(lambda x: x.ndim > 1, p),
+      'tree': {'w0': True, 'b0': False, 's': True},
+  }[mask]
+  params = _tree()
+  make = lambda: adamfx.adamw(1e-2, weight_decay=weight_decay, mask=mask)
+  with optax_promotion():
+    want, _ = _run(optax.adamw(1e-2, weight_decay=weight_decay, mask=mask), params, jit=False)
+  _, traced = _run(make(), params, jit=True)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('separate learning-rate call')
+
+  monkeypatch.setattr(_fast, '_scale_leaf', refuse)
+  got, eager = _run(make(), params, jit=False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=1e-7), got, want)
+  # Under one jit XLA may contract the decay's add with the learning rate's
+  # multiply: float32 rounding (see test_eager_is_bitwise_the_traced_path).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL), eager, traced)
+
+
 def test_eager_under_disable_jit():
   params = _tree()
   with jax.disable_jit():
