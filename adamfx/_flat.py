@@ -73,18 +73,24 @@ def ravel_params(params: Any) -> tuple[dict[str, jax.Array], Callable[[Any], Any
     >>> unravel(optax.apply_updates(flat, updates))['b']
     Array([-0.01, -0.01, -0.01], dtype=float32)
   """
+  return _ravel(params, 'ravel_params')
+
+
+def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[Any], Any]]:
+  """:func:`ravel_params`, its errors naming ``caller``."""
   leaves, treedef = jax.tree.flatten(params)
   groups: dict[str, list[int]] = {}
   for i, leaf in enumerate(leaves):
     if not hasattr(leaf, 'dtype') or not hasattr(leaf, 'shape'):
       raise TypeError(
-          f'ravel_params needs array leaves; leaf {i} is {type(leaf).__name__}.'
+          f'{caller} needs array leaves; leaf {i} is {type(leaf).__name__}.'
       )
     if _sharded(leaf):
       raise ValueError(
-          f'ravel_params: leaf {i} (shape {tuple(leaf.shape)}) is sharded over'
+          f'{caller}: leaf {i} (shape {tuple(leaf.shape)}) is sharded over'
           f' {len(leaf.sharding.device_set)} devices; flattening would gather it.'
-          ' Keep sharded params as a tree.'
+          ' Keep sharded params as a tree'
+          + (' (the optimiser without pack_state).' if caller == 'pack_state' else '.')
       )
     groups.setdefault(jnp.dtype(leaf.dtype).name, []).append(i)
   shapes = [tuple(leaf.shape) for leaf in leaves]
@@ -166,12 +172,12 @@ def pack_state(
   """
 
   def init_fn(params):
-    flat, _ = ravel_params(params)
+    flat, _ = _ravel(params, 'pack_state')
     return inner.init(flat)
 
   def update_fn(updates, state, params=None, **extra_args):
-    flat, unravel = ravel_params(updates)
-    flat_params = None if params is None else ravel_params(params)[0]
+    flat, unravel = _ravel(updates, 'pack_state')
+    flat_params = None if params is None else _ravel(params, 'pack_state')[0]
     flat, state = optax.with_extra_args_support(inner).update(
         flat, state, flat_params, **extra_args
     )

@@ -247,6 +247,14 @@ def _worker():
                  'jit_update': _sharding_mismatches(flat, s),
                  'spec': str(flat['float32'].sharding.spec)}
 
+  # pack_state concatenates leaves: on sharded params it must refuse (a
+  # gather), not silently move the state to one layout.
+  try:
+    adamfx.pack_state(adamfx.adam(1e-2)).init(params)
+    res['pack_state_sharded'] = 'accepted'
+  except ValueError as e:
+    res['pack_state_sharded'] = str(e)
+
   # optax, for the report: where does jax.jit(optax.adam(...).init) put the state?
   st = jax.jit(optax.adam(1e-2).init)(params)
   res['optax']['jit_init_devices'] = sorted({
@@ -419,6 +427,12 @@ def test_zero1_matches_unsharded_and_splits_state(results, label):
   per_device = 2 * sum(expected.values()) + 1
   assert r['per_device'] == [per_device] * r['n_devices']
   assert r['total'] == 2 * (128 + 16 + 64 + 4 + 15 + 1) + 1
+
+
+def test_pack_state_refuses_sharded_params(results):
+  msg = results['pack_state_sharded']
+  assert msg.startswith('pack_state: leaf') and 'sharded over' in msg
+  assert 'without pack_state' in msg
 
 
 def test_zero1_over_two_axes(results):
