@@ -171,26 +171,6 @@ def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
   )
 
 
-def _m_hat(m, g, count, b1, b1c, bc1, nesterov: bool) -> jax.Array:
-  """The bias-corrected first moment (NAdam's look-ahead when ``nesterov``)."""
-  if nesterov:  # Dozat 2016, in optax's form.
-    bc1_next = 1 - _power(b1, optax.safe_increment(count), bc1.dtype)
-    return b1c * (m / bc1_next.astype(m.dtype)) + (1 - b1c) * (g / bc1.astype(m.dtype))
-  return m / bc1.astype(m.dtype)
-
-
-def _ratio(m_hat, v_hat, eps, eps_root, *, guard: bool) -> jax.Array:
-  """``m_hat / (sqrt(v_hat + eps_root) + eps)``, in optax's order.
-
-  With ``guard``, a zero denominator (``eps == eps_root == 0`` and every
-  gradient so far 0, where ``m_hat`` is 0 too) gives 0, not 0/0.
-  """
-  denom = jnp.sqrt(v_hat + eps_root) + eps
-  if guard:
-    denom = jnp.where(denom > 0, denom, 1)
-  return m_hat / denom.astype(m_hat.dtype)
-
-
 class _Scalars(NamedTuple):
   """The scalars of one step in one arithmetic dtype, shared by its leaves."""
 
@@ -376,14 +356,19 @@ def _moment_step(
   sq = jnp.square(absg * scale) if jnp.iscomplexobj(g) else jnp.square(g)
   m = (1 - b1c) * g + b1c * m
   v = (1 - _hp(b2, rdt)) * sq + b2r * v
-  m_hat = _m_hat(m, g, count, b1, b1c, bc1, nesterov)
+  if nesterov:  # Dozat 2016, in optax's form.
+    bc1_next = 1 - _power(b1, optax.safe_increment(count), rdt)
+    m_hat = b1c * (m / bc1_next.astype(cdt)) + (1 - b1c) * (g / bc1.astype(cdt))
+  else:
+    m_hat = m / bc1.astype(cdt)
   v_hat = v / bc2
   if amsgrad:
     v_hat = jnp.maximum(v_max * scale * scale, v_hat)
     v_max = v_hat
-  update = _ratio(
-      m_hat, v_hat, _hp(eps, rdt) * scale, _hp(eps_root, rdt) * scale * scale, guard=True
-  )
+  denom = jnp.sqrt(v_hat + _hp(eps_root, rdt) * scale * scale) + _hp(eps, rdt) * scale
+  # denom == 0 only when eps == eps_root == 0 and every gradient so far was 0,
+  # where m_hat is 0 too: return 0, not 0/0.
+  update = m_hat / jnp.where(denom > 0, denom, 1).astype(cdt)
 
   # What is stored must fit the state's dtype. Where the second moment would
   # not, scale this leaf element's history (m by c, v by c**2, c a power of
