@@ -98,6 +98,23 @@ def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
   return _fast.scale_by_learning_rate(learning_rate, traced)  # compiled when eager
 
 
+def _links(
+    scaling: optax.GradientTransformation,
+    learning_rate: ScalarOrSchedule,
+    decay: Optional[tuple[Any, Any]],
+) -> list[optax.GradientTransformation]:
+  """``scaling``, AdamW's decoupled decay if ``decay`` (``(weight_decay,
+  mask)``), then the learning rate: the links of the family's chains."""
+  links = [scaling]
+  if decay is not None:
+    weight_decay, mask = decay
+    if not callable(weight_decay):
+      _checks.check_non_negative('weight_decay', weight_decay)
+    links.append(_keep_dtypes(optax.add_decayed_weights(weight_decay, mask)))
+  links.append(_scale_by_learning_rate(learning_rate))
+  return links
+
+
 def _chain_learning_rate(
     scaling: optax.GradientTransformation,
     learning_rate: ScalarOrSchedule,
@@ -119,13 +136,7 @@ def _chain_learning_rate(
   chunk of leaves and one or two passes less over memory, with the chain's
   numbers.
   """
-  links = [scaling]
-  if decay is not None:
-    weight_decay, mask = decay
-    if not callable(weight_decay):
-      _checks.check_non_negative('weight_decay', weight_decay)
-    links.append(_keep_dtypes(optax.add_decayed_weights(weight_decay, mask)))
-  links.append(_scale_by_learning_rate(learning_rate))
+  links = _links(scaling, learning_rate, decay)
   chain = optax.chain(*links)
 
   def fused(updates, state, params):
@@ -322,10 +333,10 @@ def _moment_step(
   rdt = _numerics.real_dtype(cdt)
   _checks.check_decay_in_dtype('b1', b1, rdt)
   _checks.check_decay_in_dtype('b2', b2, rdt)
-  nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
   if not infinity_norm and _in_place(cdt, m.dtype, v.dtype):
     k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
     return _in_place_step(g.astype(cdt), m, v, v_max, k, nesterov=nesterov)
+  nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
   g = g.astype(cdt)
   m = m.astype(cdt)
   v = jnp.real(v).astype(rdt)
@@ -760,13 +771,7 @@ def _decoupled_decay_chain(
     mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """``scaling``, then AdamW's decoupled decay, then the learning rate."""
-  if not callable(weight_decay):
-    _checks.check_non_negative('weight_decay', weight_decay)
-  return optax.chain(
-      scaling,
-      _keep_dtypes(optax.add_decayed_weights(weight_decay, mask)),
-      _scale_by_learning_rate(learning_rate),
-  )
+  return optax.chain(*_links(scaling, learning_rate, (weight_decay, mask)))
 
 
 def scale_by_adamax(

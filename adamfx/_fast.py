@@ -176,13 +176,13 @@ def family_update(
   else:
     vm_leaves = [None] * len(g_leaves)
   static, dynamic = _split_hyperparams(hps)
-  lr_args = {} if lr is None else dict(lr_static=lr.static, lr_kind=lr.kind)
+  static_args = {} if lr is None else dict(lr_static=lr.static, lr_kind=lr.kind)
   lr_size = None if lr is None else lr.size
   if decay is not None:
     p_leaves = decay.params
     decay_on = decay.on
     decay_size = decay.size
-    lr_args['decay_static'] = decay.static
+    static_args['decay_static'] = decay.static
   else:
     p_leaves = decay_on = [None] * len(g_leaves)
     decay_size = None
@@ -197,7 +197,7 @@ def family_update(
     u, sub = _leaf_update(  # the same function; traced once per tree structure
         pick(g_leaves), pick(m_leaves), pick(v_leaves),
         pick(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
-        pick(p_leaves), decay_size, static=static, **flags, **lr_args,
+        pick(p_leaves), decay_size, static=static, **flags, **static_args,
         decay_mask=None if decay is None else tuple(bool(x) for x in pick(decay_on)),
     )
     count = sub.count
@@ -215,7 +215,7 @@ def family_update(
     u, sub = _leaf_update(
         take(g_leaves), take(m_leaves), take(v_leaves),
         take(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
-        take(p_leaves), decay_size, static=static, **flags, **lr_args,
+        take(p_leaves), decay_size, static=static, **flags, **static_args,
         decay_mask=None if decay is None else (bool(decay_on[chunk[0]]),) * len(chunk),
     )
     count = sub.count
