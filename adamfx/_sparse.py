@@ -56,7 +56,9 @@ class RowSparse:
     TypeError: if ``indices`` has a floating or complex dtype (an optax
       transformation that maps over every leaf, ``optax.scale`` say, was
       applied to a ``RowSparse`` and scaled its ids).
-    ValueError: if ``num_rows`` is negative or the shapes disagree.
+    ValueError: if ``num_rows`` is negative. (Shapes are checked where the
+      rows are used -- by the optimiser, :meth:`todense`, ``params + update``
+      -- since a tree map may build a ``RowSparse`` of other leaves.)
 
   Examples:
     >>> import jax.numpy as jnp
@@ -90,15 +92,6 @@ class RowSparse:
       )
     if not isinstance(num_rows, (int, np.integer)) or num_rows < 0:
       raise ValueError(f'RowSparse `num_rows` must be an int >= 0, got {num_rows!r}.')
-    ishape = getattr(indices, 'shape', None)
-    vshape = getattr(values, 'shape', None)
-    if ishape is not None and vshape is not None and (
-        len(ishape) != 1 or len(vshape) < 1 or vshape[0] != ishape[0]
-    ):
-      raise ValueError(
-          'RowSparse needs `indices` of shape [k] and `values` of shape'
-          f' [k, *row_shape], got {tuple(ishape)} and {tuple(vshape)}.'
-      )
     self.indices = indices
     self.values = values
     self.num_rows = int(num_rows)
@@ -163,7 +156,18 @@ def safe_ids(indices: jax.Array, num_rows: int) -> jax.Array:
   return jnp.where(valid, ids, jnp.asarray(num_rows, ids.dtype))
 
 
+def _check_shapes(update: RowSparse) -> None:
+  ishape = tuple(jnp.shape(update.indices))
+  vshape = tuple(jnp.shape(update.values))
+  if len(ishape) != 1 or len(vshape) < 1 or vshape[0] != ishape[0]:
+    raise ValueError(
+        'RowSparse needs `indices` of shape [k] and `values` of shape'
+        f' [k, *row_shape], got {ishape} and {vshape}.'
+    )
+
+
 def _scatter_add(dense: Any, update: RowSparse) -> jax.Array:
+  _check_shapes(update)
   dense = jnp.asarray(dense)
   if tuple(dense.shape) != update.shape:
     raise ValueError(
@@ -217,6 +221,10 @@ def _check_ids(path: Any, update: RowSparse) -> None:
 def _check_leaf(path: Any, update: RowSparse, ref: Any) -> None:
   """Checks a RowSparse gradient against the state leaf (shape, dtype)."""
   name = _checks._leaf_name(path)
+  try:
+    _check_shapes(update)
+  except ValueError as e:
+    raise ValueError(f'Gradient leaf {name}: {e}') from None
   shape = tuple(getattr(ref, 'shape', ()))
   if len(shape) < 1 or update.shape != shape:
     raise ValueError(
@@ -250,6 +258,17 @@ class LazyAdamState(NamedTuple):
   mu: optax.Updates
   nu: optax.Updates
   last_step: Optional[optax.Updates] = None
+
+
+def _row_zeros(p: Any) -> jax.Array:
+  """int32 zeros ``[num_rows]``, sharded as ``p``'s rows when ``p`` is sharded."""
+  z = jnp.zeros(p.shape[:1], jnp.int32)
+  sharding = getattr(p, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and not isinstance(p, jax.core.Tracer):
+    spec = tuple(sharding.spec)
+    z = jax.device_put(z, jax.sharding.NamedSharding(
+        sharding.mesh, jax.sharding.PartitionSpec(spec[0] if spec else None)))
+  return z
 
 
 def _store(m_new, v_new, m, v, count, i):
@@ -371,9 +390,7 @@ def scale_by_lazy_adam(
     base = _adam._family_init(params, None, None, False)
     last = None
     if catch_up:
-      last = jax.tree.map(
-          lambda p: jnp.zeros(p.shape[:1], jnp.int32) if p.ndim >= 1 else None, base.mu
-      )
+      last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, base.mu)
     return LazyAdamState(count=base.count, mu=base.mu, nu=base.nu, last_step=last)
 
   def update_fn(updates, state, params=None):
