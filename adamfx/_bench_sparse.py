@@ -130,11 +130,14 @@ def bench_sparse(preset_name: str, repeats: int, steps: int,
       runners.append(_torch_runner(table, ids, values))
     except ImportError:
       pass
+  # Steps per repeat: at least the preset's, and enough for ~0.2 s, so that a
+  # 2 ms step is not timed over three calls on a busy machine.
+  n_steps = {r.name: max(steps, min(200, int(0.2 / max(r.time(1), 1e-6)))) for r in runners}
   times = {r.name: [] for r in runners}
   for _ in range(repeats):
     for r in runners:
-      times[r.name].append(r.time(steps))
-  out = {'num_rows': num_rows, 'dim': dim, 'ids': k, 'repeats': repeats, 'steps': steps}
+      times[r.name].append(r.time(n_steps[r.name]))
+  out = {'num_rows': num_rows, 'dim': dim, 'ids': k, 'repeats': repeats, 'steps': n_steps}
   for r in runners:
     xs = times[r.name]
     out[r.name] = {

@@ -182,23 +182,28 @@ def _scatter_add(dense: Any, update: RowSparse) -> jax.Array:
 def coalesce(update: RowSparse) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Sums duplicate rows; returns ``(ids, values, valid)``, ``k`` entries each.
 
-  ``ids`` are sorted and unique; the entries past the distinct in-range ids
-  (and every out-of-range id) carry the id ``num_rows`` and ``valid`` False,
-  with zero values. The size stays ``k``, so this traces with static shapes.
+  Each distinct in-range id appears once in ``ids`` with the sum of its rows;
+  the other entries (later duplicates, out-of-range ids) carry the id
+  ``num_rows``, zero values and ``valid`` False. The size stays ``k``, so this
+  traces with static shapes.
+
+  One sort of the ids alone (a sort with a payload, or ``jnp.unique`` with an
+  inverse, is 6x slower on CPU), a binary search of each id's first
+  occurrence, and a segment sum.
   """
   ids = safe_ids(update.indices, update.num_rows)
   k = ids.shape[0]
+  values = jnp.asarray(update.values)
   if k == 0:
-    return ids, jnp.asarray(update.values), jnp.zeros([0], bool)
-  uids, inverse = jnp.unique(
-      ids, size=k, fill_value=update.num_rows, return_inverse=True
-  )
-  values = jax.ops.segment_sum(
-      jnp.asarray(update.values), inverse.reshape(-1), num_segments=k
-  )
-  valid = uids < update.num_rows
-  values = jnp.where(valid.reshape((k,) + (1,) * (values.ndim - 1)), values, 0)
-  return uids, values, valid
+    return ids, values, jnp.zeros([0], bool)
+  s = jax.lax.sort(ids)
+  first = jnp.concatenate([jnp.ones([1], bool), s[1:] != s[:-1]])
+  where = jnp.searchsorted(s, ids, side='left').astype(jnp.int32)
+  summed = jax.ops.segment_sum(values, where, num_segments=k)
+  valid = first & (s < update.num_rows)
+  out_ids = jnp.where(valid, s, jnp.asarray(update.num_rows, s.dtype))
+  summed = jnp.where(valid.reshape((k,) + (1,) * (values.ndim - 1)), summed, 0)
+  return out_ids, summed.astype(values.dtype), valid
 
 
 def _check_ids(path: Any, update: RowSparse) -> None:
@@ -302,8 +307,8 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   )
   m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
-  m = m.at[ids].set(m_new, mode='drop', indices_are_sorted=True)
-  v = v.at[ids].set(v_new, mode='drop', indices_are_sorted=True)
+  m = m.at[ids].set(m_new, mode='drop')
+  v = v.at[ids].set(v_new, mode='drop')
   return RowSparse(ids, u, g.num_rows), m, v, last
 
 
