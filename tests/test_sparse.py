@@ -550,3 +550,51 @@ def test_row_sharded_table_on_8_devices():
   assert out['mu'] == spec and out['nu'] == spec and out['init_mu'] == spec
   assert out['last'] == str(jax.sharding.PartitionSpec('rows'))
   assert out['n_shards'] == 8
+
+
+# ------------------------------------------------------- RowSparse itself
+
+
+def test_optax_inject_hyperparams_too():
+  p, _ = _train(optax.inject_hyperparams(adamfx.lazy_adam)(learning_rate=0.1), PARAMS)
+  p_inj, _ = _train(adamfx.inject_hyperparams(adamfx.lazy_adam)(learning_rate=0.1), PARAMS)
+  np.testing.assert_array_equal(p['t'], p_inj['t'])
+
+
+def test_todense_coalesce_and_norm_against_numpy():
+  hypothesis = pytest.importorskip('hypothesis')
+  st = pytest.importorskip('hypothesis.strategies')
+
+  dense = jax.jit(lambda g: g.todense())
+  parts = jax.jit(adamfx._sparse.coalesce)
+  norm = jax.jit(adamfx.sparse_global_norm)
+
+  @hypothesis.given(st.lists(st.integers(-3, 12), min_size=20, max_size=20), st.integers(0, 2**31))
+  def check(ids, seed):  # 20 ids (one compile), in and out of range, with duplicates
+    n = 10
+    vals = np.random.default_rng(seed).normal(size=(len(ids), 2)).astype(np.float32)
+    want = np.zeros((n, 2), np.float64)
+    for i, v in zip(ids, vals):
+      if 0 <= i < n:
+        want[i] += v
+    g = RowSparse(jnp.asarray(ids, jnp.int32).reshape(-1), jnp.asarray(vals).reshape(-1, 2), n)
+    np.testing.assert_allclose(dense(g), want, rtol=1e-6, atol=1e-6)
+    ids_c, vals_c, valid = parts(g)
+    kept = np.asarray(ids_c)[np.asarray(valid)]
+    assert sorted(kept.tolist()) == sorted({i for i in ids if 0 <= i < n})
+    np.testing.assert_allclose(np.asarray(vals_c)[np.asarray(valid)], want[kept], rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(norm(g), np.sqrt((want**2).sum()),
+                               rtol=1e-5, atol=1e-6)
+
+  check()
+
+
+def test_sparse_bench_case_runs():
+  from adamfx import _bench_sparse
+
+  r = _bench_sparse.bench_sparse('tiny', repeats=1, steps=1)
+  for name in ('dense', 'lazy'):
+    assert r[name]['ms']['median'] > 0
+  assert r['dense_over_lazy']['median'] > 0
+  assert 'sparse:' in _bench_sparse.format_sparse(r)
