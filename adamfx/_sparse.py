@@ -312,11 +312,6 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   return RowSparse(ids, u, g.num_rows), m, v, last
 
 
-def _split(tree: Any, is_leaf=_is_leaf):
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=is_leaf)
-  return leaves, treedef
-
-
 def scale_by_lazy_adam(
     b1: float = 0.9,
     b2: float = 0.999,

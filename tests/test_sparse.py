@@ -221,6 +221,12 @@ def test_lazy_adamw_decays_touched_rows_and_dense_leaves_as_adamw():
   assert not np.delete(dense, 4, axis=0).any()  # untouched rows: no decay
   with pytest.raises(TypeError, match='weight_decay'):
     adamfx.lazy_adamw(0.1, weight_decay=optax.constant_schedule(0.1))
+  # A mask (tree or function of the params) keeps the table undecayed.
+  for mask in ({'t': False, 'w': True}, lambda p: {'t': False, 'w': True}):
+    tx = adamfx.lazy_adamw(0.1, weight_decay=0.5, mask=mask)
+    u, _ = jax.jit(tx.update)(g, tx.init(p), p)
+    np.testing.assert_allclose(u['t'].todense()[4], -0.1, rtol=1e-5)
+    np.testing.assert_array_equal(u['w'], uw['w'])
 
 
 # --------------------------------------------------------------- bad input
