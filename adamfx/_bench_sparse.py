@@ -79,7 +79,7 @@ def _torch_runner(table, ids, values):
   p = torch.nn.Parameter(torch.from_numpy(np.array(table)))
   p.grad = torch.sparse_coo_tensor(
       torch.from_numpy(np.asarray(ids, np.int64))[None],
-      torch.from_numpy(np.array(values)), tuple(p.shape),
+      torch.from_numpy(np.array(values)), tuple(p.shape), check_invariants=True,
   )
   opt = torch.optim.SparseAdam([p], lr=1e-3)
   opt.step()

@@ -103,7 +103,8 @@ def test_matches_torch_sparse_adam_with_duplicates(x64):
   for i, g in zip(ids, vals):
     opt.zero_grad()
     p.grad = torch.sparse_coo_tensor(
-        torch.from_numpy(i.astype(np.int64))[None], torch.from_numpy(g), (V, D))
+        torch.from_numpy(i.astype(np.int64))[None], torch.from_numpy(g), (V, D),
+        check_invariants=True)
     opt.step()
   got, _ = run_lazy(adamfx.lazy_adam(0.02, eps=0.0), jnp.asarray(table0), ids, vals)
   np.testing.assert_allclose(got, p.detach().numpy(), rtol=1e-11, atol=1e-13)
@@ -119,7 +120,7 @@ def test_matches_torch_sparse_adam_float32_default_eps():
     opt.zero_grad()
     p.grad = torch.sparse_coo_tensor(
         torch.from_numpy(i.astype(np.int64))[None], torch.from_numpy(g.astype(np.float32)),
-        (V, D))
+        (V, D), check_invariants=True)
     opt.step()
   got, _ = run_lazy(adamfx.lazy_adam(0.01), jnp.asarray(table0), ids, vals.astype(np.float32))
   # float32, 25 steps of |update| ~ lr, each within a few ulps of the other
