@@ -352,6 +352,17 @@ def test_multi_transform_sparse_and_dense_members():
   np.testing.assert_array_equal(p['t'], p_lazy['t'])
 
 
+def test_apply_if_finite_skips_a_nan_row_step():
+  tx = optax.apply_if_finite(adamfx.lazy_adam(0.1), 3)
+  p = {'t': jnp.zeros((V, D))}
+  s = tx.init(p)
+  bad = {'t': RowSparse(jnp.array([1]), jnp.full((1, D), jnp.nan), V)}
+  u, s = jax.jit(tx.update)(bad, s, p)
+  np.testing.assert_array_equal(optax.apply_updates(p, u)['t'], p['t'])
+  assert int(s.notfinite_count) == 1
+  assert not np.isnan(np.asarray(s.inner_state[0].mu['t'])).any()
+
+
 def test_donated_step_updates_in_place():
   tx = adamfx.lazy_adam(0.1)
   table = jnp.zeros((V, D))
