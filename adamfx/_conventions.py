@@ -129,10 +129,23 @@ def _init(params: optax.Params, amsgrad: bool) -> FrameworkAdamState:
   )
 
 
+def _host(fn, *values) -> Any:
+  """``fn(*values)`` in Python (double) arithmetic when all are concrete
+  numbers, as torch and Keras compute ``1 - beta`` and ``1 - lr * wd``;
+  ``None`` for traced values (computed in the arithmetic dtype instead)."""
+  xs = [_checks._concrete_number(v) for v in values]
+  return None if any(x is None for x in xs) else fn(*xs)
+
+
 def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
-  """One leaf of one step; returns ``(update, m, v, vm)``. ``t`` is 1-based."""
+  """One leaf of one step; returns ``(update, m, v, vm)``. ``t`` is 1-based.
+
+  With decoupled decay the new param is computed in the framework's order
+  and the update is ``new - p``: exact (Sterbenz) wherever the step is less
+  than half of ``|p|``, so ``p + update`` is the framework's number.
+  """
   cdt = m.dtype
-  b1, b2, eps = scalars
+  b1, b2, eps, one_minus_b1, one_minus_b2, decay_factor = scalars
   g = g.astype(cdt)
   if cfg.maximize:
     g = -g
@@ -145,24 +158,28 @@ def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   g = jnp.clip(g, -limit, limit)
   one = jnp.ones((), cdt)
   if cfg.convention == 'torch':
-    m = m + (one - b1) * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
-    v = v * b2 + (one - b2) * (g * g)  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+    m = m + one_minus_b1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
+    v = v * b2 + one_minus_b2 * (g * g)  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
     if vm is not None:
       vm = jnp.maximum(vm, v)
     bc1 = one - b1**t
     bc2_sqrt = jnp.sqrt(one - b2**t)
     step_size = lr / bc1
     denom = jnp.sqrt(v if vm is None else vm) / bc2_sqrt + eps
-    update = -step_size * m / denom
+    update = (-step_size * m) / denom  # param.addcdiv_(exp_avg, denom, -step_size)
+    if cfg.decoupled is not None:  # param.mul_(1 - lr * weight_decay) first
+      update = (pc * decay_factor + update) - pc
   else:
     alpha = lr * jnp.sqrt(one - b2**t) / (one - b1**t)
-    m = m + (g - m) * (one - b1)
-    v = v + (g * g - v) * (one - b2)
+    m = m + (g - m) * one_minus_b1
+    v = v + (g * g - v) * one_minus_b2
     if vm is not None:
       vm = jnp.maximum(vm, v)
-    update = -(m * alpha) / (jnp.sqrt(v if vm is None else vm) + eps)
-  if cfg.decoupled is not None:
-    update = update - lr * _as(cfg.decoupled, cdt) * pc
+    delta = (m * alpha) / (jnp.sqrt(v if vm is None else vm) + eps)
+    if cfg.decoupled is not None:  # variable - variable * wd * lr first
+      update = ((pc - pc * _as(cfg.decoupled, cdt) * lr) - delta) - pc
+    else:
+      update = -delta
   return update, m, v, vm
 
 
@@ -196,10 +213,23 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
         for name in ('b1', 'b2'):
           _checks.check_decay_in_dtype(name, getattr(cfg, name), cdt)
         t = count.astype(cdt)
+        b1, b2, lr = _as(cfg.b1, cdt), _as(cfg.b2, cdt), _as(lr_value, cdt)
+        one = jnp.ones((), cdt)
+        omb1 = _host(lambda b: 1 - b, cfg.b1)
+        omb2 = _host(lambda b: 1 - b, cfg.b2)
+        factor = None
+        if cfg.decoupled is not None:
+          factor = _host(lambda r, w: 1 - r * w, lr_value, cfg.decoupled)
+          factor = one - lr * _as(cfg.decoupled, cdt) if factor is None else _as(factor, cdt)
         cache[cdt] = (
-            (_as(cfg.b1, cdt), _as(cfg.b2, cdt), _as(cfg.eps, cdt)),
+            (
+                b1, b2, _as(cfg.eps, cdt),
+                one - b1 if omb1 is None else _as(omb1, cdt),
+                one - b2 if omb2 is None else _as(omb2, cdt),
+                factor,
+            ),
             t,
-            _as(lr_value, cdt),
+            lr,
         )
       return cache[cdt]
 
@@ -209,8 +239,8 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
         for out in (out_u, out_m, out_v, out_vm):
           out.append(None)
         continue
-      (b1, b2, eps), t, lr = scalars_for(m.dtype)
-      u, m, v, vm = _leaf_step(cfg, g, p, m, v, vm, t, lr, (b1, b2, eps))
+      scalars, t, lr = scalars_for(m.dtype)
+      u, m, v, vm = _leaf_step(cfg, g, p, m, v, vm, t, lr, scalars)
       out_u.append(u.astype(g.dtype))
       out_m.append(m)
       out_v.append(v)
