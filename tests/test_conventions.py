@@ -155,8 +155,16 @@ def test_torch_differs_from_optax_where_documented():
 
 @pytest.fixture(scope='module')
 def keras():
+  # Keras 3 picks its backend once, on import; only this import sees the variable.
+  before = os.environ.get('KERAS_BACKEND')
   os.environ['KERAS_BACKEND'] = 'jax'
-  keras = pytest.importorskip('keras')
+  try:
+    keras = pytest.importorskip('keras')
+  finally:
+    if before is None:
+      del os.environ['KERAS_BACKEND']
+    else:
+      os.environ['KERAS_BACKEND'] = before
   if keras.backend.backend() != 'jax':
     pytest.skip('keras was imported with another backend')
   return keras
