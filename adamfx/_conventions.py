@@ -210,8 +210,9 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
 
     def scalars_for(cdt):
       if cdt not in cache:
-        for name in ('b1', 'b2'):
-          _checks.check_decay_in_dtype(name, getattr(cfg, name), cdt)
+        names = ('beta1', 'beta2') if cfg.convention == 'torch' else ('beta_1', 'beta_2')
+        for name, value in zip(names, (cfg.b1, cfg.b2)):
+          _checks.check_decay_in_dtype(name, value, cdt)
         t = count.astype(cdt)
         b1, b2, lr = _as(cfg.b1, cdt), _as(cfg.b2, cdt), _as(lr_value, cdt)
         one = jnp.ones((), cdt)

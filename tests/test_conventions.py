@@ -277,6 +277,12 @@ def test_bad_arguments(make, match):
     make()
 
 
+def test_decay_that_rounds_to_one_in_float32():
+  tx = adamfx.torch_adam(betas=(0.9, 1 - 1e-9))
+  with pytest.raises(ValueError, match=r'`beta2` = 0.999999999 rounds to 1.0 in float32'):
+    tx.update(jnp.ones(2), tx.init(jnp.ones(2)))
+
+
 def test_needs_params_for_weight_decay_and_real_leaves():
   tx = adamfx.torch_adamw()
   g = {'w': jnp.ones(3)}
