@@ -36,6 +36,7 @@ and Keras freezes the parameter for good.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 from typing import NamedTuple
 from typing import Optional
@@ -137,6 +138,23 @@ def _host(fn, *values) -> Any:
   return None if any(x is None for x in xs) else fn(*xs)
 
 
+def _bias_correction(value: Any, b: jax.Array, t: jax.Array) -> jax.Array:
+  """torch's ``1 - beta**step``, which torch computes in Python doubles.
+
+  In float64 (and for traced betas) the same operations. In float32, ``1 -
+  float32(beta)**t`` would be off by up to 1e-5 relative (float32(0.999) is
+  0.999 + 1.3e-8, and the subtraction cancels): ``-expm1(t * log(beta))``,
+  with the log taken in double, is within a few float32 ulps of torch's
+  double value instead.
+  """
+  x = _checks._concrete_number(value)
+  if x is None or jnp.finfo(b.dtype).bits >= 64:
+    return jnp.ones((), b.dtype) - b**t
+  if x == 0.0:
+    return jnp.where(t > 0, jnp.ones((), b.dtype), jnp.zeros((), b.dtype))
+  return -jnp.expm1(t * jnp.asarray(math.log(x), b.dtype))
+
+
 def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   """One leaf of one step; returns ``(update, m, v, vm)``. ``t`` is 1-based.
 
@@ -145,7 +163,7 @@ def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   than half of ``|p|``, so ``p + update`` is the framework's number.
   """
   cdt = m.dtype
-  b1, b2, eps, one_minus_b1, one_minus_b2, decay_factor = scalars
+  b1, b2, eps, one_minus_b1, one_minus_b2, decay_factor, bc1, bc2 = scalars
   g = g.astype(cdt)
   if cfg.maximize:
     g = -g
@@ -159,11 +177,10 @@ def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   one = jnp.ones((), cdt)
   if cfg.convention == 'torch':
     m = m + one_minus_b1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
-    v = v * b2 + one_minus_b2 * (g * g)  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+    v = v * b2 + (one_minus_b2 * g) * g  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
     if vm is not None:
       vm = jnp.maximum(vm, v)
-    bc1 = one - b1**t
-    bc2_sqrt = jnp.sqrt(one - b2**t)
+    bc2_sqrt = jnp.sqrt(bc2)
     step_size = lr / bc1
     denom = jnp.sqrt(v if vm is None else vm) / bc2_sqrt + eps
     update = (-step_size * m) / denom  # param.addcdiv_(exp_avg, denom, -step_size)
@@ -228,6 +245,8 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
                 one - b1 if omb1 is None else _as(omb1, cdt),
                 one - b2 if omb2 is None else _as(omb2, cdt),
                 factor,
+                _bias_correction(cfg.b1, b1, t),
+                _bias_correction(cfg.b2, b2, t),
             ),
             t,
             lr,
