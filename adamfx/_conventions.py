@@ -17,8 +17,9 @@ AMSGrad                   max of the raw ``v``, then      max of the raw ``v``
 
 Each builder here takes its framework's argument names and defaults and
 computes the step in that framework's order of operations, so a run ported
-from torch (float64: to the last bits; float32: to float32 rounding) or Keras
-follows the same trajectory. The state, :class:`FrameworkAdamState`, is a
+from torch (float64: ~1e-15 relative; float32: a few ulps, torch's bias
+corrections being doubles) or Keras (float32: one ulp) follows the same
+trajectory. The state, :class:`FrameworkAdamState`, is a
 NamedTuple of arrays shaped like the params, so it jits, shards (each moment
 follows its param's sharding) and checkpoints like the rest of adamfx; torch
 optimiser state converts to and from it with :func:`adamfx.from_torch_state`
