@@ -43,6 +43,11 @@ def _to_numpy(value: Any, what: str) -> np.ndarray:
     raise TypeError(f'{what} is not an array or torch tensor: {value!r}.') from e
 
 
+def _dtype_of(p: Any) -> np.dtype:
+  dtype = getattr(p, 'dtype', None)
+  return np.dtype(np.result_type(p) if dtype is None else dtype)
+
+
 def _torch_indices(state_dict: Mapping[str, Any]) -> list[Any]:
   if not isinstance(state_dict, Mapping) or 'state' not in state_dict:
     raise TypeError(
@@ -118,7 +123,7 @@ def from_torch_state(
   for k, (index, (path, p)) in enumerate(zip(indices, leaves_with_path)):
     name = _checks._leaf_name(path)
     p_shape = tuple(np.shape(p))
-    p_dtype = np.dtype(getattr(p, 'dtype', None) or np.result_type(p))
+    p_dtype = _dtype_of(p)
     cdt = _numerics.compute_dtype(p_dtype)
     if target is not None:
       cdt = jax.tree.leaves(target.mu)[k].dtype
@@ -270,7 +275,7 @@ def to_torch_state(
   count = float(np.asarray(jax.device_get(s.count)))
   out = {}
   for k, (index, (path, p)) in enumerate(zip(indices, leaves_with_path)):
-    p_dtype = np.dtype(getattr(p, 'dtype', None) or np.result_type(p))
+    p_dtype = _dtype_of(p)
     entry = {'step': torch.tensor(count)}
     for key, leaves in flat.items():
       arr = np.asarray(jax.device_get(leaves[k]))
