@@ -57,7 +57,8 @@ def ema_params(
   with :math:`\beta` = ``decay``. ``debias=True`` (the paper, section 7.2)
   starts from :math:`\bar\theta_0 = 0` and divides by :math:`1 - \beta^t`;
   ``debias=False`` starts from the initial params and does not divide (the
-  convention of Keras's ``use_ema``, ``flax.nnx.EMA`` and Levanter).
+  convention of ``flax.nnx.EMA`` and Levanter; Keras's ``use_ema`` differs
+  in its first update only, which sets the average to the params).
 
   Args:
     tx: any optax transformation (a chain, an adamfx or optax optimiser).
