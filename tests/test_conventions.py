@@ -330,9 +330,8 @@ def test_needs_params_for_weight_decay_and_real_leaves():
     lambda: adamfx.keras_adam(1e-2), lambda: adamfx.keras_adamw(1e-2, amsgrad=True),
 ])
 def test_contract(make):
-  """jit once, bfloat16 params (float32 moments), None leaves, traced
-  hyperparameters, and the no-freeze clip; optax's adam as the reference
-  where the conventions agree (no decay, no amsgrad difference while v grows)."""
+  """jit once, bfloat16 params (float32 moments), None leaves, the no-freeze
+  clip, vmap, empty trees and a float16 step."""
   tx = make()
   params = {'a': jnp.ones(4, jnp.bfloat16), 'b': None, 'c': jnp.zeros((2, 3))}
   state = tx.init(params)
@@ -351,6 +350,15 @@ def test_contract(make):
   u, state = step(g, state, params)
   assert bool(jnp.all(jnp.isfinite(state.nu['c'])))
   assert bool(jnp.all(u['c'] != 0))
+  # vmap over a batch of params, and an empty tree.
+  batch = jnp.ones((3, 4))
+  u, _ = jax.vmap(tx.update)(batch, jax.vmap(tx.init)(batch), batch)
+  assert u.shape == (3, 4) and bool(jnp.all(jnp.isfinite(u)))
+  assert tx.update({}, tx.init({}), {})[0] == {}
+  # float16 params: a gradient of 1e4 squares past float16's range, not float32's.
+  p16 = jnp.ones(2, jnp.float16)
+  u, s16 = tx.update(jnp.full(2, 1e4, jnp.float16), tx.init(p16), p16)
+  assert u.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(u))) and bool(jnp.all(u < 0))
 
 
 def _five_steps(tx, p):
