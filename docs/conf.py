@@ -36,7 +36,9 @@ templates_path = ['_templates']
 
 # -- API reference: autosummary pages from the docstrings (Google style, via napoleon).
 autosummary_generate = True
-autodoc_typehints = 'description'
+# The docstrings' Args say each type and range; optax's type aliases expanded in full are
+# unreadable (ScalarOrSchedule becomes a line of unions).
+autodoc_typehints = 'none'
 autodoc_member_order = 'bysource'
 autodoc_default_options = {'members': False}
 napoleon_google_docstring = True

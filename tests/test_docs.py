@@ -36,7 +36,7 @@ def test_every_public_name_is_in_the_api_reference():
 
 def test_landing_page_reaches_every_page():
   index = (DOCS / 'index.md').read_text()
-  # The guides and notebooks are globbed into the toctree, so a new file is listed by itself.
+  # The guides and notebooks are globbed into the toctree too, so a new file is listed by itself.
   for entry in ('getting_started', 'guides/*', 'notebooks/*', 'api', 'references'):
     assert re.search(rf'^{re.escape(entry)}$', index, re.M), f'{entry} missing from index.md'
   notebooks = DOCS / 'notebooks'
