@@ -71,4 +71,5 @@ nb_merge_streams = True
 # -- HTML.
 html_theme = 'furo'
 html_title = f'adamfx {version}'
-html_static_path = []
+html_static_path = ['_static']
+html_css_files = ['custom.css']
