@@ -10,7 +10,8 @@ executed by myst-nb and rendered with their figures; results are cached in
 import os
 import sys
 
-sys.path.insert(0, os.path.abspath('..'))
+DOCS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(DOCS))
 
 import adamfx  # noqa: E402
 
@@ -62,7 +63,7 @@ nitpick_ignore_regex = [
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'deflist']
 myst_heading_anchors = 3
 nb_execution_mode = 'cache'
-nb_execution_cache_path = '_build/.jupyter_cache'
+nb_execution_cache_path = os.path.join(DOCS, '_build', '.jupyter_cache')  # not cwd-relative
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
