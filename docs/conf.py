@@ -50,13 +50,7 @@ napoleon_use_rtype = False
 # offline) are accepted as plain text; every adamfx name and every page link must resolve.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r'py:.*', r'(jax|jaxlib|optax|numpy|np|jnp|chex|orbax|typing|collections|os|pathlib)(\..*)?'),
-    (r'py:.*', r'(Any|Callable|Sequence|Mapping|Optional|Union|NamedTuple|Iterable)'),
-    (r'py:class', r'(int|float|bool|str|bytes|tuple|list|dict|None|object|type)'),
-    (r'py:class', r'(Array|ArrayLike|ArrayTree|PyTree|DTypeLike|Params|Schedule|ScalarOrSchedule)'),
-    (r'py:class', r'(ndarray|Sharding|NamedSharding|Mesh|ShapeDtypeStruct|PartitionSpec)'),
-    (r'py:class', r'(GradientTransformation|GradientTransformationExtraArgs|OptState|Updates)'),
-    (r'py:class', r'(array-like|optional|callable|pytree|tree|number)'),
+    (r'py:.*', r'(jax|jaxlib|optax|numpy|chex|orbax)(\..*)?'),
 ]
 
 # -- MyST and notebooks.
