@@ -11,12 +11,20 @@ from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
 from adamfx._adam import scale_by_adamax
+from adamfx._averaging import EmaParamsState
+from adamfx._averaging import averaged_params
+from adamfx._averaging import ema_params
 from adamfx._checkpoint import CheckpointError
 from adamfx._checkpoint import convert_state
 from adamfx._checkpoint import restore_npz
 from adamfx._checkpoint import restore_orbax
 from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
+from adamfx._conventions import FrameworkAdamState
+from adamfx._conventions import keras_adam
+from adamfx._conventions import keras_adamw
+from adamfx._conventions import torch_adam
+from adamfx._conventions import torch_adamw
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
 from adamfx._flat import pack_state
@@ -27,12 +35,16 @@ from adamfx._quant import adamw8bit
 from adamfx._quant import scale_by_adam8bit
 from adamfx._sharding import state_layout
 from adamfx._sharding import zero1_shardings
+from adamfx._torch_state import from_torch_state
+from adamfx._torch_state import to_torch_state
 
 __version__ = "0.1.0"
 
 __all__ = (
     "AdamState",
     "CheckpointError",
+    "EmaParamsState",
+    "FrameworkAdamState",
     "QuantizedArray",
     "ScaleByAdamState",
     "adam",
@@ -43,8 +55,13 @@ __all__ = (
     "adamw",
     "adamw8bit",
     "amsgrad",
+    "averaged_params",
     "convert_state",
+    "ema_params",
+    "from_torch_state",
     "inject_hyperparams",
+    "keras_adam",
+    "keras_adamw",
     "nadam",
     "nadamw",
     "pack_state",
@@ -57,5 +74,8 @@ __all__ = (
     "scale_by_adam8bit",
     "scale_by_adamax",
     "state_layout",
+    "to_torch_state",
+    "torch_adam",
+    "torch_adamw",
     "zero1_shardings",
 )
