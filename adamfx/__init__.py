@@ -11,12 +11,20 @@ from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
 from adamfx._adam import scale_by_adamax
+from adamfx._averaging import EmaParamsState
+from adamfx._averaging import averaged_params
+from adamfx._averaging import ema_params
 from adamfx._checkpoint import CheckpointError
 from adamfx._checkpoint import convert_state
 from adamfx._checkpoint import restore_npz
 from adamfx._checkpoint import restore_orbax
 from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
+from adamfx._conventions import FrameworkAdamState
+from adamfx._conventions import keras_adam
+from adamfx._conventions import keras_adamw
+from adamfx._conventions import torch_adam
+from adamfx._conventions import torch_adamw
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
 from adamfx._flat import pack_state
@@ -36,12 +44,16 @@ from adamfx._sparse_clip import sparse_clip_by_global_norm
 from adamfx._sparse_clip import sparse_global_norm
 from adamfx._sparse_grad import row_sparse_grad
 from adamfx._sparse_grad import value_and_row_sparse_grad
+from adamfx._torch_state import from_torch_state
+from adamfx._torch_state import to_torch_state
 
 __version__ = "0.1.0"
 
 __all__ = (
     "AdamState",
     "CheckpointError",
+    "EmaParamsState",
+    "FrameworkAdamState",
     "LazyAdamState",
     "QuantizedArray",
     "RowSparse",
@@ -54,8 +66,13 @@ __all__ = (
     "adamw",
     "adamw8bit",
     "amsgrad",
+    "averaged_params",
     "convert_state",
+    "ema_params",
+    "from_torch_state",
     "inject_hyperparams",
+    "keras_adam",
+    "keras_adamw",
     "lazy_adam",
     "lazy_adamw",
     "nadam",
@@ -74,6 +91,9 @@ __all__ = (
     "sparse_clip_by_global_norm",
     "sparse_global_norm",
     "state_layout",
+    "to_torch_state",
+    "torch_adam",
+    "torch_adamw",
     "value_and_row_sparse_grad",
     "zero1_shardings",
 )

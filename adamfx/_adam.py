@@ -797,7 +797,7 @@ def scale_by_adamax(
   Args:
     b1: decay of the first moment, in [0, 1); default 0.9.
     b2: decay of the infinity norm, in [0, 1); default 0.999.
-    eps: added to |g| (as optax does), >= 0; default 1e-8.
+    eps: added to ``|g|`` (as optax does), >= 0; default 1e-8.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an :class:`AdamState`.
@@ -848,7 +848,7 @@ def adamax(
     learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
     b1: decay of the first moment, in [0, 1); default 0.9.
     b2: decay of the infinity norm, in [0, 1); default 0.999.
-    eps: added to |g|, >= 0; default 1e-8.
+    eps: added to ``|g|``, >= 0; default 1e-8.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
