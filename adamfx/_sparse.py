@@ -38,7 +38,7 @@ class RowSparse:
   Row ``indices[i]`` of the dense array holds ``values[i]``; rows not listed
   are zero. Duplicate ids mean a sum (as ``torch.sparse`` coalesces). Ids
   outside ``[0, num_rows)`` (a padding id of -1, an id from a larger
-  vocabulary) refer to no row: :meth:`todense` and ``params + update`` drop
+  vocabulary) refer to no row: ``todense()`` and ``params + update`` drop
   them, never wrapping around to the last row nor writing past the end
   (:func:`lazy_adam` called eagerly refuses them with a ``ValueError``).
 
@@ -57,7 +57,7 @@ class RowSparse:
       transformation that maps over every leaf, ``optax.scale`` say, was
       applied to a ``RowSparse`` and scaled its ids).
     ValueError: if ``num_rows`` is negative. (Shapes are checked where the
-      rows are used -- by the optimiser, :meth:`todense`, ``params + update``
+      rows are used -- by the optimiser, ``todense()``, ``params + update``
       -- since a tree map may build a ``RowSparse`` of other leaves.)
 
   Examples:
