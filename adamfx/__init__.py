@@ -35,6 +35,15 @@ from adamfx._quant import adamw8bit
 from adamfx._quant import scale_by_adam8bit
 from adamfx._sharding import state_layout
 from adamfx._sharding import zero1_shardings
+from adamfx._sparse import LazyAdamState
+from adamfx._sparse import RowSparse
+from adamfx._sparse import lazy_adam
+from adamfx._sparse import lazy_adamw
+from adamfx._sparse import scale_by_lazy_adam
+from adamfx._sparse_clip import sparse_clip_by_global_norm
+from adamfx._sparse_clip import sparse_global_norm
+from adamfx._sparse_grad import row_sparse_grad
+from adamfx._sparse_grad import value_and_row_sparse_grad
 from adamfx._torch_state import from_torch_state
 from adamfx._torch_state import to_torch_state
 
@@ -45,7 +54,9 @@ __all__ = (
     "CheckpointError",
     "EmaParamsState",
     "FrameworkAdamState",
+    "LazyAdamState",
     "QuantizedArray",
+    "RowSparse",
     "ScaleByAdamState",
     "adam",
     "adam_diagnostics",
@@ -62,20 +73,27 @@ __all__ = (
     "inject_hyperparams",
     "keras_adam",
     "keras_adamw",
+    "lazy_adam",
+    "lazy_adamw",
     "nadam",
     "nadamw",
     "pack_state",
     "ravel_params",
     "restore_npz",
     "restore_orbax",
+    "row_sparse_grad",
     "save_npz",
     "save_orbax",
     "scale_by_adam",
     "scale_by_adam8bit",
     "scale_by_adamax",
+    "scale_by_lazy_adam",
+    "sparse_clip_by_global_norm",
+    "sparse_global_norm",
     "state_layout",
     "to_torch_state",
     "torch_adam",
     "torch_adamw",
+    "value_and_row_sparse_grad",
     "zero1_shardings",
 )

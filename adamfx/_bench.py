@@ -44,7 +44,7 @@ PRESETS = {
                  axpy=1 << 25, repeats=7, steps=5),
 }
 MODES = ('jit+donate', 'jit', 'eager')
-CASES = ('large', 'transformer', 'tiny', 'mixed')
+CASES = ('large', 'transformer', 'tiny', 'mixed', 'sparse')  # sparse: adamfx._bench_sparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -313,7 +313,7 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
 
   trees = _trees(preset)
   plan = []
-  for case in cases:
+  for case in [c for c in cases if c != 'sparse']:
     for mode in modes:
       plan.append((case, mode, False))
       if flat and case in ('tiny', 'transformer'):
@@ -367,10 +367,14 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
     row['adamfx_frac_limit'] = row['adamfx_gbs'] / bw['limit_gbs']
     rows.append(row)
     del runners
+  sparse = None
+  if 'sparse' in cases:  # the embedding-table case (issue 10): its own columns
+    from adamfx import _bench_sparse
+    sparse = _bench_sparse.bench_sparse(preset_name, preset['repeats'], preset['steps'], torch_cols)
   tick(total, total, 'done')
   return {
       'preset': preset_name, 'sizes': preset, 'bandwidth': bw, 'rows': rows,
-      'machine': _machine(),
+      'sparse': sparse, 'machine': _machine(),
       'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
   }
 
@@ -445,6 +449,9 @@ def format_table(result: dict[str, Any]) -> str:
         f' {r["adamfx_gbs"]:.1f} ({100 * r["adamfx_frac_limit"]:.0f}%) | {comp} | {mem} |'
         f' {", ".join(other)} |'
     )
+  if result.get('sparse'):
+    from adamfx import _bench_sparse
+    lines.append(_bench_sparse.format_sparse(result['sparse']))
   lines.append('')
   lines.append(f'peak RSS {result["peak_rss_mib"]:.0f} MiB. "new MiB": bytes a compiled step'
                ' allocates beyond its donated inputs (outputs - aliased + temporaries).')

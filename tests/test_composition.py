@@ -72,6 +72,10 @@ TABLE = [
     # optax has no nu_dtype: the reference is optax.adam with float32 nu.
     Member('adam_nu_bf16', lambda: adamfx.adam(LR, nu_dtype=jnp.bfloat16),
            lambda: optax.adam(LR), nu_dtype=jnp.bfloat16, rtol=2e-2, atol=2e-4),
+    Member('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR)),
+    Member('lazy_adam_catch_up', lambda: adamfx.lazy_adam(LR, catch_up=True), lambda: optax.adam(LR)),
+    Member('lazy_adamw', lambda: adamfx.lazy_adamw(LR, weight_decay=0.1),
+           lambda: optax.adamw(LR, weight_decay=0.1)),
 ]
 table = pytest.mark.parametrize('member', TABLE, ids=[m.name for m in TABLE])
 _BY_NAME = {m.name: m for m in TABLE}
@@ -233,8 +237,8 @@ def _set_counts(state, value):
 
 
 def _adam_states(state):
-  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, adamfx.AdamState))
-          if isinstance(s, adamfx.AdamState)]
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, (adamfx.AdamState, adamfx.LazyAdamState)))
+          if isinstance(s, (adamfx.AdamState, adamfx.LazyAdamState))]
 
 
 @table
