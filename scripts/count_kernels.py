@@ -74,7 +74,7 @@ def main() -> None:
       'adamfx.adam bf16 state': adamfx.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
       'adamfx.adam8bit': adamfx.adam8bit(1e-3, min_8bit_size=256),
   }
-  print('| optimiser | layout | fusions (loop/input/output) | other kernels | total |')
+  print('| optimiser | layout | fusions (by kind) | other kernels | total |')
   print('|---|---|---|---|---|')
   for name, tx in contenders.items():
     for flat in (False, True):
@@ -84,8 +84,8 @@ def main() -> None:
       fus = {k.split(':')[1]: v for k, v in ops.items() if k.startswith('fusion:')}
       other = {k: v for k, v in ops.items() if not k.startswith('fusion:')}
       total = sum(ops.values())
-      print(f'| {name} | {"flat" if flat else "tree"} | {sum(fus.values())}'
-            f' ({fus.get("loop", 0)}/{fus.get("input", 0)}/{fus.get("output", 0)}) |'
+      kinds = ', '.join(f'{k} {v}' for k, v in sorted(fus.items()))
+      print(f'| {name} | {"flat" if flat else "tree"} | {sum(fus.values())} ({kinds}) |'
             f' {", ".join(f"{k} {v}" for k, v in sorted(other.items())) or "-"} | {total} |')
 
 
