@@ -108,3 +108,18 @@ def normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
   s = jnp.where(big, np.float32(2.0**-8), np.float32(1))
   r = jax.lax.div(np.float32(1), jnp.where(absmax > 0, absmax, 1) * s)
   return xb * r[..., None] * s[..., None]
+
+
+def block_max(x: jax.Array) -> jax.Array:
+  """``jnp.max(x, axis=-1)`` for ``x >= 0`` (no NaN), as an integer reduction.
+
+  XLA's CPU backend hands a float max over the last axis to a library
+  kernel that needs its input materialised -- here the new moments, a
+  float32 temporary the size of the leaf, written and read again -- and
+  that kernel was most of an 8-bit step's time on a busy 2-core machine.
+  Non-negative floats order as their bit patterns do, so the same maximum
+  is the int32 maximum of the bits, a reduction XLA emits itself, fused
+  with the code computing ``x``.
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1), x.dtype)

@@ -183,7 +183,7 @@ def quantize(
     x = _numerics.saturate(x, jnp.float32)
   xb = _to_blocks(x, block_size)
   finite = jnp.isfinite(xb)
-  absmax = jnp.max(jnp.where(finite, jnp.abs(xb), 0), axis=-1)
+  absmax = _codec8.block_max(jnp.where(finite, jnp.abs(xb), 0))
   xn = jnp.where(finite, _codec8.normalize(xb, absmax), 0)
   a = jnp.minimum(jnp.abs(xn), 1)
   k = _codec8.nearest_index(a, _magnitudes(signed))
