@@ -394,7 +394,9 @@ def _moment_step(
   - moments stored in the arithmetic dtype (float32/float64, see
     :func:`_in_place`): :func:`_in_place_step`, which clips ``|g|`` at
     ``2**63`` (float32), so that XLA updates donated moments in place;
-  - otherwise (16-bit storage, complex): elements whose gradient or
+  - otherwise (float16 storage, complex; bfloat16 storage takes
+    :func:`_in_place_narrow_step` in :func:`_family_update`, or this
+    formulation under AMSGrad or AdaMax): elements whose gradient or
     second moment would overflow when squared are computed on values
     rescaled by an exact power of two, the update is computed before the
     storage casts, and a saturating element's m and v are scaled together.
@@ -630,10 +632,11 @@ def scale_by_adam(
 
   The arithmetic runs in at least float32 whatever the params' dtype, and a
   finite gradient never yields ``inf`` or ``NaN``: with moments stored in
-  float32 (float64), gradient elements are clipped at ``±2**63``
-  (``±2**511``), past which their square could overflow; with 16-bit
-  storage, elements that would overflow when squared are rescaled by an
-  exact power of two.
+  float32 (float64) or bfloat16, gradient elements are clipped at ``±2**63``
+  (``±2**511``), past which their square could overflow, and the update is
+  read off the stored moments (with bfloat16 moments: off their rounded
+  values); with float16 storage, elements that would overflow when squared
+  are rescaled by an exact power of two.
 
   Args:
     b1: decay of the first moment, in [0, 1); default 0.9.
