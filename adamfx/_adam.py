@@ -182,6 +182,25 @@ def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
   )
 
 
+def _in_place_narrow(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
+  """Whether a leaf takes :func:`_in_place_narrow_step`.
+
+  float32 arithmetic with each moment stored in float32 or bfloat16, at
+  least one of them bfloat16. bfloat16 has float32's exponent range, so the
+  clip of :func:`_in_place_step` keeps every stored moment finite there too:
+  nothing saturates, and m and v never need rescaling together. float16
+  (whose ``nu`` overflows for a gradient of 256) keeps the general
+  formulation.
+  """
+  ok = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+  m_dtype, v_dtype = jnp.dtype(m_dtype), jnp.dtype(v_dtype)
+  return (
+      jnp.dtype(cdt) == jnp.float32
+      and m_dtype in ok and v_dtype in ok
+      and jnp.dtype(jnp.bfloat16) in (m_dtype, v_dtype)
+  )
+
+
 class _Scalars(NamedTuple):
   """The scalars of one step in one arithmetic dtype, shared by its leaves."""
 
@@ -296,6 +315,59 @@ def _in_place_step(
   return lax.div(m_hat, denom), m, v, v_max
 
 
+def _in_place_narrow_step(
+    g: jax.Array,
+    m: jax.Array,
+    v: jax.Array,
+    k: _Scalars,
+    count: jax.Array,
+    leaf_index: int,
+    *,
+    nesterov: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  r"""The Adam step for moments stored in bfloat16 (see :func:`_in_place_narrow`).
+
+  Returns ``(update, mu, nu)``, the moments as stored. The arithmetic is
+  float32 and the gradient is clipped as in :func:`_in_place_step`; ``mu``
+  is stored rounded to nearest, ``nu`` with unbiased stochastic rounding
+  (:mod:`adamfx._rounding`, so that ``0.999 * nu`` decays), and the update
+  is read off the *stored* moments, as the float32 in-place step reads it
+  off its stored ones. Each output is then an elementwise function of
+  ``g``, ``m`` and ``v`` that XLA fuses into one loop, updating donated
+  moments in place, with no float32 temporaries. The update differs from
+  one computed before the rounding by the rounding of ``mu`` (2**-9
+  relative) and ``nu`` (unbiased, 2**-8 relative at most).
+  """
+  lax = jax.lax
+  f32 = jnp.float32
+  g = g.astype(f32)
+  big = _numerics.square_safe_limit(f32)
+  clipped = lax.clamp(-big, g, big)
+  m_new = lax.add(lax.mul(k.one_minus_b1, clipped), lax.mul(k.b1, m.astype(f32)))
+  m_new = lax.add(m_new, lax.sub(g, g))  # NaN where g is not finite, as in optax
+  v_new = lax.add(
+      lax.mul(k.one_minus_b2, lax.mul(clipped, clipped)), lax.mul(k.b2, v.astype(f32))
+  )
+  m_s = m_new.astype(m.dtype)
+  v_s = v_new if v.dtype == f32 else _rounding.store_second_moment(
+      v_new, v.dtype, count, leaf_index)
+  m_r, v_r = m_s.astype(f32), v_s.astype(f32)
+  if nesterov:
+    m_hat = lax.add(
+        lax.mul(k.b1, lax.mul(m_r, k.inv_bc1_next)),
+        lax.mul(k.one_minus_b1, lax.mul(clipped, k.inv_bc1)),
+    )
+  else:
+    m_hat = lax.mul(m_r, k.inv_bc1)
+  v_hat = lax.mul(v_r, k.inv_bc2)
+  if k.eps_root is not None:
+    v_hat = lax.add(v_hat, k.eps_root)
+  denom = lax.add(lax.sqrt(v_hat), k.eps)
+  if k.guard:
+    denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
+  return lax.div(m_hat, denom), m_s, v_s
+
+
 def _moment_step(
     g: jax.Array,
     m: jax.Array,
@@ -322,7 +394,9 @@ def _moment_step(
   - moments stored in the arithmetic dtype (float32/float64, see
     :func:`_in_place`): :func:`_in_place_step`, which clips ``|g|`` at
     ``2**63`` (float32), so that XLA updates donated moments in place;
-  - otherwise (16-bit storage, complex): elements whose gradient or
+  - otherwise (float16 storage, complex; bfloat16 storage takes
+    :func:`_in_place_narrow_step` in :func:`_family_update`, or this
+    formulation under AMSGrad or AdaMax): elements whose gradient or
     second moment would overflow when squared are computed on values
     rescaled by an exact power of two, the update is computed before the
     storage casts, and a saturating element's m and v are scaled together.
@@ -430,6 +504,17 @@ def _family_update(
     if g is None:
       for out in (out_u, out_m, out_v, out_vm):
         out.append(None)
+      continue
+    cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
+    if not (infinity_norm or amsgrad) and _in_place_narrow(cdt, m.dtype, v.dtype):
+      _checks.check_decay_in_dtype('b1', b1, cdt)
+      _checks.check_decay_in_dtype('b2', b2, cdt)
+      k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
+      u, m_new, v_new = _in_place_narrow_step(g, m, v, k, count, i, nesterov=nesterov)
+      out_u.append(u.astype(g.dtype))
+      out_m.append(m_new)
+      out_v.append(v_new)
+      out_vm.append(None)
       continue
     u, m_new, v_new, vm_new = _moment_step(
         g, m, v, vm, count, b1, b2, eps, eps_root,
@@ -547,10 +632,11 @@ def scale_by_adam(
 
   The arithmetic runs in at least float32 whatever the params' dtype, and a
   finite gradient never yields ``inf`` or ``NaN``: with moments stored in
-  float32 (float64), gradient elements are clipped at ``±2**63``
-  (``±2**511``), past which their square could overflow; with 16-bit
-  storage, elements that would overflow when squared are rescaled by an
-  exact power of two.
+  float32 (float64) or bfloat16, gradient elements are clipped at ``±2**63``
+  (``±2**511``), past which their square could overflow, and the update is
+  read off the stored moments (with bfloat16 moments: off their rounded
+  values); with float16 storage, elements that would overflow when squared
+  are rescaled by an exact power of two.
 
   Args:
     b1: decay of the first moment, in [0, 1); default 0.9.

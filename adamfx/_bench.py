@@ -22,6 +22,7 @@ and updates, moments packed per dtype).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 PRESETS = {
@@ -44,7 +46,101 @@ PRESETS = {
                  axpy=1 << 25, repeats=7, steps=5),
 }
 MODES = ('jit+donate', 'jit', 'eager')
-CASES = ('large', 'transformer', 'tiny', 'mixed', 'sparse')  # sparse: adamfx._bench_sparse
+TREE_CASES = ('large', 'transformer', 'tiny', 'mixed')
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """A bench row: one adamfx optimiser against a baseline, on one tree.
+
+  Registered with :func:`register_case` (one line, from any module imported
+  by this one), a case becomes a ``--cases`` choice and a row of the table,
+  timed jitted and donated, interleaved with its baseline.
+
+  Attributes:
+    name: the ``--cases`` name and the table's row label.
+    tree: ``(trees, preset) -> params``, with ``trees`` the bench's own trees
+      (:func:`_trees`) and ``preset`` the sizes.
+    baseline: ``() -> (label, transformation)``: the reference column.
+    adamfx: ``() -> transformation``: the adamfx column.
+    description: what the row shows, for ``--help`` and the README.
+  """
+
+  name: str
+  tree: Callable[[dict[str, Any], dict[str, Any]], Any]
+  baseline: Callable[[], tuple[str, Any]]
+  adamfx: Callable[[], Any]
+  description: str = ''
+
+
+CASE_REGISTRY: dict[str, Case] = {}
+
+
+def register_case(case: Case) -> Case:
+  """Adds ``case`` to the bench's rows (``adamfx bench --cases NAME``)."""
+  CASE_REGISTRY[case.name] = case
+  return case
+
+
+def _bf16_tree(trees, preset):
+  import jax
+  import jax.numpy as jnp
+
+  return jax.tree.map(lambda x: x.astype(jnp.bfloat16), trees['transformer'])
+
+
+def _optax_adam():
+  import optax
+
+  return 'optax.adam', optax.adam(1e-3)
+
+
+def _adamfx_adam_f32():
+  import adamfx
+
+  return 'adamfx.adam (f32 state)', adamfx.adam(1e-3)
+
+
+def _adamfx_adam():
+  import adamfx
+
+  return adamfx.adam(1e-3)
+
+
+def _adamfx_bf16_state():
+  import jax.numpy as jnp
+
+  import adamfx
+
+  return adamfx.adam(1e-3, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16)
+
+
+def _adamfx_8bit():
+  import adamfx
+
+  return adamfx.adam8bit(1e-3)
+
+
+register_case(Case(
+    'bf16', _bf16_tree, _optax_adam, _adamfx_adam,
+    'transformer-like tree of bfloat16 params: adamfx.adam vs optax.adam'))
+register_case(Case(
+    'bf16_state', lambda trees, preset: trees['transformer'], _adamfx_adam_f32,
+    _adamfx_bf16_state,
+    'float32 params, mu_dtype=nu_dtype=bfloat16 vs adamfx.adam\'s float32 state'))
+register_case(Case(
+    '8bit', lambda trees, preset: trees['large'], _adamfx_adam_f32, _adamfx_8bit,
+    'one large float32 leaf: adamfx.adam8bit vs adamfx.adam'))
+
+
+SPARSE_CASE = 'sparse'  # the embedding-table case, its own columns: adamfx._bench_sparse
+
+
+def _all_cases() -> tuple[str, ...]:
+  return TREE_CASES + tuple(CASE_REGISTRY) + (SPARSE_CASE,)
+
+
+CASES = TREE_CASES  # the tree rows of earlier versions (and their default)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +148,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='problem sizes: tiny (seconds), default (minutes on 2 busy cores), full (the'
                            ' issue\'s sizes: 16M leaf, 121-leaf 54M model, 2000 tiny'
                            ' leaves; many minutes on 2 cores)')
-  parser.add_argument('--cases', nargs='+', choices=CASES, default=list(CASES))
+  parser.add_argument('--cases', nargs='+', choices=_all_cases(), default=list(_all_cases()),
+                      help='rows: the tree cases (adamfx.adam vs optax.adam), then the registered'
+                           ' ones: ' + '; '.join(f'{c.name}: {c.description}'
+                                                for c in CASE_REGISTRY.values()))
+  parser.add_argument('--in-step', action='store_true',
+                      help='time jitted training steps of a small transformer LM instead: the'
+                           ' optimiser\'s marginal cost over plain SGD (see adamfx._step_bench)')
   parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
   parser.add_argument('--repeats', type=int, default=None, help='override the preset')
   parser.add_argument('--no-flat', action='store_true',
@@ -291,7 +393,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
   return {'median': statistics.median(xs) * 1e3, 'min': min(xs) * 1e3, 'max': max(xs) * 1e3}
 
 
-def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
+def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
           flat=True, torch_cols=True, progress=None) -> dict[str, Any]:
   """Runs the benchmark; returns a JSON-ready dict (``rows`` and ``machine``)."""
   import jax
@@ -299,6 +401,7 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
 
   import adamfx
 
+  cases = _all_cases() if cases is None else cases
   preset = dict(PRESETS[preset_name])
   if repeats:
     preset['repeats'] = repeats
@@ -313,7 +416,10 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
 
   trees = _trees(preset)
   plan = []
-  for case in [c for c in cases if c != 'sparse']:
+  for case in [c for c in cases if c != SPARSE_CASE]:
+    if case in CASE_REGISTRY:
+      plan.append((case, 'jit+donate', False))  # registered cases: jitted, donated
+      continue
     for mode in modes:
       plan.append((case, mode, False))
       if flat and case in ('tiny', 'transformer'):
@@ -330,20 +436,27 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
     is_flat = bool(variant)
     label = f'{case}{" " + variant if variant else ""} / {mode}'
     tick(k, total, label)
-    params = trees[case]
+    registered = CASE_REGISTRY.get(case)
+    params = registered.tree(trees, preset) if registered else trees[case]
     grads = jax.tree.map(lambda x: (x * 0.5 + 0.01).astype(x.dtype), params)
     n_leaves, n_params, nbytes = _describe(params)
-    runners = [
-        _Runner('optax', optax.adam(1e-3), params, grads, mode),
-        _Runner('adamfx',
-                adamfx.pack_state(adamfx.adam(1e-3)) if variant == 'packed'
-                else adamfx.adam(1e-3),
-                params, grads, mode,
-                flat=adamfx.ravel_params if variant == 'flat' else None),
-    ]
+    if registered:
+      baseline, baseline_tx = registered.baseline()
+      runners = [_Runner('optax', baseline_tx, params, grads, mode),
+                 _Runner('adamfx', registered.adamfx(), params, grads, mode)]
+    else:
+      baseline = 'optax.adam'
+      runners = [
+          _Runner('optax', optax.adam(1e-3), params, grads, mode),
+          _Runner('adamfx',
+                  adamfx.pack_state(adamfx.adam(1e-3)) if variant == 'packed'
+                  else adamfx.adam(1e-3),
+                  params, grads, mode,
+                  flat=adamfx.ravel_params if variant == 'flat' else None),
+      ]
     if mode == 'jit+donate' and case == 'tiny' and not is_flat:
       runners.append(_floor_runner(params, grads))
-    if torch_cols and mode == 'jit+donate' and not is_flat:
+    if torch_cols and mode == 'jit+donate' and not is_flat and not registered:
       runners.append(_torch_runner('torch_foreach', params, grads, fused=False))
       runners.append(_torch_runner('torch_fused', params, grads, fused=True))
     times = {r.name: [] for r in runners}
@@ -351,7 +464,8 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
       for r in runners:
         times[r.name].append(r.time(preset['steps']))
     row = {
-        'case': case, 'flat': variant == 'flat', 'variant': variant or 'tree', 'mode': mode,
+        'case': case, 'baseline': baseline,
+        'flat': variant == 'flat', 'variant': variant or 'tree', 'mode': mode,
         'leaves': n_leaves,
         'params': n_params, 'param_bytes': nbytes,
     }
@@ -359,7 +473,9 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
       s = _stats(times[r.name])
       row[r.name] = dict(ms=s, compile_s=r.compile_s, new_bytes=getattr(r, 'new_bytes', None))
     o, a = row['optax']['ms']['median'], row['adamfx']['ms']['median']
-    row['ratio'] = a / o  # adamfx / optax: < 1 is faster
+    row['ratio'] = a / o  # adamfx / baseline (optax.adam unless registered): < 1 is faster
+    ratios = [x / y for x, y in zip(times['adamfx'], times['optax'])]  # repeat by repeat
+    row['ratio_min'], row['ratio_max'] = min(ratios), max(ratios)
     row['speedup'] = o / a
     # 7 array passes of the params' size: read g, m, v, p; write m, v, p.
     row['adamfx_gbs'] = 7 * nbytes / (a / 1e3) / 1e9
@@ -368,7 +484,7 @@ def bench(preset_name: str = 'default', cases=CASES, modes=MODES, repeats=None,
     rows.append(row)
     del runners
   sparse = None
-  if 'sparse' in cases:  # the embedding-table case (issue 10): its own columns
+  if SPARSE_CASE in cases:  # the embedding-table case: its own columns
     from adamfx import _bench_sparse
     sparse = _bench_sparse.bench_sparse(preset_name, preset['repeats'], preset['steps'], torch_cols)
   tick(total, total, 'done')
@@ -426,7 +542,7 @@ def format_table(result: dict[str, Any]) -> str:
       f' numpy {bw["numpy_axpy_gbs"]:.1f}); ms per step: median (min-max) of'
       f' {result["sizes"]["repeats"]} interleaved repeats',
       '',
-      '| case | mode | leaves | params | optax ms | adamfx ms | adamfx/optax | adamfx GB/s'
+      '| case | mode | leaves | params | optax ms | adamfx ms | adamfx/optax (min-max) | adamfx GB/s'
       ' (of limit) | compile s optax / adamfx | new MiB optax / adamfx | other |',
       '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
@@ -443,9 +559,15 @@ def format_table(result: dict[str, Any]) -> str:
         other.append(f'{name} {r[name]["ms"]["median"]:.3g}')
     variant = r.get('variant', 'flat' if r['flat'] else 'tree')
     case = r['case'] + ('' if variant == 'tree' else f' (adamfx {variant})')
+    if r.get('baseline', 'optax.adam') != 'optax.adam':
+      case += f' (optax column: {r["baseline"]})'
+    elif r['case'] in CASE_REGISTRY:
+      case += ' (registered)'
+
     lines.append(
         f'| {case} | {r["mode"]} | {r["leaves"]} | {r["params"]:,} | {_fmt_ms(o["ms"])} |'
-        f' {_fmt_ms(a["ms"])} | {r["ratio"]:.2f} ({r["speedup"]:.1f}x) |'
+        f' {_fmt_ms(a["ms"])} | {r["ratio"]:.2f} ({r["speedup"]:.1f}x;'
+        f' {r.get("ratio_min", r["ratio"]):.2f}-{r.get("ratio_max", r["ratio"]):.2f}) |'
         f' {r["adamfx_gbs"]:.1f} ({100 * r["adamfx_frac_limit"]:.0f}%) | {comp} | {mem} |'
         f' {", ".join(other)} |'
     )
@@ -459,6 +581,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+  if getattr(args, 'in_step', False):
+    from adamfx import _step_bench  # noqa: PLC0415 (only when asked)
+
+    return _step_bench.run(args)
   progress_cm = None
   tick = None
   if not args.json or sys.stderr.isatty():

@@ -202,7 +202,9 @@ def generated_text(n_chars: int = 120_000, seed: int = 0) -> str:
   return ''.join(out)
 
 
-def lm_task(d: int = 64, layers: int = 2, heads: int = 4, context: int = 64) -> Task:
+def lm_task(
+    d: int = 64, layers: int = 2, heads: int = 4, context: int = 64, batch_size: int = 32
+) -> Task:
   """A 2-layer pre-LN character transformer on :func:`generated_text`."""
   import jax
   import jax.numpy as jnp
@@ -258,7 +260,7 @@ def lm_task(d: int = 64, layers: int = 2, heads: int = 4, context: int = 64) -> 
     return tokens[starts[:, None] + jnp.arange(context + 1)[None, :]]
 
   def batch(key):
-    return windows(jax.random.randint(key, (32,), 0, tokens.shape[0] - context - 1))
+    return windows(jax.random.randint(key, (batch_size,), 0, tokens.shape[0] - context - 1))
 
   return Task('char transformer LM', init, loss, batch,
               lambda p: loss(p, windows(eval_starts)), 3e-3)

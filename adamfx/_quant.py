@@ -39,6 +39,7 @@ import optax
 
 from adamfx import _adam
 from adamfx import _checks
+from adamfx import _codec8
 from adamfx import _numerics
 
 
@@ -138,75 +139,12 @@ def _from_blocks(x: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.A
 
 
 @functools.lru_cache(maxsize=2)
-def _decades(s: int) -> tuple[tuple[float, float, float, float, float], ...]:
-  """Per decade ``e``: (threshold, 0.1 * 10**(e-6), K / (0.9 * 10**(e-6)), first index, K - 1).
-
-  The threshold is the midpoint between the decade's first value and the
-  value below it (the previous decade's last, or 0): from there up, the
-  nearest value lies in this decade (or is 1, see :func:`_nearest_magnitude`).
-  """
-  rows = []
-  below = 0.0
-  first = 1
-  for e in range(7):
-    k = 2 ** (e + s)
-    p = 10.0 ** (e - 6)
-    lowest = p * (0.1 + 0.45 / k)
-    rows.append(((below + lowest) / 2, 0.1 * p, k / (0.9 * p), float(first), float(k - 1)))
-    below = p * (1 - 0.45 / k)
-    first += k
-  return tuple(rows)
-
-
-def _nearest_magnitude(a: jax.Array, s: int) -> jax.Array:
-  """Index of the nearest value of ``[0, decades..., 1]`` to ``a`` in [0, 1].
-
-  A closed-form search in :func:`dynamic_map`'s magnitudes, with no table
-  lookup (gathers are slow on CPU): decade ``e`` holds the centres of
-  ``K = 2**(e + s)`` equal cells of [0.1, 1] * 10**(e - 6), so once ``a`` is
-  past the decade's threshold (7 compares), the nearest value is the centre
-  of ``a``'s cell, clipped to the decade; 0 and 1 are the two ends.
-  """
-  rows = _decades(s)
-  base = jnp.full(a.shape, np.float32(rows[0][1]))
-  inv_cell = jnp.full(a.shape, np.float32(rows[0][2]))
-  first = jnp.full(a.shape, np.float32(rows[0][3]))
-  last = jnp.full(a.shape, np.float32(rows[0][4]))
-  for threshold, b, c, f, k1 in rows[1:]:
-    above = a >= np.float32(threshold)
-    base = jnp.where(above, np.float32(b), base)
-    inv_cell = jnp.where(above, np.float32(c), inv_cell)
-    first = jnp.where(above, np.float32(f), first)
-    last = jnp.where(above, np.float32(k1), last)
-  j = jnp.clip(jnp.floor((a - base) * inv_cell), 0, last)
-  idx = first + j
-  idx = jnp.where(a < np.float32(rows[0][0]), 0, idx)
-  top = float(1 + (2**s) * (2**7 - 1))  # the index of 1.0
-  top_mid = (1 + 10.0**0 * (1 - 0.45 / 2 ** (6 + s))) / 2
-  idx = jnp.where(a > np.float32(top_mid), np.float32(top), idx)
-  return idx.astype(jnp.int32)
-
-
-def _pow2(k: jax.Array) -> jax.Array:
-  """2.0**k as float32, exactly, for integer ``k`` in [-126, 127]."""
-  return jax.lax.bitcast_convert_type(jax.lax.shift_left(k + 127, 23), jnp.float32)
-
-
-def _normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
-  """``xb / absmax[..., None]``, safe for every normal float32 absmax.
-
-  XLA rewrites a division by a broadcast into a multiplication by the
-  reciprocal, and ``1 / absmax`` is subnormal -- so 0 on CPU -- for absmax
-  above 8.5e37. Instead take out absmax's power of two exactly (in two
-  halves, each a normal number), then divide by the remaining mantissa in
-  [0.5, 1).
-  """
-  safe = jnp.where(absmax > 0, absmax, 1)
-  mant, ex = jnp.frexp(safe)
-  half = ex // 2
-  p1 = _pow2(-half)[..., None]
-  p2 = _pow2(half - ex)[..., None]
-  return xb * p1 * p2 / mant[..., None]
+def _magnitudes(signed: bool) -> np.ndarray:
+  """The map's magnitudes, sorted from 0 to 1: what the nearest-code search
+  runs over (:func:`adamfx._codec8.nearest_index`). Signed: 0, the 127
+  positive values and 1 (a negative element takes its magnitude's mirror)."""
+  values = dynamic_map(signed)
+  return values[127:] if signed else values
 
 
 @functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
@@ -245,14 +183,13 @@ def quantize(
     x = _numerics.saturate(x, jnp.float32)
   xb = _to_blocks(x, block_size)
   finite = jnp.isfinite(xb)
-  absmax = jnp.max(jnp.where(finite, jnp.abs(xb), 0), axis=-1)
-  xn = jnp.where(finite, _normalize(xb, absmax), 0)
+  absmax = _codec8.block_max(jnp.where(finite, jnp.abs(xb), 0))
+  xn = jnp.where(finite, _codec8.normalize(xb, absmax), 0)
   a = jnp.minimum(jnp.abs(xn), 1)
+  k = _codec8.nearest_index(a, _magnitudes(signed))
   if signed:
-    k = _nearest_magnitude(a, 0)
     idx = jnp.where(xn < 0, 127 - jnp.minimum(k, 127), 127 + k)
   else:
-    k = _nearest_magnitude(a, 1)
     idx = jnp.where(a > 0, jnp.maximum(k, 1), k)
   codes = _from_blocks(idx.astype(jnp.uint8), shape, block_size)
   return QuantizedArray(codes=codes, scale=absmax)
@@ -272,7 +209,7 @@ def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax
   """
   values, _ = _tables(signed)
   shape = q.codes.shape
-  vals = jnp.asarray(values)[q.codes.astype(jnp.int32)]
+  vals = _codec8.lookup(values, q.codes.astype(jnp.int32))
   return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
 
 
@@ -489,7 +426,11 @@ def scale_by_adam8bit(
           )
           # A non-finite element keeps its history and stays out of its
           # block's absmax (else one NaN gradient would poison the block).
-          bad = ~(jnp.isfinite(m_new) & jnp.isfinite(v_new))
+          # From finite moments, the float32 step's m and v are finite
+          # exactly where g is (it clips g below the square's overflow), so
+          # this reads g alone: each moment's loops need not recompute the
+          # other moment.
+          bad = ~jnp.isfinite(g)
           m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
           v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
           return (

@@ -65,7 +65,10 @@ def random_bits(shape: tuple[int, ...], count: Any, leaf_index: int) -> jax.Arra
   n = int(np.prod(shape, dtype=np.int64))
   index = jax.lax.iota(_U32, n).reshape(shape)
   key = jnp.reshape(key, key.shape + (1,) * len(shape))
-  return _mix32(_mix32(index ^ key) + key)
+  # One round of the hash per element (not two): ``key`` is already fully
+  # mixed from the count and the leaf, and the multiply by an odd constant
+  # spreads consecutive indices over all 32 input bits of the round.
+  return _mix32(index * _U32(0x9E3779B1) + key)
 
 
 def _narrower(x_dtype: Any, dtype: Any) -> bool:

@@ -169,3 +169,36 @@ def run(
     for h, u in zip(history, updates):
       h.append(u)
   return params, [np.stack(h) for h in history]
+
+
+def quantize8(
+    x: Any, code_map: Any, block_size: int, signed: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Blockwise 8-bit quantisation (Dettmers et al. 2022), in float64.
+
+  ``x`` is flattened and padded with zeros to whole blocks. Per block, the
+  scale is the largest finite ``|x|``; each finite element's code is the
+  index of the map value nearest to ``x / scale`` (the first on a tie), and
+  for the unsigned map (second moment) a positive element never takes the
+  code of 0. Non-finite elements get code 0 here (callers replace them).
+
+  Returns:
+    ``(codes, scales, normalised)``: int codes per element (flat, unpadded),
+    the float64 scale per block, and ``x / scale`` per element (for callers
+    that need the distance to the nearest tie).
+  """
+  x = np.asarray(x, np.float64).reshape(-1)
+  n = x.size
+  blocks = max(1, -(-n // block_size))
+  xb = np.zeros(blocks * block_size)
+  xb[:n] = x
+  xb = xb.reshape(blocks, block_size)
+  finite = np.isfinite(xb)
+  scale = np.max(np.where(finite, np.abs(xb), 0), axis=1)
+  safe = np.where(scale > 0, scale, 1)[:, None]
+  xn = np.where(finite, xb / safe, 0)
+  values = np.asarray(code_map, np.float64)
+  codes = np.argmin(np.abs(xn[..., None] - values), axis=-1)
+  if not signed:
+    codes = np.where((xn > 0) & (codes == 0), 1, codes)
+  return codes.reshape(-1)[:n], scale, xn.reshape(-1)[:n]

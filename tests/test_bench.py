@@ -72,3 +72,46 @@ def test_cli_bench_json(capsys):
   assert code == 0
   out = json.loads(capsys.readouterr().out)
   assert [r['case'] for r in out['rows']] == ['large']
+
+
+def test_registered_cases_rows_and_registry_is_open():
+  import jax.numpy as jnp
+  import optax
+
+  import adamfx
+
+  assert {'bf16', 'bf16_state', '8bit'} <= set(_bench.CASE_REGISTRY)
+  extra = _bench.register_case(_bench.Case(
+      'test_case', lambda trees, preset: {'w': jnp.ones(64)},
+      lambda: ('optax.sgd', optax.sgd(1e-3)), lambda: adamfx.adam(1e-3), 'a test row'))
+  try:
+    result = _bench.bench('tiny', cases=('bf16', '8bit', 'test_case'), repeats=1, torch_cols=False)
+  finally:
+    del _bench.CASE_REGISTRY[extra.name]
+  rows = result['rows']
+  assert [(r['case'], r['mode'], r['baseline']) for r in rows] == [
+      ('bf16', 'jit+donate', 'optax.adam'),
+      ('8bit', 'jit+donate', 'adamfx.adam (f32 state)'),
+      ('test_case', 'jit+donate', 'optax.sgd'),
+  ]
+  for r in rows:
+    assert _positive(r['ratio']) and r['ratio_min'] <= r['ratio'] <= r['ratio_max']
+    assert r['adamfx']['new_bytes'] is None or r['adamfx']['new_bytes'] >= 0
+  assert rows[0]['leaves'] > 1 and rows[0]['param_bytes'] == 2 * rows[0]['params']  # bfloat16
+  table = _bench.format_table(result)
+  assert '8bit (optax column: adamfx.adam (f32 state))' in table
+
+
+def test_in_step_bench_reports_marginal_costs():
+  from adamfx import _step_bench
+
+  result = _step_bench.bench('tiny', dtypes=('float32',), repeats=1, torch_cols=False,
+                             names=('optax.adam', 'adamfx.adam8bit'))
+  (row,) = result['rows']
+  assert set(row['optimisers']) == {'optax.adam', 'adamfx.adam8bit'}
+  assert _positive(row['sgd_step_ms']['median'])
+  for o in row['optimisers'].values():
+    assert _positive(o['step_ms']['median'])
+    assert math.isfinite(o['marginal_ms']['median'])  # a difference: may be < 0 when noisy
+    assert math.isfinite(o['final_loss'])
+  assert 'marginal' in _step_bench.format_table(result)

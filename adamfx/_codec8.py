@@ -1,0 +1,125 @@
+r"""The nearest-code search of 8-bit moments, as two table lookups.
+
+:func:`adamfx._quant.quantize` stores each element of a block, normalised by
+the block's absmax to :math:`a \in [0, 1]`, as the index of the nearest
+value of a fixed, sorted table of magnitudes (the dynamic map). A closed-form
+search over the map's seven decades costs about 40 float operations an
+element, and XLA then repeats it in every loop that reads the codes.
+
+The map's values are spaced like a floating-point number's, at least
+:math:`2^{-7}` apart relative to their size, and bfloat16 (a float32 cut to
+its top 16 bits) has a relative spacing of at most :math:`2^{-7}` too, finer
+than the map's gaps between midpoints. So
+
+1. ``a``'s top 16 bits index a table (16257 entries for :math:`a \le 1`)
+   holding the nearest value's index for the bottom of ``a``'s bfloat16
+   interval, and
+2. one compare of ``a`` with the midpoint above that value (a gather from
+   the 256 midpoints) moves the index up by one where ``a`` is past it:
+
+an integer shift, two gathers from tables that sit in the L1/L2 cache, a
+compare and an add. Both tables are computed in float64 from the map and
+checked, when they are built, to give the nearest value of every bfloat16
+interval; the result is the index of the nearest float32 midpoint
+bracket, with a tie (``a`` equal to a float32 midpoint) rounding down.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_TOP = 0x3F80  # bfloat16 bits of 1.0: every a in [0, 1] has top bits <= this
+
+
+@functools.lru_cache(maxsize=4)
+def _tables(values_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
+  """``(start, upper)`` for the sorted float32 magnitudes in ``values_bytes``.
+
+  ``start[h]``: the index of the value nearest to the bfloat16 number with
+  bits ``h`` (ties down, by the float32 midpoints). ``upper[k]``: the float32
+  midpoint between values ``k`` and ``k + 1`` (``inf`` after the last).
+  """
+  values = np.frombuffer(values_bytes, np.float32)
+  assert values[0] == 0 and np.all(np.diff(values) > 0)
+  upper = np.full(values.shape, np.inf, np.float32)
+  upper[:-1] = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
+  low = (np.arange(_TOP + 1, dtype=np.uint32) << 16).view(np.float32)
+  start = np.searchsorted(upper, low, side='left').astype(np.int32)
+  # The search's premise: at most one midpoint inside each bfloat16 interval
+  # [low, next), so that the nearest index of any a in it is start or start + 1.
+  nxt = np.append(low[1:], np.float32(np.inf))
+  inside = np.searchsorted(upper, nxt, side='left') - start
+  assert np.all(inside <= 1), 'a bfloat16 interval holds two midpoints of the map'
+  return start, upper
+
+
+def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
+  """Index of the nearest of the sorted ``values`` to each ``a`` in [0, 1].
+
+  Args:
+    a: float32 array of magnitudes in [0, 1] (normalised by the block's
+      absmax; NaN is not expected).
+    values: the sorted float32 magnitudes, ``values[0] == 0`` and
+      ``values[-1] == 1``, with gaps wide enough for the bfloat16 lookup
+      (checked when its tables are built).
+
+  Returns:
+    An int32 array of ``a``'s shape: ``k`` with ``upper[k-1] < a <=
+    upper[k]`` for the float32 midpoints ``upper`` of ``values``.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from adamfx import _codec8
+    >>> values = np.array([0, 0.1, 0.5, 1], np.float32)
+    >>> _codec8.nearest_index(jnp.array([0.0, 0.04, 0.06, 0.31, 0.74, 0.76, 1.0]), values)
+    Array([0, 0, 1, 2, 2, 3, 3], dtype=int32)
+  """
+  start, upper = _tables(np.asarray(values, np.float32).tobytes())
+  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+  h = jnp.minimum(bits >> 16, np.uint32(_TOP)).astype(jnp.int32)
+  k = lookup(start, h)
+  return k + (a > lookup(upper, k)).astype(jnp.int32)
+
+
+def lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """``table[index]`` for indices known to be in bounds: a plain gather.
+
+  NumPy-style indexing would add a wrap of negative indices (a compare, an
+  add and a select per element) that XLA cannot remove.
+  """
+  return jnp.asarray(table).at[index].get(mode='promise_in_bounds')
+
+
+def normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:
+  """``xb / absmax[..., None]`` for blocks ``xb``, as one multiply an element.
+
+  The reciprocal is computed once per block (a division, which XLA keeps
+  out of the elementwise loops), and is ``1 / absmax`` rounded, as XLA's
+  own rewrite of a division by a broadcast would make it. Above ``2**120``
+  ``1 / absmax`` would be subnormal (0 on CPUs): there the absmax is
+  first scaled by ``2**-8`` and the product scaled back, exactly. A zero
+  absmax (an all-zero block) divides by 1.
+  """
+  big = absmax > np.float32(2.0**120)
+  s = jnp.where(big, np.float32(2.0**-8), np.float32(1))
+  r = jax.lax.div(np.float32(1), jnp.where(absmax > 0, absmax, 1) * s)
+  return xb * r[..., None] * s[..., None]
+
+
+def block_max(x: jax.Array) -> jax.Array:
+  """``jnp.max(x, axis=-1)`` for ``x >= 0`` (no NaN), as an integer reduction.
+
+  XLA's CPU backend hands a float max over the last axis to a library
+  kernel that needs its input materialised -- here the new moments, a
+  float32 temporary the size of the leaf, written and read again -- and
+  that kernel was most of an 8-bit step's time on a busy 2-core machine.
+  Non-negative floats order as their bit patterns do, so the same maximum
+  is the int32 maximum of the bits, a reduction XLA emits itself, fused
+  with the code computing ``x``.
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1), x.dtype)

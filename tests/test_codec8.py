@@ -1,0 +1,113 @@
+"""Tests of adamfx._codec8, the nearest-code search of 8-bit moments.
+
+References: a float64 brute-force quantiser (tests/reference.py
+``quantize8``) and a brute-force argmin over the map. The table search
+rounds at float32 midpoints; the float64 reference at exact ones, so the two
+may differ only for elements within float32 rounding of a midpoint: the
+tests count those and require them to be that close.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import reference
+
+import adamfx
+from adamfx import _codec8
+from adamfx import _quant
+
+
+def _midpoints64(values):
+  v = np.asarray(values, np.float64)
+  return (v[:-1] + v[1:]) / 2
+
+
+def _near_a_tie(a, values, ulps=2):
+  """Whether float32 ``a`` is within ``ulps`` float32 ulps of a midpoint."""
+  a = np.asarray(a, np.float64)
+  mids = _midpoints64(values)
+  j = np.clip(np.searchsorted(mids, a), 1, len(mids) - 1)
+  d = np.minimum(np.abs(a - mids[j - 1]), np.abs(a - mids[j]))
+  return d <= ulps * np.spacing(np.float32(np.maximum(a, 1e-38))).astype(np.float64)
+
+
+@pytest.mark.parametrize('signed', [True, False])
+def test_nearest_index_is_the_nearest_value(signed):
+  values = _quant._magnitudes(signed)
+  mids = _midpoints64(values).astype(np.float32)
+  rng = np.random.default_rng(0)
+  # Every bfloat16 interval's bottom and top, every midpoint +-1 ulp, and
+  # random magnitudes on a log scale down to 1e-9, plus 0 and 1.
+  edges = (np.arange(0x3F81, dtype=np.uint32) << 16).view(np.float32)
+  a = np.concatenate([
+      edges, np.nextafter(edges, np.float32(0)), mids, np.nextafter(mids, np.float32(0)),
+      np.nextafter(mids, np.float32(1)),
+      (10.0 ** rng.uniform(-9, 0, 200_000)).astype(np.float32), [0, 1],
+  ]).astype(np.float32)
+  a = a[(a >= 0) & (a <= 1)]
+  got = np.asarray(_codec8.nearest_index(jnp.asarray(a), values))
+  want = np.argmin(np.abs(a.astype(np.float64)[:, None] - values.astype(np.float64)), axis=1)
+  differ = got != want
+  assert np.all(np.abs(got - want) <= 1)
+  assert np.all(_near_a_tie(a[differ], values)), a[differ][:5]
+  # Where they differ, both are (to float32 rounding) equally near.
+  d_got = np.abs(a[differ] - values[got[differ]].astype(np.float64))
+  d_want = np.abs(a[differ] - values[want[differ]].astype(np.float64))
+  ulp = np.spacing(a[differ]).astype(np.float64)
+  assert np.all(np.abs(d_got - d_want) <= 2 * ulp)
+
+
+@pytest.mark.parametrize('signed', [True, False])
+def test_quantize_matches_the_float64_reference(signed):
+  rng = np.random.default_rng(1)
+  blocks = []
+  for scale in (1e-30, 1e-6, 1.0, 1e6, 3e37, 1e38):  # past 2**120: the scaled reciprocal
+    b = np.clip(rng.standard_normal((8, 256)), -1.4, 1.4) * scale
+    b[:, 0] = scale * 1.5  # an exact absmax
+    blocks.append(b if signed else np.abs(b))
+  heavy = rng.standard_cauchy((16, 256))  # a wide spread inside each block
+  blocks.append(heavy if signed else np.abs(heavy))
+  x = np.concatenate(blocks).astype(np.float32)
+  q = _quant.quantize(jnp.asarray(x.reshape(-1)), signed=signed, block_size=256)
+  code_map = _quant.dynamic_map(signed)
+  want, scale, xn = reference.quantize8(x, code_map, 256, signed)
+  np.testing.assert_array_equal(np.asarray(q.scale), scale.astype(np.float32))
+  got = np.asarray(q.codes).astype(np.int64)
+  differ = got != want
+  assert differ.mean() < 1e-3
+  mags = _quant._magnitudes(signed)
+  assert np.all(_near_a_tie(np.abs(xn[differ]).astype(np.float32), mags)), xn[differ][:5]
+
+
+def test_adam8bit_step_matches_float64_adam_then_reference_quantiser():
+  rng = np.random.default_rng(2)
+  n = 8192
+  params = jnp.zeros(n)
+  tx = adamfx.scale_by_adam8bit(min_8bit_size=1024)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for _ in range(3):
+    g = jnp.asarray(rng.standard_normal(n).astype(np.float32) * np.float32(0.1))
+    prev = state
+    u, state = step(g, state)
+  t = 3
+  m_old = np.asarray(_quant.dequantize(prev.mu, signed=True), np.float64)
+  v_old = np.asarray(_quant.dequantize(prev.nu, signed=False), np.float64)
+  g64 = np.asarray(g, np.float64)
+  m = 0.9 * m_old + 0.1 * g64
+  v = 0.999 * v_old + 0.001 * g64**2
+  want_u = (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+  # Updates are O(1); atol covers float32's cancellation in 0.9 m + 0.1 g
+  # where the two nearly cancel (about 5e-8 seen).
+  np.testing.assert_allclose(np.asarray(u, np.float64), want_u, rtol=2e-5, atol=1e-6)
+  for signed, x, q in ((True, m, state.mu), (False, v, state.nu)):
+    want, scale, xn = reference.quantize8(x, _quant.dynamic_map(signed), 256, signed)
+    np.testing.assert_allclose(np.asarray(q.scale), scale, rtol=1e-6)
+    got = np.asarray(q.codes).astype(np.int64)
+    differ = got != want
+    # float32 arithmetic moves x / scale by a few ulps: codes differ only
+    # next to a midpoint.
+    assert differ.mean() < 1e-3
+    assert np.all(_near_a_tie(np.abs(xn[differ]).astype(np.float32),
+                              _quant._magnitudes(signed), ulps=8))
