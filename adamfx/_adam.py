@@ -412,6 +412,7 @@ def _family_update(
     infinity_norm: bool = False,
 ) -> tuple[optax.Updates, AdamState]:
   """Applies :func:`_moment_step` to every leaf and stores the results."""
+  _checks.adam_like_state(state, 'adamax' if infinity_norm else 'adam')
   updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
   _checks.check_matching_trees(updates, state.mu)
   _checks.check_hyperparam_dtype('b1', b1)

@@ -235,3 +235,28 @@ def check_hyperparam_dtype(name: str, value: Any) -> None:
 def _leaf_name(path: Any) -> str:
   name = jax.tree_util.keystr(tuple(path))
   return f'`{name}`' if name else '`<root>`'
+
+
+def is_adam_like(state: Any) -> bool:
+  """Whether ``state`` is an Adam-like state: a NamedTuple with count, mu, nu."""
+  fields = getattr(type(state), '_fields', None)
+  return isinstance(state, tuple) and fields is not None and {
+      'count', 'mu', 'nu'
+  } <= set(fields)
+
+
+def adam_like_state(state: Any, who: str) -> Any:
+  """Returns ``state`` if Adam-like, else raises a TypeError saying what came."""
+  if is_adam_like(state):
+    return state
+  if state is None:
+    raise TypeError(
+        f'{who}.update got state=None; pass the state returned by'
+        f' {who}.init(params) (and then by the previous update).'
+    )
+  raise TypeError(
+      f'{who}.update got a state of type {type(state).__name__}, not the'
+      ' AdamState its init returns (a NamedTuple with count, mu and nu): was'
+      ' the state made by another optimiser? Use adamfx.convert_state to'
+      ' bring an optax state over, or init this one.'
+  )
