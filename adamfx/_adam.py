@@ -9,6 +9,7 @@ parameters of it, not copies of it.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -399,6 +400,13 @@ def _moment_step(
   return update, m, v, v_max
 
 
+def nan_where(invalid: Any, u: jax.Array) -> jax.Array:
+  """``u``, or NaN everywhere if ``invalid`` (see ``_checks.invalid_hyperparams``)."""
+  if invalid is None:
+    return u
+  return jnp.where(invalid, jnp.asarray(jnp.nan, u.dtype), u)
+
+
 def _family_update(
     updates: optax.Updates,
     state: AdamState,
@@ -418,6 +426,7 @@ def _family_update(
   _checks.check_hyperparam_dtype('b1', b1)
   _checks.check_hyperparam_dtype('b2', b2)
   count = optax.safe_increment(state.count)
+  invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
   g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
@@ -437,7 +446,7 @@ def _family_update(
         nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
         scalars=scalars,
     )
-    out_u.append(u.astype(g.dtype))
+    out_u.append(nan_where(invalid, u).astype(g.dtype))
     if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
       # Stored as computed: the in-place formulation's moments always fit,
       # and a clamp here would keep XLA from updating m and v in place.
@@ -905,6 +914,27 @@ def amsgrad(
   return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True)
 
 
+# Arguments that change what the state is or how it is laid out, not a value
+# of the update: kept static by :func:`inject_hyperparams` without being named.
+STRUCTURAL_ARGS = frozenset({
+    'amsgrad', 'block_size', 'mask', 'min_8bit_size', 'mu_dtype', 'nesterov', 'nu_dtype',
+})
+
+
+def _structural(inner_factory: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[str, ...]:
+  """The names among ``inner_factory``'s bound arguments to keep static."""
+  try:
+    bound = inspect.signature(inner_factory).bind(*args, **kwargs)
+    bound.apply_defaults()
+  except (TypeError, ValueError):
+    return ()
+  names = []
+  for name, value in bound.arguments.items():
+    if name in STRUCTURAL_ARGS or isinstance(value, bool) or value is None:
+      names.append(name)
+  return tuple(names)
+
+
 def inject_hyperparams(
     inner_factory: Callable[..., Any],
     static_args: Union[str, tuple[str, ...]] = (),
@@ -915,16 +945,29 @@ def inject_hyperparams(
   optax casts injected hyperparameters to the params' dtype, which in
   bfloat16 turns ``b2=0.999`` into ``1.0``. This wrapper defaults
   ``hyperparam_dtype`` to float32 when the params are narrower (and to the
-  params' dtype otherwise), and is otherwise optax's function.
+  params' dtype otherwise), and returns updates in the gradients' dtypes.
+
+  Structural arguments -- those that decide the state's layout rather than a
+  value of the update: ``block_size``, ``min_8bit_size``, ``mu_dtype``,
+  ``nu_dtype``, ``mask``, and flags such as ``nesterov`` or ``amsgrad`` (any
+  ``bool``) -- are kept static without being listed in ``static_args``. The
+  arguments are checked when the factory is called (a concrete ``b2=1.0``
+  raises there); a traced invalid value gives NaN updates, as in optax.
+  Eager updates with new values of the injected hyperparameters reuse the
+  compiled steps (no recompilation).
 
   Args:
     inner_factory: a function returning a transformation, e.g. :func:`adam`.
-    static_args: names of arguments not to inject.
+    static_args: names of further arguments not to inject.
     hyperparam_dtype: dtype of the injected hyperparameters; default: at
       least float32.
 
   Returns:
     A factory with the signature of ``inner_factory``.
+
+  Raises:
+    ValueError, TypeError: when the factory is called, for arguments
+      ``inner_factory`` refuses.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -934,11 +977,17 @@ def inject_hyperparams(
     >>> state = tx.init(params)
     >>> state.hyperparams['b2'].dtype
     dtype('float32')
+    >>> tx8 = adamfx.inject_hyperparams(adamfx.adam8bit)(1e-3, block_size=128)
+    >>> sorted(tx8.init(jnp.ones(8)).hyperparams)
+    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate']
   """
-  if hyperparam_dtype is not None:
-    return optax.inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
+  if isinstance(static_args, str):
+    static_args = (static_args,)
+  user_static = tuple(static_args)
 
   def dtype_for(tree):
+    if hyperparam_dtype is not None:
+      return hyperparam_dtype
     # The leaves' dtypes promoted together with float32, real part. Not
     # optax.tree.dtype(tree, 'highest'): it refuses a float64 + complex64
     # tree, and under strict promotion a bfloat16 + float32 one.
@@ -947,19 +996,28 @@ def inject_hyperparams(
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs):
-    def build(tree):
-      return optax.inject_hyperparams(
-          inner_factory, static_args, dtype_for(tree)
-      )(*args, **kwargs)
+    inner_factory(*args, **kwargs)  # Check the arguments now, not at init.
+    static = tuple(dict.fromkeys(user_static + _structural(inner_factory, args, kwargs)))
 
-    build(None)  # Bind (and so check) the arguments now, not at init.
+    def build(tree):
+      return optax.inject_hyperparams(inner_factory, static, dtype_for(tree))(*args, **kwargs)
+
+    build(None)  # Bind the arguments now too.
 
     def init_fn(params):
       return build(params).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
       tree = params if params is not None else updates
-      return build(tree).update(updates, state, params, **extra_args)
+      new_updates, state = build(tree).update(updates, state, params, **extra_args)
+      # Updates in the gradients' dtypes (optax's own members promote bf16
+      # gradients with float32 hyperparameters to float32).
+      new_updates = jax.tree.map(
+          lambda n, u: n if n is None or u is None or not hasattr(u, 'dtype')
+          else n.astype(u.dtype),
+          new_updates, updates, is_leaf=_is_none,
+      )
+      return new_updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

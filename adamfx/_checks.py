@@ -23,9 +23,49 @@ def _concrete_number(value: Any) -> float | None:
     return None
   if isinstance(value, numbers.Real):
     return float(value)
-  if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in 'fiu':
+  if isinstance(value, (np.ndarray, np.generic)) and value.ndim == 0 and value.dtype.kind in 'fiu':
     return float(value)
+  if (
+      isinstance(value, jax.Array)
+      and not isinstance(value, jax.core.Tracer)
+      and value.ndim == 0
+      and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+  ):
+    try:
+      return float(value)  # a concrete array: checked like a number
+    except (jax.errors.ConcretizationTypeError, TypeError):
+      return None
   return None
+
+
+def invalid_hyperparams(b1: Any, b2: Any, eps: Any, eps_root: Any) -> Any:
+  """A boolean scalar, True where a non-constant hyperparameter is out of range.
+
+  Concrete values are checked at construction (:func:`check_decay`, ...);
+  traced ones (under ``jit``, ``inject_hyperparams``, ``vmap``) cannot be. The
+  update is then made NaN where this is True, so that an invalid traced
+  ``b2 = 1`` or ``eps = -1`` shows as NaN, as in optax, never as a finite
+  wrong step. None when every value is a Python number (nothing to guard).
+  """
+  bad = None
+
+  def add(cond):
+    nonlocal bad
+    bad = cond if bad is None else jnp.logical_or(bad, cond)
+
+  for x in (b1, b2):
+    if not _python_number(x):
+      x = jnp.asarray(x)
+      add(jnp.any(~((x >= 0) & (x < 1))))
+  for x in (eps, eps_root):
+    if not _python_number(x):
+      x = jnp.asarray(x)
+      add(jnp.any(~((x >= 0) & (x < jnp.inf))))
+  return bad
+
+
+def _python_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _is_numeric_like(value: Any) -> bool:

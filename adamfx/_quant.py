@@ -503,6 +503,7 @@ def scale_by_adam8bit(
     _checks.check_hyperparam_dtype('b1', b1)
     _checks.check_hyperparam_dtype('b2', b2)
     count = optax.safe_increment(state.count)
+    invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_adam._is_none)
     m_leaves = treedef.flatten_up_to(state.mu)
     v_leaves = treedef.flatten_up_to(state.nu)
@@ -554,7 +555,7 @@ def scale_by_adam8bit(
         u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
         out_m.append(m_q)
         out_v.append(v_q)
-      out_u.append(u.astype(g.dtype))
+      out_u.append(_adam.nan_where(invalid, u).astype(g.dtype))
     unflatten = functools.partial(jax.tree.unflatten, treedef)
     state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
     return unflatten(out_u), state
