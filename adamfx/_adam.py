@@ -55,6 +55,17 @@ class AdamState(NamedTuple):
 ScaleByAdamState = AdamState  # optax's name for the same thing.
 
 
+class AdaMaxState(AdamState):
+  """:class:`AdamState` of :func:`scale_by_adamax`: ``nu`` is the infinity norm.
+
+  The same fields (a drop-in for optax's AdaMax state, field by field); the
+  type tells tools such as :func:`adamfx.adam_diagnostics` that ``nu`` is not
+  a second moment.
+  """
+
+  __slots__ = ()
+
+
 def _is_none(x: Any) -> bool:
   return x is None
 
@@ -464,7 +475,7 @@ def _family_update(
     out_vm.append(None if vm is None else _numerics.keep_positive(
         _numerics.saturate(vm_new, vm.dtype), vm_new))
   unflatten = functools.partial(jax.tree.unflatten, treedef)
-  new_state = AdamState(
+  new_state = (AdaMaxState if infinity_norm else AdamState)(
       count=count,
       mu=unflatten(out_m),
       nu=unflatten(out_v),
@@ -831,7 +842,7 @@ def scale_by_adamax(
   _check_adam_args(b1, b2, eps, 0.0, None, None)
 
   def init_fn(params):
-    return _family_init(params, None, None, amsgrad=False)
+    return AdaMaxState(*_family_init(params, None, None, amsgrad=False))
 
   def update_fn(updates, state, params=None):
     del params

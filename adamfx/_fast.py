@@ -227,7 +227,8 @@ def family_update(
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
   )
-  return u, _adam.AdamState(count, mu, nu, nu_max if amsgrad else None)
+  state_type = _adam.AdaMaxState if infinity_norm else _adam.AdamState
+  return u, state_type(count, mu, nu, nu_max if amsgrad else None)
 
 
 def _scale_one(u, size, static, as_schedule):
