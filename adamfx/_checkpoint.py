@@ -35,10 +35,70 @@ class CheckpointError(ValueError):
 
 
 def _key_part(key: Any) -> str:
+  """One path component, with '%' and '/' escaped so that paths are unambiguous.
+
+  ``{'a/b': x}`` and ``{'a': {'b': y}}`` must not both be ``a/b``.
+  """
   for attr in ('key', 'idx', 'name'):
     if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+      key = getattr(key, attr)
+      break
+  return str(key).replace('%', '%25').replace('/', '%2F')
+
+
+# The code map of 8-bit moments, recorded with every checkpoint that holds
+# them: a change of the map (or of the block size) changes what codes mean.
+_CODE_MAP = 'bitsandbytes-dynamic-7bit-exponent-v1'
+
+
+def _configs(tree: Any) -> dict[str, dict[str, Any]]:
+  """Per leaf path, the configuration that gives a quantized leaf its meaning."""
+  from adamfx._quant import QuantizedArray  # noqa: PLC0415 (import cycle)
+
+  is_q = lambda x: isinstance(x, QuantizedArray)
+  out = {}
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_q)[0]:
+    if not is_q(node):
+      continue
+    prefix = '/'.join(_key_part(k) for k in path)
+    config = {'block_size': node.block_size, 'signed': bool(node.signed), 'code_map': _CODE_MAP}
+    for child in ('codes', 'scale'):
+      out[f'{prefix}/{child}' if prefix else child] = config
+  return out
+
+
+def _check_configs(saved: dict[str, Any], target: Any, where: str) -> None:
+  """CheckpointError naming each quantized leaf whose configuration differs."""
+  want = _configs(target)
+  names = {path: name for path, name, _ in _flatten(target)}
+  problems = []
+  for path, config in want.items():
+    got = saved.get(path)
+    if got is None:
+      problems.append(
+          f'leaf `{names.get(path, path)}` is an 8-bit moment with'
+          f' block_size={config["block_size"]} in the target, but the checkpoint'
+          ' holds no 8-bit configuration for it'
+      )
+    elif got != config:
+      diff = ', '.join(
+          f'{k} {got.get(k)!r} in the checkpoint vs {v!r} in the target'
+          for k, v in config.items() if got.get(k) != v
+      )
+      problems.append(f'leaf `{names.get(path, path)}`: {diff}')
+  for path in saved:
+    if path not in want and path in names:
+      problems.append(
+          f'leaf `{names[path]}` was saved as an 8-bit moment'
+          f' (block_size={saved[path].get("block_size")}) but is not one in the target'
+      )
+  if problems:
+    raise CheckpointError(
+        f'The checkpoint {where} holds 8-bit state of another configuration: '
+        + '; '.join(problems[:6])
+        + '. Build the optimiser with the block_size (and min_8bit_size) the'
+        ' checkpoint was saved with.'
+    )
 
 
 def _flatten(tree: Any) -> list[tuple[str, str, Any]]:
@@ -176,6 +236,7 @@ def convert_state(state: Any, target: Any) -> Any:
   saved = {p: _target_spec(leaf) for p, leaf in source.items()}
   flat = _flatten(target)
   _check_against(saved, flat, 'given')
+  _check_configs(_configs(state), target, 'given')
   values = {p: _place(_host(source[p]), ref) for p, _, ref in flat}
   return _build(target, values)
 
@@ -219,7 +280,7 @@ def save_npz(path: str | os.PathLike, tree: Any) -> None:
     })
   if jax.process_index() != 0:
     return
-  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves}
+  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves, 'configs': _configs(tree)}
   arrays[_NPZ_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   path = os.fspath(path)
   tmp = f'{path}.tmp-{os.getpid()}'
@@ -277,6 +338,7 @@ def restore_npz(path: str | os.PathLike, target: Any) -> Any:
     saved = {p: (tuple(rec['shape']), rec['dtype']) for p, (_, rec) in records.items()}
     flat = _flatten(target)
     _check_against(saved, flat, repr(os.fspath(path)))
+    _check_configs(meta.get('configs', {}), target, repr(os.fspath(path)))
     values = {}
     for canon, name, ref in flat:
       i, rec = records[canon]
@@ -346,7 +408,7 @@ def save_orbax(path: str | os.PathLike, tree: Any, *, force: bool = False) -> No
     if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
       crc = _crc(np.asarray(leaf))
     leaves.append({'path': canon, 'name': name, 'crc32': crc})
-  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves}
+  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves, 'configs': _configs(tree)}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(path), tree, force=force,
              custom_metadata={'adamfx': meta})
@@ -412,6 +474,9 @@ def restore_orbax(path: str | os.PathLike, target: Any) -> Any:
           ' or incomplete.'
       )
     _check_against(saved, flat, repr(path))
+    adamfx_meta = custom.get('adamfx') if isinstance(custom, dict) else None
+    if adamfx_meta:  # written by save_orbax; a foreign checkpoint has none
+      _check_configs(adamfx_meta.get('configs', {}), target, repr(path))
     refs = {p: ref for p, _, ref in flat}
     names = {p: name for p, name, _ in flat}
 
