@@ -171,12 +171,15 @@ def _chain_learning_rate(
     return updates, (inner, *state[1:-1], plan.new_state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    if decay is not None:
+      _checks.check_mask(decay[1], updates, params)
     out = fused(updates, state, params)
     if out is not None:
       return out
     return chain.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  init_fn = chain.init if decay is None else _init_checking_mask(chain, decay[1])
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
@@ -269,7 +272,9 @@ def _in_place_step(
   moments in place in one loop each, as for optax: no copies, no
   temporaries. Every ``nu`` is then an average of squares below a quarter
   of the dtype's maximum, so nothing overflows, and below the clip the
-  numbers are optax's (its operations, in its order, bit for bit).
+  numbers are optax's operations, in its order: equal to float32 rounding
+  (a step-1 update may differ by 1 ulp, where XLA compiles a division by the
+  bias correction differently).
 
   Written with ``lax`` operations, not ``jnp``: a model of thousands of
   leaves traces and compiles this once per leaf.
@@ -792,7 +797,21 @@ def _decoupled_decay_chain(
     mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """``scaling``, then AdamW's decoupled decay, then the learning rate."""
-  return optax.chain(*_links(scaling, learning_rate, (weight_decay, mask)))
+  chain = optax.chain(*_links(scaling, learning_rate, (weight_decay, mask)))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_mask(mask, updates, params)
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(_init_checking_mask(chain, mask), update_fn)
+
+
+def _init_checking_mask(chain: Any, mask: Any) -> Callable[[Any], Any]:
+  def init_fn(params):
+    _checks.check_mask(mask, params, params)
+    return chain.init(params)
+
+  return init_fn
 
 
 def scale_by_adamax(

@@ -263,13 +263,35 @@ def check_hyperparam_dtype(name: str, value: Any) -> None:
   if dtype is None:
     return
   if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    near_one = 0.9999 if np.dtype(dtype) == np.float16 else 0.999
     raise TypeError(
         f'`{name}` reached adamfx as {np.dtype(dtype).name}, which cannot hold'
-        ' a decay rate (0.999 rounds to 1.0 in bfloat16, and the bias'
-        ' correction 1 - b2**t becomes 0). optax.inject_hyperparams casts'
-        ' hyperparameters to the params\' dtype: use'
-        ' adamfx.inject_hyperparams, or pass hyperparam_dtype=jnp.float32.'
+        f' a decay rate ({near_one} rounds to'
+        f' {float(np.asarray(near_one, dtype))!r} in {np.dtype(dtype).name}, and'
+        f' the bias correction 1 - {name}**t becomes 0).'
+        ' optax.inject_hyperparams casts hyperparameters to the params\' dtype:'
+        ' use adamfx.inject_hyperparams, or pass hyperparam_dtype=jnp.float32.'
     )
+
+
+def check_mask(mask: Any, updates: Any, params: Any) -> None:
+  """Checks that AdamW's ``mask`` (a tree, or a function of the params) fits.
+
+  Raises a ValueError naming ``mask`` instead of the raw pytree error optax
+  gives deep inside ``add_decayed_weights``.
+  """
+  if mask is None:
+    return
+  tree = params if params is not None else updates
+  mask_tree = mask(tree) if callable(mask) else mask
+  try:
+    jax.tree.map(lambda m, sub: None, mask_tree, updates, is_leaf=lambda x: x is None)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        '`mask` must be a tree of booleans with the structure of the params (or'
+        ' a prefix of it), or a function of the params returning one; got one'
+        f' that does not match the updates: {e}'
+    ) from e
 
 
 def _leaf_name(path: Any) -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 from typing import Any
-from typing import NamedTuple
 from typing import Optional
 
 import jax
@@ -82,7 +81,7 @@ class QuantizedArray:
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
-  def _replace(self, **kwargs: Any) -> 'QuantizedArray':
+  def _replace(self, **kwargs: Any) -> QuantizedArray:
     fields = {k: getattr(self, k) for k in self.__slots__}
     return QuantizedArray(**{**fields, **kwargs})
 
