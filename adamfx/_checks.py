@@ -80,6 +80,7 @@ def _is_numeric_like(value: Any) -> bool:
 def check_decay(name: str, value: Any) -> None:
   """Checks that a decay rate ``b1``/``b2`` lies in [0, 1)."""
   _check_numeric(name, value)
+  check_hyperparam_dtype(name, value)  # a 16-bit decay: say why, and the fix
   x = _concrete_number(value)
   if x is None:
     return
