@@ -183,6 +183,7 @@ def _chain_learning_rate(
     return updates, (inner, *state[1:-1], plan.new_state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_chain_state(state, len(links))
     if decay is not None:
       _checks.check_mask(decay[1], updates, params)
     out = fused(updates, state, params)
@@ -809,9 +810,12 @@ def _decoupled_decay_chain(
     mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """``scaling``, then AdamW's decoupled decay, then the learning rate."""
-  chain = optax.chain(*_links(scaling, learning_rate, (weight_decay, mask)))
+
+  links = _links(scaling, learning_rate, (weight_decay, mask))
+  chain = optax.chain(*links)
 
   def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_chain_state(state, len(links))
     _checks.check_mask(mask, updates, params)
     return chain.update(updates, state, params, **extra_args)
 

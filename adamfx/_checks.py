@@ -323,3 +323,15 @@ def adam_like_state(state: Any, who: str) -> Any:
       ' the state made by another optimiser? Use adamfx.convert_state to'
       ' bring an optax state over, or init this one.'
   )
+
+
+def check_chain_state(state: Any, links: int) -> None:
+  """A TypeError, not optax's raw one, for a state that is not the chain's."""
+  if isinstance(state, tuple) and not hasattr(type(state), '_fields') and len(state) == links:
+    return
+  got = 'None' if state is None else f'a {type(state).__name__}'
+  raise TypeError(
+      f'update got {got} as the state; pass the state returned by init(params)'
+      f' (a tuple of {links} states, the Adam state first), and then the one'
+      ' returned by the previous update.'
+  )

@@ -159,6 +159,7 @@ def family_update(
 
   flags = dict(nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm)
   hps = (b1, b2, eps, eps_root)
+  _checks.adam_like_state(state, 'scale_by_adamax' if infinity_norm else 'scale_by_adam')
   if jax.config.jax_disable_jit or not all(
       map(_concrete, jax.tree.leaves((updates, state, hps)))
   ):

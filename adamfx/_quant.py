@@ -704,13 +704,19 @@ def adam8bit(
     Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  return optax.chain(
+  chain = optax.chain(
       scale_by_adam8bit(
           b1, b2, eps, eps_root,
           nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
       ),
       _adam._scale_by_learning_rate(learning_rate),
   )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_chain_state(state, 2)
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def adamw8bit(
