@@ -72,3 +72,16 @@ def test_cli_bench_json(capsys):
   assert code == 0
   out = json.loads(capsys.readouterr().out)
   assert [r['case'] for r in out['rows']] == ['large']
+
+
+@pytest.mark.parametrize('value', ['0', '-1', 'two'])
+def test_cli_bench_refuses_bad_repeats_before_work(value, capsys, monkeypatch):
+  monkeypatch.setattr(_bench, 'bench', lambda *a, **k: pytest.fail('ran before checking'))
+  with pytest.raises(SystemExit):
+    _cli.main(['bench', '--preset', 'tiny', '--repeats', value])
+  assert '--repeats: must be an int >= 1' in capsys.readouterr().err
+
+
+def test_bench_function_refuses_bad_repeats():
+  with pytest.raises(ValueError, match='`repeats` must be an int >= 1'):
+    _bench.bench('tiny', repeats=0)
