@@ -116,9 +116,35 @@ def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransform
   return optax.GradientTransformation(inner.init, update_fn)
 
 
+def _nan_if_negative(
+    inner: optax.GradientTransformation, value: Any
+) -> optax.GradientTransformation:
+  """``inner``, its updates NaN where an array ``value`` is negative or not finite.
+
+  A learning rate or weight decay that is a traced array cannot be checked
+  at construction: an invalid one must not give finite wrong steps (a
+  negative rate ascends). Python numbers and schedules pass through as is.
+  """
+  if callable(value) and not _checks._is_numeric_like(value):
+    return inner
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return inner
+
+  def update_fn(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    x = jnp.asarray(value)
+    invalid = jnp.any(~((x >= 0) & (x < jnp.inf)))
+    return jax.tree.map(lambda u: None if u is None else nan_where(invalid, u), updates,
+                        is_leaf=_is_none), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
   _checks.check_learning_rate(learning_rate)
-  traced = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
+  traced = _nan_if_negative(
+      _keep_dtypes(optax.scale_by_learning_rate(learning_rate)), learning_rate
+  )
   return _fast.scale_by_learning_rate(learning_rate, traced)  # compiled when eager
 
 
@@ -134,7 +160,9 @@ def _links(
     weight_decay, mask = decay
     if not callable(weight_decay):
       _checks.check_non_negative('weight_decay', weight_decay)
-    links.append(_keep_dtypes(optax.add_decayed_weights(weight_decay, mask)))
+    links.append(_nan_if_negative(
+        _keep_dtypes(optax.add_decayed_weights(weight_decay, mask)), weight_decay
+    ))
   links.append(_scale_by_learning_rate(learning_rate))
   return links
 

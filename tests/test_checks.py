@@ -391,3 +391,18 @@ def test_chain_update_with_a_foreign_or_missing_state_says_so(make, state):
 def test_adamw8bit_update_with_a_missing_state_says_so():
   with pytest.raises(TypeError, match='state'):
     adamfx.adamw8bit(1e-2).update(jnp.ones(3), None, jnp.ones(3))
+
+
+@pytest.mark.parametrize('which', ['learning_rate', 'weight_decay'])
+def test_traced_negative_learning_rate_or_decay_gives_nan(which):
+  """A traced negative rate would ascend with finite steps: NaN instead."""
+  g = jnp.asarray([0.5, -2.0, 1.0])
+
+  def step(value):
+    kwargs = {'learning_rate': 1e-2, 'weight_decay': 1e-4, which: value}
+    tx = adamfx.adamw(**kwargs)
+    return tx.update(g, tx.init(g), g)[0]
+
+  for bad in (-1e-2, float('nan'), float('inf')):
+    assert bool(jnp.all(jnp.isnan(jax.jit(step)(jnp.float32(bad))))), bad
+  assert bool(jnp.all(jnp.isfinite(jax.jit(step)(jnp.float32(1e-3)))))
