@@ -52,53 +52,77 @@ _CODE_MAP = 'bitsandbytes-dynamic-7bit-exponent-v1'
 
 
 def _configs(tree: Any) -> dict[str, dict[str, Any]]:
-  """Per leaf path, the configuration that gives a quantized leaf its meaning."""
-  from adamfx._quant import QuantizedArray  # noqa: PLC0415 (import cycle)
+  """Per leaf path, the configuration that gives the leaf its meaning.
 
-  is_q = lambda x: isinstance(x, QuantizedArray)
-  out = {}
-  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_q)[0]:
-    if not is_q(node):
-      continue
-    prefix = '/'.join(_key_part(k) for k in path)
-    config = {'block_size': node.block_size, 'signed': bool(node.signed), 'code_map': _CODE_MAP}
-    for child in ('codes', 'scale'):
-      out[f'{prefix}/{child}' if prefix else child] = config
+  For the leaves of an 8-bit moment: its block size, map sign and code map;
+  for the leaves of a :func:`adamfx.pack_state` state: the packed layout (the
+  params' paths, shapes and dtypes, in packing order).
+  """
+  from adamfx._flat import PackedState  # noqa: PLC0415 (import cycle)
+  from adamfx._quant import QuantizedArray  # noqa: PLC0415
+
+  is_node = lambda x: isinstance(x, (QuantizedArray, PackedState))
+  out: dict[str, dict[str, Any]] = {}
+
+  def visit(prefix, tree, inherited):
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+      here = '/'.join(p for p in (prefix, '/'.join(_key_part(k) for k in path)) if p)
+      if isinstance(node, PackedState):
+        layout = {'packed_layout': node.describe_layout()}
+        visit(f'{here}/inner' if here else 'inner', node.inner, {**inherited, **layout})
+      elif isinstance(node, QuantizedArray):
+        config = {**inherited, 'block_size': node.block_size, 'signed': bool(node.signed),
+                  'code_map': _CODE_MAP}
+        for child in ('codes', 'scale'):
+          out[f'{here}/{child}' if here else child] = config
+      elif inherited:
+        out[here] = dict(inherited)
+
+  visit('', tree, {})
   return out
 
 
 def _check_configs(saved: dict[str, Any], target: Any, where: str) -> None:
-  """CheckpointError naming each quantized leaf whose configuration differs."""
+  """CheckpointError naming each leaf whose configuration differs."""
   want = _configs(target)
   names = {path: name for path, name, _ in _flatten(target)}
   problems = []
-  for path, config in want.items():
-    got = saved.get(path)
-    if got is None:
-      problems.append(
-          f'leaf `{names.get(path, path)}` is an 8-bit moment with'
-          f' block_size={config["block_size"]} in the target, but the checkpoint'
-          ' holds no 8-bit configuration for it'
-      )
-    elif got != config:
-      diff = ', '.join(
-          f'{k} {got.get(k)!r} in the checkpoint vs {v!r} in the target'
-          for k, v in config.items() if got.get(k) != v
-      )
-      problems.append(f'leaf `{names.get(path, path)}`: {diff}')
-  for path in saved:
-    if path not in want and path in names:
-      problems.append(
-          f'leaf `{names[path]}` was saved as an 8-bit moment'
-          f' (block_size={saved[path].get("block_size")}) but is not one in the target'
-      )
+  for path in sorted(set(want) | set(saved)):
+    if path not in names:
+      continue
+    got, config = saved.get(path, {}), want.get(path, {})
+    if got == config:
+      continue
+    diffs = []
+    for key in sorted(set(got) | set(config)):
+      if got.get(key) == config.get(key):
+        continue
+      if key == 'packed_layout':
+        diffs.append(_layout_difference(got.get(key), config.get(key)))
+      else:
+        diffs.append(f'{key} {got.get(key)!r} in the checkpoint vs {config.get(key)!r} in the'
+                     ' target')
+    problems.append(f'leaf `{names[path]}`: {", ".join(diffs)}')
   if problems:
     raise CheckpointError(
-        f'The checkpoint {where} holds 8-bit state of another configuration: '
+        f'The checkpoint {where} was saved with another configuration: '
         + '; '.join(problems[:6])
-        + '. Build the optimiser with the block_size (and min_8bit_size) the'
-        ' checkpoint was saved with.'
+        + (f' and {len(problems) - 6} more' if len(problems) > 6 else '')
+        + '. Build the optimiser (8-bit block_size, min_8bit_size; pack_state over the'
+        ' same params) as the checkpoint was saved.'
     )
+
+
+def _layout_difference(got: Any, want: Any) -> str:
+  if got is None:
+    return 'the target is packed (pack_state), the checkpoint is not'
+  if want is None:
+    return 'the checkpoint is packed (pack_state), the target is not'
+  for i, (g, w) in enumerate(zip(got, want)):
+    if g != w:
+      return (f'packed layout differs at param {i}: {g[0]} {tuple(g[1])} {g[2]} in the'
+              f' checkpoint vs {w[0]} {tuple(w[1])} {w[2]} in the target')
+  return f'packed layout of {len(got)} params in the checkpoint vs {len(want)} in the target'
 
 
 def _flatten(tree: Any) -> list[tuple[str, str, Any]]:

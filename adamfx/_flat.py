@@ -164,12 +164,17 @@ def pack_state(
     inner: any optax transformation, e.g. ``adamfx.adam(1e-3)``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
-    state over the packed params.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`PackedState`: ``inner``'s state over the packed params, with the
+    params' layout (checked against each gradient tree and by checkpoints).
 
   Raises:
     ValueError: at init or update, if a leaf is sharded over several devices
-      (packing would gather it; keep such params with a plain ``inner``).
+      (packing would gather it; keep such params with a plain ``inner``);
+      at init, if ``inner`` holds a mask or labels shaped like the params
+      (``adamw(mask=...)``, ``optax.masked``, ``optax.multi_transform``: the
+      message says what to write instead); at update, if the gradient tree
+      differs from the params' (structure, shapes, dtypes), naming the leaf.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -184,8 +189,6 @@ def pack_state(
     Array([0.01, 0.01, 0.01], dtype=float32)
   """
 
-  layouts: list[Any] = []  # the params' tree, shapes and dtypes, from init
-
   def init_fn(params):
     flat, _ = _ravel(params, 'pack_state')
     try:
@@ -194,22 +197,68 @@ def pack_state(
       raise ValueError(_MASK_HINT.format(what='`inner.init` failed on them') + f' ({e})') from e
     if _has_mask(state):
       raise ValueError(_MASK_HINT.format(what='a mask or labels in `inner` would see them'))
-    layouts[:] = [_signature(params)]
-    return state
+    return PackedState(state, _signature(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    if not isinstance(state, PackedState):
+      got = 'None' if state is None else f'a {type(state).__name__}'
+      raise TypeError(
+          f'pack_state.update got {got} as the state; pass the PackedState'
+          ' returned by its init(params) (and then by the previous update).'
+      )
     if params is not None:
       check_like_params(updates, _signature(params), 'params')
-    elif layouts:
-      check_like_params(updates, layouts[0], 'the params given to init')
+    # Against init's layout: leaf by leaf (a framework may have handed init
+    # its params boxed, e.g. nnx.Variable, and the gradients unboxed).
+    check_like_params(updates, state.layout, 'the params given to init', structure=False)
     flat, unravel = _ravel(updates, 'pack_state')
     flat_params = None if params is None else _ravel(params, 'pack_state')[0]
-    flat, state = optax.with_extra_args_support(inner).update(
-        flat, state, flat_params, **extra_args
+    flat, inner_state = optax.with_extra_args_support(inner).update(
+        flat, state.inner, flat_params, **extra_args
     )
-    return unravel(flat), state
+    return unravel(flat), PackedState(inner_state, state.layout)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class PackedState:
+  """:func:`pack_state`'s state: ``inner``'s state over the packed buffers.
+
+  ``layout`` (static, part of the tree structure) records the params' tree,
+  leaf shapes and dtypes that the buffers pack, so that gradients are checked
+  against it and a checkpoint restores only into the same layout. Indexing
+  reads ``inner`` (``state[0].mu`` is the inner chain's first state).
+  """
+
+  __slots__ = ('inner', 'layout')
+
+  def __init__(self, inner: Any, layout: Any):
+    self.inner = inner
+    self.layout = layout
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey('inner'), self.inner),), self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(children[0], layout)
+
+  def __getitem__(self, i: Any) -> Any:
+    return self.inner[i]
+
+  def __len__(self) -> int:
+    return len(self.inner)
+
+  def describe_layout(self) -> list[list[Any]]:
+    """The layout as JSON-able ``[path, shape, dtype]`` rows (for checkpoints)."""
+    return [
+        [jax.tree_util.keystr(tuple(path)), list(shape), np.dtype(dtype).name]
+        for path, shape, dtype in self.layout[1]
+    ]
+
+  def __repr__(self) -> str:
+    return f'PackedState(inner={self.inner!r}, leaves={len(self.layout[1])})'
 
 
 _MASK_HINT = (
@@ -234,15 +283,17 @@ def _has_mask(state: Any) -> bool:
   return bool(found)
 
 
-def _signature(tree: Any) -> tuple[Any, list[tuple[Any, tuple[int, ...], Any]]]:
+def _signature(tree: Any) -> tuple[Any, tuple[tuple[Any, tuple[int, ...], Any], ...]]:
+  """The tree's structure and its leaves' paths, shapes and dtypes (hashable)."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  return treedef, [
-      (path, tuple(np.shape(x)), jnp.dtype(getattr(x, 'dtype', None) or jnp.result_type(x)))
+  return treedef, tuple(
+      (tuple(path), tuple(np.shape(x)),
+       jnp.dtype(jax.dtypes.canonicalize_dtype(getattr(x, 'dtype', None) or jnp.result_type(x))))
       for path, x in leaves
-  ]
+  )
 
 
-def check_like_params(updates: Any, signature: Any, what: str) -> None:
+def check_like_params(updates: Any, signature: Any, what: str, structure: bool = True) -> None:
   """Checks that ``updates`` has the tree, shapes and dtypes of ``signature``.
 
   Packing concatenates leaves, so a gradient of another shape (or a tree with
@@ -252,7 +303,13 @@ def check_like_params(updates: Any, signature: Any, what: str) -> None:
   ref_def, ref = signature
   got_def, got = _signature(updates)
   name = lambda path: f'`{jax.tree_util.keystr(tuple(path)) or "<root>"}`'
-  if got_def != ref_def:
+  if not structure and len(got) != len(ref):
+    raise ValueError(
+        f'pack_state: the update tree has {len(got)} leaves, {what} had'
+        f' {len(ref)} ({", ".join(name(p) for p, _, _ in ref[:5])}'
+        f'{", ..." if len(ref) > 5 else ""}): the gradients must have the params\' tree.'
+    )
+  if structure and got_def != ref_def:
     ref_paths = [name(p) for p, _, _ in ref]
     got_paths = [name(p) for p, _, _ in got]
     missing = [p for p in ref_paths if p not in got_paths]

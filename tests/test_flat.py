@@ -26,7 +26,7 @@ def packed(request):
         # Swapped sizes: the same total, each leaf wrong.
         ({'a': jnp.ones(4), 'b': jnp.ones(8)}, r"leaf `\['a'\]`.*shape \(4,\)"),
         # A leaf missing, the same total size.
-        ({'a': jnp.ones(12)}, r"missing from the updates: `\['b'\]`"),
+        ({'a': jnp.ones(12)}, r"missing from the updates: `\['b'\]`|1 leaves, .* had 2"),
         ({'a': jnp.ones(8), 'b': jnp.ones(4, jnp.bfloat16)}, r"leaf `\['b'\]`.*bfloat16"),
     ],
     ids=['reshaped', 'swapped', 'missing', 'dtype'],
@@ -90,3 +90,25 @@ def test_unravel_refuses_a_buffer_of_another_size(size):
     unravel({'float32': jnp.ones(size)})
   with pytest.raises(ValueError, match='unravel expects buffers'):
     unravel({'float64': flat['float32']})
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'orbax'])
+def test_packed_checkpoint_refuses_another_layout(tmp_path, fmt):
+  """Same buffer sizes (12 float32), other params: the layout names the difference."""
+  tx = adamfx.pack_state(adamfx.adam(1e-2))
+  state = tx.init(PARAMS)
+  save, restore = {'npz': (adamfx.save_npz, adamfx.restore_npz),
+                   'orbax': (adamfx.save_orbax, adamfx.restore_orbax)}[fmt]
+  path = tmp_path / ('s.npz' if fmt == 'npz' else 'ckpt')
+  save(path, state)
+  other = tx.init({'a': jnp.ones(4), 'b': jnp.ones(8)})
+  with pytest.raises(adamfx.CheckpointError, match=r"packed layout differs.*\(8,\).*\(4,\)"):
+    restore(path, other)
+  back = restore(path, tx.init(PARAMS))
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+
+
+def test_pack_state_refuses_a_state_it_did_not_make():
+  tx = adamfx.pack_state(adamfx.adam(1e-2))
+  with pytest.raises(TypeError, match='PackedState'):
+    tx.update(PARAMS, adamfx.adam(1e-2).init(PARAMS), PARAMS)
