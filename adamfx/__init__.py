@@ -19,6 +19,7 @@ from adamfx._checkpoint import save_npz
 from adamfx._checkpoint import save_orbax
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
+from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
 from adamfx._quant import QuantizedArray
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AdamState",
     "CheckpointError",
+    "PackedState",
     "QuantizedArray",
     "ScaleByAdamState",
     "adam",
