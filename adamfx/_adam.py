@@ -641,9 +641,11 @@ def scale_by_adam(
 
   Raises:
     ValueError: if ``b1`` or ``b2`` is outside [0, 1), or ``eps``/``eps_root``
-      is negative or not finite; at update time, if the gradient tree does
-      not match the state, or if ``b1``/``b2`` rounds to 1.0 in the
-      arithmetic dtype (``b2=0.99999999`` with float32 params).
+      is negative or not finite (Python, NumPy or concrete JAX values); at
+      update time, if the gradient tree does not match the state, or if
+      ``b1``/``b2`` rounds to 1.0 in the arithmetic dtype (``b2=0.99999999``
+      with float32 params). A traced value outside its range makes the
+      update NaN instead.
     TypeError: if a hyperparameter is not a number, a dtype is not floating
       point, or a params leaf is an integer array.
 

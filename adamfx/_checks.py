@@ -1,9 +1,10 @@
 """Eager validation of hyperparameters and trees, with the error texts.
 
-Only concrete Python (or NumPy) numbers are checked at construction time.
-Anything else -- a traced value under ``jit``, an array injected by
-``optax.inject_hyperparams``, a schedule -- passes through untouched, so that
-traced hyperparameters keep working.
+Concrete values -- Python and NumPy numbers, and concrete 0-d JAX arrays --
+are checked at construction time. Traced values (under ``jit``, or
+injected and changed inside a jitted step) and schedules pass through, so that
+traced hyperparameters keep working; an invalid traced value then makes the
+update NaN (:func:`invalid_hyperparams`), never a finite wrong step.
 """
 
 from __future__ import annotations
