@@ -27,6 +27,7 @@ from adamfx._conventions import torch_adam
 from adamfx._conventions import torch_adamw
 from adamfx._diagnostics import adam_diagnostics
 from adamfx._diagnostics import adam_step_bound
+from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
 from adamfx._quant import QuantizedArray
@@ -55,6 +56,7 @@ __all__ = (
     "EmaParamsState",
     "FrameworkAdamState",
     "LazyAdamState",
+    "PackedState",
     "QuantizedArray",
     "RowSparse",
     "ScaleByAdamState",

@@ -9,6 +9,7 @@ parameters of it, not copies of it.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -54,6 +55,17 @@ class AdamState(NamedTuple):
 ScaleByAdamState = AdamState  # optax's name for the same thing.
 
 
+class AdaMaxState(AdamState):
+  """:class:`AdamState` of :func:`scale_by_adamax`: ``nu`` is the infinity norm.
+
+  The same fields (a drop-in for optax's AdaMax state, field by field); the
+  type tells tools such as :func:`adamfx.adam_diagnostics` that ``nu`` is not
+  a second moment.
+  """
+
+  __slots__ = ()
+
+
 def _is_none(x: Any) -> bool:
   return x is None
 
@@ -68,6 +80,18 @@ def _hp(value: Any, dtype: Any) -> Any:
 def _power(base: Any, count: jax.Array, dtype: Any) -> jax.Array:
   # lax.pow with an integer exponent, as optax computes ``decay**count``.
   return jax.lax.pow(jnp.asarray(base, dtype), count)
+
+
+def _one_minus_power(base: Any, count: jax.Array, dtype: Any) -> jax.Array:
+  """``1 - base**count`` in ``dtype``: the bias correction.
+
+  Under ``jax_enable_x64`` it is computed in float64 and then rounded, as
+  optax's weakly typed ``1 - decay**count`` is there: in float32,
+  ``1 - 0.999**3`` loses ~2e-5 of its value to cancellation.
+  """
+  if jax.config.jax_enable_x64 and jnp.finfo(dtype).bits < 64:
+    return (1 - _power(base, count, jnp.float64)).astype(dtype)
+  return 1 - _power(base, count, dtype)
 
 
 def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -92,9 +116,35 @@ def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransform
   return optax.GradientTransformation(inner.init, update_fn)
 
 
+def _nan_if_negative(
+    inner: optax.GradientTransformation, value: Any
+) -> optax.GradientTransformation:
+  """``inner``, its updates NaN where an array ``value`` is negative or not finite.
+
+  A learning rate or weight decay that is a traced array cannot be checked
+  at construction: an invalid one must not give finite wrong steps (a
+  negative rate ascends). Python numbers and schedules pass through as is.
+  """
+  if callable(value) and not _checks._is_numeric_like(value):
+    return inner
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    return inner
+
+  def update_fn(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    x = jnp.asarray(value)
+    invalid = jnp.any(~((x >= 0) & (x < jnp.inf)))
+    return jax.tree.map(lambda u: None if u is None else nan_where(invalid, u), updates,
+                        is_leaf=_is_none), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
+
+
 def _scale_by_learning_rate(learning_rate: ScalarOrSchedule):
   _checks.check_learning_rate(learning_rate)
-  traced = _keep_dtypes(optax.scale_by_learning_rate(learning_rate))
+  traced = _nan_if_negative(
+      _keep_dtypes(optax.scale_by_learning_rate(learning_rate)), learning_rate
+  )
   return _fast.scale_by_learning_rate(learning_rate, traced)  # compiled when eager
 
 
@@ -110,7 +160,9 @@ def _links(
     weight_decay, mask = decay
     if not callable(weight_decay):
       _checks.check_non_negative('weight_decay', weight_decay)
-    links.append(_keep_dtypes(optax.add_decayed_weights(weight_decay, mask)))
+    links.append(_nan_if_negative(
+        _keep_dtypes(optax.add_decayed_weights(weight_decay, mask)), weight_decay
+    ))
   links.append(_scale_by_learning_rate(learning_rate))
   return links
 
@@ -159,12 +211,16 @@ def _chain_learning_rate(
     return updates, (inner, *state[1:-1], plan.new_state)
 
   def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_chain_state(state, len(links))
+    if decay is not None:
+      _checks.check_mask(decay[1], updates, params)
     out = fused(updates, state, params)
     if out is not None:
       return out
     return chain.update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  init_fn = chain.init if decay is None else _init_checking_mask(chain, decay[1])
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
@@ -238,7 +294,7 @@ def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scal
     return 1 - const(x)
 
   def inverse_correction(b, t):  # 1 / (1 - b**t)
-    return jax.lax.div(np.asarray(1, dtype), 1 - _power(b, t, dtype))
+    return jax.lax.div(np.asarray(1, dtype), _one_minus_power(b, t, dtype))
 
   k = _Scalars(
       b1=const(b1), one_minus_b1=one_minus(b1), b2=const(b2), one_minus_b2=one_minus(b2),
@@ -276,7 +332,9 @@ def _in_place_step(
   moments in place in one loop each, as for optax: no copies, no
   temporaries. Every ``nu`` is then an average of squares below a quarter
   of the dtype's maximum, so nothing overflows, and below the clip the
-  numbers are optax's (its operations, in its order, bit for bit).
+  numbers are optax's operations, in its order: equal to float32 rounding
+  (a step-1 update may differ by 1 ulp, where XLA compiles a division by the
+  bias correction differently).
 
   Written with ``lax`` operations, not ``jnp``: a model of thousands of
   leaves traces and compiles this once per leaf.
@@ -415,8 +473,8 @@ def _moment_step(
   m = m.astype(cdt)
   v = jnp.real(v).astype(rdt)
   b1c, b2r = _hp(b1, cdt), _hp(b2, rdt)
-  bc1 = 1 - _power(b1, count, rdt)
-  bc2 = 1 - _power(b2, count, rdt)
+  bc1 = _one_minus_power(b1, count, rdt)
+  bc2 = _one_minus_power(b2, count, rdt)
 
   if infinity_norm:  # AdaMax, Kingma & Ba section 7.1.
     m = (1 - b1c) * g + b1c * m
@@ -442,7 +500,7 @@ def _moment_step(
   m = (1 - b1c) * g + b1c * m
   v = (1 - _hp(b2, rdt)) * sq + b2r * v
   if nesterov:  # Dozat 2016, in optax's form.
-    bc1_next = 1 - _power(b1, optax.safe_increment(count), rdt)
+    bc1_next = _one_minus_power(b1, optax.safe_increment(count), rdt)
     m_hat = b1c * (m / bc1_next.astype(cdt)) + (1 - b1c) * (g / bc1.astype(cdt))
   else:
     m_hat = m / bc1.astype(cdt)
@@ -473,6 +531,13 @@ def _moment_step(
   return update, m, v, v_max
 
 
+def nan_where(invalid: Any, u: jax.Array) -> jax.Array:
+  """``u``, or NaN everywhere if ``invalid`` (see ``_checks.invalid_hyperparams``)."""
+  if invalid is None:
+    return u
+  return jnp.where(invalid, jnp.asarray(jnp.nan, u.dtype), u)
+
+
 def _family_update(
     updates: optax.Updates,
     state: AdamState,
@@ -486,11 +551,13 @@ def _family_update(
     infinity_norm: bool = False,
 ) -> tuple[optax.Updates, AdamState]:
   """Applies :func:`_moment_step` to every leaf and stores the results."""
+  _checks.adam_like_state(state, 'adamax' if infinity_norm else 'adam')
   updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
   _checks.check_matching_trees(updates, state.mu)
   _checks.check_hyperparam_dtype('b1', b1)
   _checks.check_hyperparam_dtype('b2', b2)
   count = optax.safe_increment(state.count)
+  invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
   g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
@@ -521,7 +588,7 @@ def _family_update(
         nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
         scalars=scalars,
     )
-    out_u.append(u.astype(g.dtype))
+    out_u.append(nan_where(invalid, u).astype(g.dtype))
     if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
       # Stored as computed: the in-place formulation's moments always fit,
       # and a clamp here would keep XLA from updating m and v in place.
@@ -539,7 +606,7 @@ def _family_update(
     out_vm.append(None if vm is None else _numerics.keep_positive(
         _numerics.saturate(vm_new, vm.dtype), vm_new))
   unflatten = functools.partial(jax.tree.unflatten, treedef)
-  new_state = AdamState(
+  new_state = (AdaMaxState if infinity_norm else AdamState)(
       count=count,
       mu=unflatten(out_m),
       nu=unflatten(out_v),
@@ -660,9 +727,11 @@ def scale_by_adam(
 
   Raises:
     ValueError: if ``b1`` or ``b2`` is outside [0, 1), or ``eps``/``eps_root``
-      is negative or not finite; at update time, if the gradient tree does
-      not match the state, or if ``b1``/``b2`` rounds to 1.0 in the
-      arithmetic dtype (``b2=0.99999999`` with float32 params).
+      is negative or not finite (Python, NumPy or concrete JAX values); at
+      update time, if the gradient tree does not match the state, or if
+      ``b1``/``b2`` rounds to 1.0 in the arithmetic dtype (``b2=0.99999999``
+      with float32 params). A traced value outside its range makes the
+      update NaN instead.
     TypeError: if a hyperparameter is not a number, a dtype is not floating
       point, or a params leaf is an integer array.
 
@@ -857,7 +926,24 @@ def _decoupled_decay_chain(
     mask: Any,
 ) -> optax.GradientTransformationExtraArgs:
   """``scaling``, then AdamW's decoupled decay, then the learning rate."""
-  return optax.chain(*_links(scaling, learning_rate, (weight_decay, mask)))
+
+  links = _links(scaling, learning_rate, (weight_decay, mask))
+  chain = optax.chain(*links)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_chain_state(state, len(links))
+    _checks.check_mask(mask, updates, params)
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(_init_checking_mask(chain, mask), update_fn)
+
+
+def _init_checking_mask(chain: Any, mask: Any) -> Callable[[Any], Any]:
+  def init_fn(params):
+    _checks.check_mask(mask, params, params)
+    return chain.init(params)
+
+  return init_fn
 
 
 def scale_by_adamax(
@@ -907,7 +993,7 @@ def scale_by_adamax(
   _check_adam_args(b1, b2, eps, 0.0, None, None)
 
   def init_fn(params):
-    return _family_init(params, None, None, amsgrad=False)
+    return AdaMaxState(*_family_init(params, None, None, amsgrad=False))
 
   def update_fn(updates, state, params=None):
     del params
@@ -990,6 +1076,27 @@ def amsgrad(
   return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True)
 
 
+# Arguments that change what the state is or how it is laid out, not a value
+# of the update: kept static by :func:`inject_hyperparams` without being named.
+STRUCTURAL_ARGS = frozenset({
+    'amsgrad', 'block_size', 'mask', 'min_8bit_size', 'mu_dtype', 'nesterov', 'nu_dtype',
+})
+
+
+def _structural(inner_factory: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[str, ...]:
+  """The names among ``inner_factory``'s bound arguments to keep static."""
+  try:
+    bound = inspect.signature(inner_factory).bind(*args, **kwargs)
+    bound.apply_defaults()
+  except (TypeError, ValueError):
+    return ()
+  names = []
+  for name, value in bound.arguments.items():
+    if name in STRUCTURAL_ARGS or isinstance(value, bool) or value is None:
+      names.append(name)
+  return tuple(names)
+
+
 def inject_hyperparams(
     inner_factory: Callable[..., Any],
     static_args: Union[str, tuple[str, ...]] = (),
@@ -1000,16 +1107,29 @@ def inject_hyperparams(
   optax casts injected hyperparameters to the params' dtype, which in
   bfloat16 turns ``b2=0.999`` into ``1.0``. This wrapper defaults
   ``hyperparam_dtype`` to float32 when the params are narrower (and to the
-  params' dtype otherwise), and is otherwise optax's function.
+  params' dtype otherwise), and returns updates in the gradients' dtypes.
+
+  Structural arguments -- those that decide the state's layout rather than a
+  value of the update: ``block_size``, ``min_8bit_size``, ``mu_dtype``,
+  ``nu_dtype``, ``mask``, and flags such as ``nesterov`` or ``amsgrad`` (any
+  ``bool``) -- are kept static without being listed in ``static_args``. The
+  arguments are checked when the factory is called (a concrete ``b2=1.0``
+  raises there); a traced invalid value gives NaN updates, as in optax.
+  Eager updates with new values of the injected hyperparameters reuse the
+  compiled steps (no recompilation).
 
   Args:
     inner_factory: a function returning a transformation, e.g. :func:`adam`.
-    static_args: names of arguments not to inject.
+    static_args: names of further arguments not to inject.
     hyperparam_dtype: dtype of the injected hyperparameters; default: at
       least float32.
 
   Returns:
     A factory with the signature of ``inner_factory``.
+
+  Raises:
+    ValueError, TypeError: when the factory is called, for arguments
+      ``inner_factory`` refuses.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -1019,11 +1139,17 @@ def inject_hyperparams(
     >>> state = tx.init(params)
     >>> state.hyperparams['b2'].dtype
     dtype('float32')
+    >>> tx8 = adamfx.inject_hyperparams(adamfx.adam8bit)(1e-3, block_size=128)
+    >>> sorted(tx8.init(jnp.ones(8)).hyperparams)
+    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate']
   """
-  if hyperparam_dtype is not None:
-    return optax.inject_hyperparams(inner_factory, static_args, hyperparam_dtype)
+  if isinstance(static_args, str):
+    static_args = (static_args,)
+  user_static = tuple(static_args)
 
   def dtype_for(tree):
+    if hyperparam_dtype is not None:
+      return hyperparam_dtype
     # The leaves' dtypes promoted together with float32, real part. Not
     # optax.tree.dtype(tree, 'highest'): it refuses a float64 + complex64
     # tree, and under strict promotion a bfloat16 + float32 one.
@@ -1032,19 +1158,28 @@ def inject_hyperparams(
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs):
-    def build(tree):
-      return optax.inject_hyperparams(
-          inner_factory, static_args, dtype_for(tree)
-      )(*args, **kwargs)
+    inner_factory(*args, **kwargs)  # Check the arguments now, not at init.
+    static = tuple(dict.fromkeys(user_static + _structural(inner_factory, args, kwargs)))
 
-    build(None)  # Bind (and so check) the arguments now, not at init.
+    def build(tree):
+      return optax.inject_hyperparams(inner_factory, static, dtype_for(tree))(*args, **kwargs)
+
+    build(None)  # Bind the arguments now too.
 
     def init_fn(params):
       return build(params).init(params)
 
     def update_fn(updates, state, params=None, **extra_args):
       tree = params if params is not None else updates
-      return build(tree).update(updates, state, params, **extra_args)
+      new_updates, state = build(tree).update(updates, state, params, **extra_args)
+      # Updates in the gradients' dtypes (optax's own members promote bf16
+      # gradients with float32 hyperparameters to float32).
+      new_updates = jax.tree.map(
+          lambda n, u: n if n is None or u is None or not hasattr(u, 'dtype')
+          else n.astype(u.dtype),
+          new_updates, updates, is_leaf=_is_none,
+      )
+      return new_updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

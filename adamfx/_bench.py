@@ -143,9 +143,19 @@ def _all_cases() -> tuple[str, ...]:
 CASES = TREE_CASES  # the tree rows of earlier versions (and their default)
 
 
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'must be an int >= 1, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be an int >= 1, got {value}')
+  return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--preset', choices=tuple(PRESETS), default='default',
-                      help='problem sizes: tiny (seconds), default (minutes on 2 busy cores), full (the'
+                      help='problem sizes: tiny (a smoke run, under a minute), default (minutes on 2 busy cores), full (the'
                            ' issue\'s sizes: 16M leaf, 121-leaf 54M model, 2000 tiny'
                            ' leaves; many minutes on 2 cores)')
   parser.add_argument('--cases', nargs='+', choices=_all_cases(), default=list(_all_cases()),
@@ -156,7 +166,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='time jitted training steps of a small transformer LM instead: the'
                            ' optimiser\'s marginal cost over plain SGD (see adamfx._step_bench)')
   parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
-  parser.add_argument('--repeats', type=int, default=None, help='override the preset')
+  parser.add_argument('--repeats', type=_positive_int, default=None,
+                      help='interleaved repeats, >= 1 (default: the preset\'s)')
   parser.add_argument('--no-flat', action='store_true',
                       help='skip the flat-mode and packed-state rows')
   parser.add_argument('--no-torch', action='store_true', help='skip torch.optim.Adam')
@@ -403,7 +414,9 @@ def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
 
   cases = _all_cases() if cases is None else cases
   preset = dict(PRESETS[preset_name])
-  if repeats:
+  if repeats is not None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+      raise ValueError(f'`repeats` must be an int >= 1, got {repeats!r}.')
     preset['repeats'] = repeats
   try:
     import torch  # noqa: F401

@@ -35,10 +35,94 @@ class CheckpointError(ValueError):
 
 
 def _key_part(key: Any) -> str:
+  """One path component, with '%' and '/' escaped so that paths are unambiguous.
+
+  ``{'a/b': x}`` and ``{'a': {'b': y}}`` must not both be ``a/b``.
+  """
   for attr in ('key', 'idx', 'name'):
     if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
+      key = getattr(key, attr)
+      break
+  return str(key).replace('%', '%25').replace('/', '%2F')
+
+
+# The code map of 8-bit moments, recorded with every checkpoint that holds
+# them: a change of the map (or of the block size) changes what codes mean.
+_CODE_MAP = 'bitsandbytes-dynamic-7bit-exponent-v1'
+
+
+def _configs(tree: Any) -> dict[str, dict[str, Any]]:
+  """Per leaf path, the configuration that gives the leaf its meaning.
+
+  For the leaves of an 8-bit moment: its block size, map sign and code map;
+  for the leaves of a :func:`adamfx.pack_state` state: the packed layout (the
+  params' paths, shapes and dtypes, in packing order).
+  """
+  from adamfx._flat import PackedState  # noqa: PLC0415 (import cycle)
+  from adamfx._quant import QuantizedArray  # noqa: PLC0415
+
+  is_node = lambda x: isinstance(x, (QuantizedArray, PackedState))
+  out: dict[str, dict[str, Any]] = {}
+
+  def visit(prefix, tree, inherited):
+    for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]:
+      here = '/'.join(p for p in (prefix, '/'.join(_key_part(k) for k in path)) if p)
+      if isinstance(node, PackedState):
+        layout = {'packed_layout': node.describe_layout()}
+        visit(f'{here}/inner' if here else 'inner', node.inner, {**inherited, **layout})
+      elif isinstance(node, QuantizedArray):
+        config = {**inherited, 'block_size': node.block_size, 'signed': bool(node.signed),
+                  'code_map': _CODE_MAP}
+        for child in ('codes', 'scale'):
+          out[f'{here}/{child}' if here else child] = config
+      elif inherited:
+        out[here] = dict(inherited)
+
+  visit('', tree, {})
+  return out
+
+
+def _check_configs(saved: dict[str, Any], target: Any, where: str) -> None:
+  """CheckpointError naming each leaf whose configuration differs."""
+  want = _configs(target)
+  names = {path: name for path, name, _ in _flatten(target)}
+  problems = []
+  for path in sorted(set(want) | set(saved)):
+    if path not in names:
+      continue
+    got, config = saved.get(path, {}), want.get(path, {})
+    if got == config:
+      continue
+    diffs = []
+    for key in sorted(set(got) | set(config)):
+      if got.get(key) == config.get(key):
+        continue
+      if key == 'packed_layout':
+        diffs.append(_layout_difference(got.get(key), config.get(key)))
+      else:
+        diffs.append(f'{key} {got.get(key)!r} in the checkpoint vs {config.get(key)!r} in the'
+                     ' target')
+    problems.append(f'leaf `{names[path]}`: {", ".join(diffs)}')
+  if problems:
+    raise CheckpointError(
+        f'The checkpoint {where} was saved with another configuration: '
+        + '; '.join(problems[:6])
+        + (f' and {len(problems) - 6} more' if len(problems) > 6 else '')
+        + '. Build the optimiser (8-bit block_size, min_8bit_size; pack_state over the'
+        ' same params) as the checkpoint was saved.'
+    )
+
+
+def _layout_difference(got: Any, want: Any) -> str:
+  if got is None:
+    return 'the target is packed (pack_state), the checkpoint is not'
+  if want is None:
+    return 'the checkpoint is packed (pack_state), the target is not'
+  for i, (g, w) in enumerate(zip(got, want)):
+    if g != w:
+      return (f'packed layout differs at param {i}: {g[0]} {tuple(g[1])} {g[2]} in the'
+              f' checkpoint vs {w[0]} {tuple(w[1])} {w[2]} in the target')
+  return f'packed layout of {len(got)} params in the checkpoint vs {len(want)} in the target'
 
 
 def _flatten(tree: Any) -> list[tuple[str, str, Any]]:
@@ -176,6 +260,7 @@ def convert_state(state: Any, target: Any) -> Any:
   saved = {p: _target_spec(leaf) for p, leaf in source.items()}
   flat = _flatten(target)
   _check_against(saved, flat, 'given')
+  _check_configs(_configs(state), target, 'given')
   values = {p: _place(_host(source[p]), ref) for p, _, ref in flat}
   return _build(target, values)
 
@@ -219,7 +304,7 @@ def save_npz(path: str | os.PathLike, tree: Any) -> None:
     })
   if jax.process_index() != 0:
     return
-  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves}
+  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves, 'configs': _configs(tree)}
   arrays[_NPZ_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   path = os.fspath(path)
   tmp = f'{path}.tmp-{os.getpid()}'
@@ -277,6 +362,7 @@ def restore_npz(path: str | os.PathLike, target: Any) -> Any:
     saved = {p: (tuple(rec['shape']), rec['dtype']) for p, (_, rec) in records.items()}
     flat = _flatten(target)
     _check_against(saved, flat, repr(os.fspath(path)))
+    _check_configs(meta.get('configs', {}), target, repr(os.fspath(path)))
     values = {}
     for canon, name, ref in flat:
       i, rec = records[canon]
@@ -346,7 +432,7 @@ def save_orbax(path: str | os.PathLike, tree: Any, *, force: bool = False) -> No
     if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
       crc = _crc(np.asarray(leaf))
     leaves.append({'path': canon, 'name': name, 'crc32': crc})
-  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves}
+  meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves, 'configs': _configs(tree)}
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.abspath(path), tree, force=force,
              custom_metadata={'adamfx': meta})
@@ -412,6 +498,9 @@ def restore_orbax(path: str | os.PathLike, target: Any) -> Any:
           ' or incomplete.'
       )
     _check_against(saved, flat, repr(path))
+    adamfx_meta = custom.get('adamfx') if isinstance(custom, dict) else None
+    if adamfx_meta:  # written by save_orbax; a foreign checkpoint has none
+      _check_configs(adamfx_meta.get('configs', {}), target, repr(path))
     refs = {p: ref for p, _, ref in flat}
     names = {p: name for p, name, _ in flat}
 

@@ -1,9 +1,10 @@
 """Eager validation of hyperparameters and trees, with the error texts.
 
-Only concrete Python (or NumPy) numbers are checked at construction time.
-Anything else -- a traced value under ``jit``, an array injected by
-``optax.inject_hyperparams``, a schedule -- passes through untouched, so that
-traced hyperparameters keep working.
+Concrete values -- Python and NumPy numbers, and concrete 0-d JAX arrays --
+are checked at construction time. Traced values (under ``jit``, or
+injected and changed inside a jitted step) and schedules pass through, so that
+traced hyperparameters keep working; an invalid traced value then makes the
+update NaN (:func:`invalid_hyperparams`), never a finite wrong step.
 """
 
 from __future__ import annotations
@@ -23,9 +24,49 @@ def _concrete_number(value: Any) -> float | None:
     return None
   if isinstance(value, numbers.Real):
     return float(value)
-  if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in 'fiu':
+  if isinstance(value, (np.ndarray, np.generic)) and value.ndim == 0 and value.dtype.kind in 'fiu':
     return float(value)
+  if (
+      isinstance(value, jax.Array)
+      and not isinstance(value, jax.core.Tracer)
+      and value.ndim == 0
+      and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+  ):
+    try:
+      return float(value)  # a concrete array: checked like a number
+    except (jax.errors.ConcretizationTypeError, TypeError):
+      return None
   return None
+
+
+def invalid_hyperparams(b1: Any, b2: Any, eps: Any, eps_root: Any) -> Any:
+  """A boolean scalar, True where a non-constant hyperparameter is out of range.
+
+  Concrete values are checked at construction (:func:`check_decay`, ...);
+  traced ones (under ``jit``, ``inject_hyperparams``, ``vmap``) cannot be. The
+  update is then made NaN where this is True, so that an invalid traced
+  ``b2 = 1`` or ``eps = -1`` shows as NaN, as in optax, never as a finite
+  wrong step. None when every value is a Python number (nothing to guard).
+  """
+  bad = None
+
+  def add(cond):
+    nonlocal bad
+    bad = cond if bad is None else jnp.logical_or(bad, cond)
+
+  for x in (b1, b2):
+    if not _python_number(x):
+      x = jnp.asarray(x)
+      add(jnp.any(~((x >= 0) & (x < 1))))
+  for x in (eps, eps_root):
+    if not _python_number(x):
+      x = jnp.asarray(x)
+      add(jnp.any(~((x >= 0) & (x < jnp.inf))))
+  return bad
+
+
+def _python_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _is_numeric_like(value: Any) -> bool:
@@ -40,6 +81,7 @@ def _is_numeric_like(value: Any) -> bool:
 def check_decay(name: str, value: Any) -> None:
   """Checks that a decay rate ``b1``/``b2`` lies in [0, 1)."""
   _check_numeric(name, value)
+  check_hyperparam_dtype(name, value)  # a 16-bit decay: say why, and the fix
   x = _concrete_number(value)
   if x is None:
     return
@@ -223,15 +265,74 @@ def check_hyperparam_dtype(name: str, value: Any) -> None:
   if dtype is None:
     return
   if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    near_one = 0.9999 if np.dtype(dtype) == np.float16 else 0.999
     raise TypeError(
         f'`{name}` reached adamfx as {np.dtype(dtype).name}, which cannot hold'
-        ' a decay rate (0.999 rounds to 1.0 in bfloat16, and the bias'
-        ' correction 1 - b2**t becomes 0). optax.inject_hyperparams casts'
-        ' hyperparameters to the params\' dtype: use'
-        ' adamfx.inject_hyperparams, or pass hyperparam_dtype=jnp.float32.'
+        f' a decay rate ({near_one} rounds to'
+        f' {float(np.asarray(near_one, dtype))!r} in {np.dtype(dtype).name}, and'
+        f' the bias correction 1 - {name}**t becomes 0).'
+        ' optax.inject_hyperparams casts hyperparameters to the params\' dtype:'
+        ' use adamfx.inject_hyperparams, or pass hyperparam_dtype=jnp.float32.'
     )
+
+
+def check_mask(mask: Any, updates: Any, params: Any) -> None:
+  """Checks that AdamW's ``mask`` (a tree, or a function of the params) fits.
+
+  Raises a ValueError naming ``mask`` instead of the raw pytree error optax
+  gives deep inside ``add_decayed_weights``.
+  """
+  if mask is None:
+    return
+  tree = params if params is not None else updates
+  mask_tree = mask(tree) if callable(mask) else mask
+  try:
+    jax.tree.map(lambda m, sub: None, mask_tree, updates, is_leaf=lambda x: x is None)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        '`mask` must be a tree of booleans with the structure of the params (or'
+        ' a prefix of it), or a function of the params returning one; got one'
+        f' that does not match the updates: {e}'
+    ) from e
 
 
 def _leaf_name(path: Any) -> str:
   name = jax.tree_util.keystr(tuple(path))
   return f'`{name}`' if name else '`<root>`'
+
+
+def is_adam_like(state: Any) -> bool:
+  """Whether ``state`` is an Adam-like state: a NamedTuple with count, mu, nu."""
+  fields = getattr(type(state), '_fields', None)
+  return isinstance(state, tuple) and fields is not None and {
+      'count', 'mu', 'nu'
+  } <= set(fields)
+
+
+def adam_like_state(state: Any, who: str) -> Any:
+  """Returns ``state`` if Adam-like, else raises a TypeError saying what came."""
+  if is_adam_like(state):
+    return state
+  if state is None:
+    raise TypeError(
+        f'{who}.update got state=None; pass the state returned by'
+        f' {who}.init(params) (and then by the previous update).'
+    )
+  raise TypeError(
+      f'{who}.update got a state of type {type(state).__name__}, not the'
+      ' AdamState its init returns (a NamedTuple with count, mu and nu): was'
+      ' the state made by another optimiser? Use adamfx.convert_state to'
+      ' bring an optax state over, or init this one.'
+  )
+
+
+def check_chain_state(state: Any, links: int) -> None:
+  """A TypeError, not optax's raw one, for a state that is not the chain's."""
+  if isinstance(state, tuple) and not hasattr(type(state), '_fields') and len(state) == links:
+    return
+  got = 'None' if state is None else f'a {type(state).__name__}'
+  raise TypeError(
+      f'update got {got} as the state; pass the state returned by init(params)'
+      f' (a tuple of {links} states, the Adam state first), and then the one'
+      ' returned by the previous update.'
+  )

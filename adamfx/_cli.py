@@ -15,7 +15,9 @@ _COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='adamfx', description=__doc__)
+  parser = argparse.ArgumentParser(
+      prog='adamfx', description='The adamfx command: adamfx demo and adamfx bench.'
+  )
   sub = parser.add_subparsers(dest='command', required=True)
   for name, (module, help_text) in _COMMANDS.items():
     p = sub.add_parser(name, help=help_text)

@@ -236,6 +236,14 @@ def run(args: argparse.Namespace) -> int:
   names = parse_optimizers(args.optimizers)
   if args.steps < 1:
     raise SystemExit(f'adamfx demo: --steps must be >= 1, got {args.steps}.')
+  out = pathlib.Path(args.out)
+  # Checked before training: a bad --out must not cost the whole run.
+  if out.exists() and not out.is_dir():
+    raise SystemExit(f'adamfx demo: --out {args.out!r} exists and is not a directory.')
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise SystemExit(f'adamfx demo: cannot create --out {args.out!r}: {e}') from e
   start = time.perf_counter()
   data = load_digits(args.seed)
   console.print(
@@ -263,8 +271,6 @@ def run(args: argparse.Namespace) -> int:
     )
   console.print(table)
 
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   png = out / 'digits_loss_curves.png'
   plot(results, png)
   console.print(f'loss curves: {png}')
@@ -282,7 +288,8 @@ def run(args: argparse.Namespace) -> int:
       final = abs(a.losses[-1] - b.losses[-1]) / abs(b.losses[-1])
       detail = (
           f'final loss {a.losses[-1]:.6g} vs {b.losses[-1]:.6g} (relative gap {final:.1e}, '
-          f'tolerance {FINAL_RTOL:g}); loss curves over the first {EARLY_STEPS} steps within '
+          f'tolerance {FINAL_RTOL:g}); loss curves over the first'
+          f' {min(EARLY_STEPS, args.steps)} steps within '
           f'{early:.1e} (tolerance {EARLY_RTOL:g})'
       )
       if early <= EARLY_RTOL and final <= FINAL_RTOL:

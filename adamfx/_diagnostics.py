@@ -19,15 +19,21 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from adamfx import _checks
+from adamfx import _quant
+from adamfx._adam import AdaMaxState
 from adamfx._adam import AdamState
 
 _STATE_TYPES = (AdamState, optax.ScaleByAdamState, optax.ScaleByAmsgradState)
 
 
 def _is_adam_state(x: Any) -> bool:
-  return isinstance(x, _STATE_TYPES)
+  # Any NamedTuple with count, mu and nu (adamfx's, optax's, or a later
+  # member's Adam-like state).
+  return isinstance(x, _STATE_TYPES) or _checks.is_adam_like(x)
 
 
 def _find_adam_state(state: Any) -> Any:
@@ -38,7 +44,23 @@ def _find_adam_state(state: Any) -> Any:
         'adam_diagnostics needs a state holding an adamfx.AdamState or '
         f'optax.ScaleByAdamState (e.g. from adamfx.adam(...).init), got {type(state).__name__}.'
     )
+  if isinstance(found[0], AdaMaxState):
+    raise ValueError(
+        'adam_diagnostics got an AdaMax state (adamfx.adamax / scale_by_adamax):'
+        ' its nu is an exponentially weighted infinity norm, not a second'
+        ' moment, so the SNR and the bounds computed here would be wrong.'
+        ' AdaMax is not supported.'
+    )
   return found[0]
+
+
+def _dequantized(tree: Any) -> Any:
+  """``tree`` with 8-bit moments (:class:`adamfx.QuantizedArray`) as float32."""
+  return jax.tree.map(
+      lambda x: _quant.dequantize(x, signed=x.signed, block_size=x.block_size)
+      if isinstance(x, _quant.QuantizedArray) else x,
+      tree, is_leaf=lambda x: isinstance(x, _quant.QuantizedArray),
+  )
 
 
 def _flat(tree: Any) -> jax.Array:
@@ -73,13 +95,24 @@ def adam_step_bound(t: Any, b1: float = 0.9, b2: float = 0.999) -> Any:
   :math:`(1-\beta_1)/\sqrt{1-\beta_2} \approx 3.16`, which holds for a single
   spike. If :math:`\beta_1^2 \ge \beta_2` the bound grows without limit.
 
+  Computed in log space (``expm1``/``log1p``, constants in float64), so it
+  is exact at ``t = 1``, accurate for long horizons with ``b2`` close to 1,
+  and finite wherever the bound is (it is ``inf`` only past the dtype's
+  range, when :math:`\beta_1^2 > \beta_2`).
+
   Args:
     t: the step count, >= 1 (a Python int or an integer array).
     b1: decay of the first moment, in [0, 1).
-    b2: decay of the second moment, in (0, 1).
+    b2: decay of the second moment, in [0, 1); 0 only with ``b1 = 0``.
 
   Returns:
-    The bound, a float (or a float32 array for an array ``t``).
+    The bound, a float (or, for an array ``t``, an array in float64 under
+    ``jax_enable_x64``, else float32).
+
+  Raises:
+    ValueError: if ``t < 1`` (checked where ``t`` is concrete), ``b1`` or
+      ``b2`` is outside [0, 1), or ``b2 = 0`` with ``b1 > 0`` (unbounded).
+    TypeError: if ``t`` is not an integer.
 
   Examples:
     >>> import adamfx
@@ -88,14 +121,71 @@ def adam_step_bound(t: Any, b1: float = 0.9, b2: float = 0.999) -> Any:
     >>> round(adamfx.adam_step_bound(10**6), 2)
     7.27
   """
-  r = b1 * b1 / b2
-  if isinstance(t, int):
-    series = t if r == 1 else (1 - r**t) / (1 - r)
-    return (1 - b1) / math.sqrt(1 - b2) * math.sqrt((1 - b2**t) * series) / (1 - b1**t)
+  b1, b2 = _bound_decays(b1, b2)
+  if isinstance(t, bool):
+    raise TypeError(f'`t` must be an int >= 1 or an integer array, got {t!r}.')
+  if isinstance(t, (int, np.integer)):
+    if t < 1:
+      raise ValueError(f'`t` must be >= 1 (the bound is for step t of Adam), got {t!r}.')
+    if t == 1:
+      return 1.0
+    return float(np.exp(_log_bound(np, np.float64(t), b1, b2)))
   t = jnp.asarray(t)
-  f = lambda base: jax.lax.pow(jnp.asarray(base, jnp.float32), t)
-  series = t.astype(jnp.float32) if r == 1 else (1 - f(r)) / (1 - r)
-  return (1 - b1) / math.sqrt(1 - b2) * jnp.sqrt((1 - f(b2)) * series) / (1 - f(b1))
+  if not jnp.issubdtype(t.dtype, jnp.integer):
+    raise TypeError(f'`t` must be an int >= 1 or an integer array, got dtype {t.dtype}.')
+  if not isinstance(t, jax.core.Tracer) and t.size and int(jnp.min(t)) < 1:
+    raise ValueError(f'`t` must be >= 1 everywhere, got a minimum of {int(jnp.min(t))}.')
+  dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  tf = t.astype(dtype)
+  value = jnp.exp(_log_bound(jnp, tf, b1, b2))
+  return jnp.where(t == 1, jnp.asarray(1, dtype), value)
+
+
+def _bound_decays(b1: Any, b2: Any) -> tuple[float, float]:
+  out = []
+  for name, b in (('b1', b1), ('b2', b2)):
+    x = _checks._concrete_number(b)
+    if x is None:
+      raise TypeError(f'`{name}` must be a concrete real number, got {b!r}.')
+    if not 0.0 <= x < 1.0:
+      raise ValueError(f'`{name}` must be in [0, 1), got {b!r}.')
+    out.append(x)
+  b1, b2 = out
+  if b2 == 0 and b1 > 0:
+    raise ValueError(
+        f'`b2` = 0 with `b1` = {b1!r} > 0: v_hat is the last squared gradient'
+        ' alone, so |m_hat| / sqrt(v_hat) is unbounded from step 2 on; the bound'
+        ' is undefined.'
+    )
+  return b1, b2
+
+
+def _log_bound(xp: Any, t: Any, b1: float, b2: float) -> Any:
+  """The log of :func:`adam_step_bound`, in log space (no overflow, no 0/0).
+
+  Constants are computed in Python's float64; only the ``t``-dependent terms
+  run in ``t``'s dtype, through ``expm1``/``log1p`` so that ``1 - b**t`` keeps
+  its relative precision when ``b**t`` is close to 1.
+  """
+  def log_one_minus_pow(b):  # log(1 - b**t)
+    if b == 0:
+      return xp.zeros_like(t)
+    return xp.log(-xp.expm1(t * math.log(b)))
+
+  out = math.log1p(-b1) - 0.5 * math.log1p(-b2)
+  out = out + 0.5 * log_one_minus_pow(b2) - log_one_minus_pow(b1)
+  # log of sum_{k<t} r**k, r = b1**2 / b2
+  if b1 == 0:
+    log_series = xp.zeros_like(t)
+  else:
+    log_r = 2 * math.log(b1) - math.log(b2)
+    if log_r == 0:
+      log_series = xp.log(t)
+    elif log_r < 0:
+      log_series = xp.log(-xp.expm1(t * log_r)) - math.log(-math.expm1(log_r))
+    else:  # r > 1: r**t (1 - r**-t) / (r - 1), the bound grows without limit
+      log_series = t * log_r + xp.log(-xp.expm1(-t * log_r)) - math.log(math.expm1(log_r))
+  return out + 0.5 * log_series
 
 
 def adam_diagnostics(
@@ -149,8 +239,9 @@ def adam_diagnostics(
   Args:
     state: an :class:`adamfx.AdamState` or ``optax.ScaleByAdamState``, or any
       optimizer state that contains one (e.g. that of ``adamfx.adam(...)`` or
-      of an ``optax.chain``); the first one found is used. AdaMax states are
-      not supported: their ``nu`` is not a second moment.
+      of an ``optax.chain``); the first one found is used. 8-bit moments
+      (:func:`adamfx.adam8bit`) are dequantized first. AdaMax states are
+      refused: their ``nu`` is not a second moment.
     updates: the updates returned by the same step (optional).
     learning_rate: :math:`\alpha` of that step (a number or scalar array;
       needed with ``updates``). Must be > 0.
@@ -165,8 +256,8 @@ def adam_diagnostics(
     int32).
 
   Raises:
-    ValueError: if ``state`` holds no Adam state, or ``updates`` is given
-      without ``learning_rate``.
+    ValueError: if ``state`` holds no Adam state or an AdaMax one, or
+      ``updates`` is given without ``learning_rate``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -188,9 +279,9 @@ def adam_diagnostics(
   adam_state = _find_adam_state(state)
   if updates is not None and learning_rate is None:
     raise ValueError('`learning_rate` is needed with `updates`, to compute |update| / lr.')
-  mu = _flat(adam_state.mu)
+  mu = _flat(_dequantized(adam_state.mu))
   nu_max = getattr(adam_state, 'nu_max', None)
-  nu = _flat(adam_state.nu if nu_max is None else nu_max)
+  nu = _flat(_dequantized(adam_state.nu if nu_max is None else nu_max))
   dtype = mu.dtype
   count = jnp.asarray(adam_state.count)
   power = lambda base: jax.lax.pow(jnp.asarray(base, dtype), count)

@@ -159,6 +159,7 @@ def family_update(
 
   flags = dict(nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm)
   hps = (b1, b2, eps, eps_root)
+  _checks.adam_like_state(state, 'scale_by_adamax' if infinity_norm else 'scale_by_adam')
   if jax.config.jax_disable_jit or not all(
       map(_concrete, jax.tree.leaves((updates, state, hps)))
   ):
@@ -227,7 +228,8 @@ def family_update(
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
   )
-  return u, _adam.AdamState(count, mu, nu, nu_max if amsgrad else None)
+  state_type = _adam.AdaMaxState if infinity_norm else _adam.AdamState
+  return u, state_type(count, mu, nu, nu_max if amsgrad else None)
 
 
 def _scale_one(u, size, static, as_schedule):

@@ -92,9 +92,13 @@ def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[An
           ' Keep sharded params as a tree'
           + (' (the optimiser without pack_state).' if caller == 'pack_state' else '.')
       )
-    groups.setdefault(jnp.dtype(leaf.dtype).name, []).append(i)
+    # The dtype the buffer will have: a NumPy float64 leaf becomes float32
+    # when x64 is off, and its label must say so.
+    groups.setdefault(np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype)).name, []).append(i)
   shapes = [tuple(leaf.shape) for leaf in leaves]
-  dtypes = {name: jnp.dtype(leaves[idx[0]].dtype) for name, idx in groups.items()}
+  dtypes = {
+      name: jax.dtypes.canonicalize_dtype(leaves[idx[0]].dtype) for name, idx in groups.items()
+  }
   layout = {}
   for name, idx in groups.items():
     offsets = np.cumsum([0] + [int(np.prod(shapes[i], dtype=np.int64)) for i in idx])
@@ -112,8 +116,17 @@ def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[An
 
   def unravel(flat: Any) -> Any:
     out = [None] * len(leaves)
+    if not isinstance(flat, dict) or set(flat) != set(layout):
+      got = sorted(flat) if isinstance(flat, dict) else type(flat).__name__
+      raise ValueError(f'unravel expects buffers {sorted(layout)}, got {got}.')
     for name, spans in layout.items():
       buf = flat[name]
+      size = spans[-1][2] if spans else 0
+      if tuple(np.shape(buf)) != (size,):
+        raise ValueError(
+            f'unravel: buffer {name!r} has shape {tuple(np.shape(buf))}, but the'
+            f' params packed by ravel_params give ({size},).'
+        )
       for i, start, stop in spans:
         out[i] = buf[start:stop].reshape(shapes[i])
     return jax.tree.unflatten(treedef, out)
@@ -151,12 +164,17 @@ def pack_state(
     inner: any optax transformation, e.g. ``adamfx.adam(1e-3)``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is ``inner``'s
-    state over the packed params.
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    :class:`PackedState`: ``inner``'s state over the packed params, with the
+    params' layout (checked against each gradient tree and by checkpoints).
 
   Raises:
     ValueError: at init or update, if a leaf is sharded over several devices
-      (packing would gather it; keep such params with a plain ``inner``).
+      (packing would gather it; keep such params with a plain ``inner``);
+      at init, if ``inner`` holds a mask or labels shaped like the params
+      (``adamw(mask=...)``, ``optax.masked``, ``optax.multi_transform``: the
+      message says what to write instead); at update, if the gradient tree
+      differs from the params' (structure, shapes, dtypes), naming the leaf.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -173,14 +191,149 @@ def pack_state(
 
   def init_fn(params):
     flat, _ = _ravel(params, 'pack_state')
-    return inner.init(flat)
+    try:
+      state = inner.init(flat)
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(_MASK_HINT.format(what='`inner.init` failed on them') + f' ({e})') from e
+    if _has_mask(state):
+      raise ValueError(_MASK_HINT.format(what='a mask or labels in `inner` would see them'))
+    return PackedState(state, _signature(params))
 
   def update_fn(updates, state, params=None, **extra_args):
+    if not isinstance(state, PackedState):
+      got = 'None' if state is None else f'a {type(state).__name__}'
+      raise TypeError(
+          f'pack_state.update got {got} as the state; pass the PackedState'
+          ' returned by its init(params) (and then by the previous update).'
+      )
+    if params is not None:
+      check_like_params(updates, _signature(params), 'params')
+    # Against init's layout: leaf by leaf (a framework may have handed init
+    # its params boxed, e.g. nnx.Variable, and the gradients unboxed).
+    check_like_params(updates, state.layout, 'the params given to init', structure=False)
     flat, unravel = _ravel(updates, 'pack_state')
     flat_params = None if params is None else _ravel(params, 'pack_state')[0]
-    flat, state = optax.with_extra_args_support(inner).update(
-        flat, state, flat_params, **extra_args
+    flat, inner_state = optax.with_extra_args_support(inner).update(
+        flat, state.inner, flat_params, **extra_args
     )
-    return unravel(flat), state
+    return unravel(flat), PackedState(inner_state, state.layout)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class PackedState:
+  """:func:`pack_state`'s state: ``inner``'s state over the packed buffers.
+
+  ``layout`` (static, part of the tree structure) records the params' tree,
+  leaf shapes and dtypes that the buffers pack, so that gradients are checked
+  against it and a checkpoint restores only into the same layout. Indexing
+  reads ``inner`` (``state[0].mu`` is the inner chain's first state).
+  """
+
+  __slots__ = ('inner', 'layout')
+
+  def __init__(self, inner: Any, layout: Any):
+    self.inner = inner
+    self.layout = layout
+
+  def tree_flatten_with_keys(self):
+    return ((jax.tree_util.GetAttrKey('inner'), self.inner),), self.layout
+
+  @classmethod
+  def tree_unflatten(cls, layout, children):
+    return cls(children[0], layout)
+
+  def __getitem__(self, i: Any) -> Any:
+    return self.inner[i]
+
+  def __len__(self) -> int:
+    return len(self.inner)
+
+  def describe_layout(self) -> list[list[Any]]:
+    """The layout as JSON-able ``[path, shape, dtype]`` rows (for checkpoints)."""
+    return [
+        [jax.tree_util.keystr(tuple(path)), list(shape), np.dtype(dtype).name]
+        for path, shape, dtype in self.layout[1]
+    ]
+
+  def __repr__(self) -> str:
+    return f'PackedState(inner={self.inner!r}, leaves={len(self.layout[1])})'
+
+
+_MASK_HINT = (
+    'pack_state runs `inner` on one flat buffer per dtype, not on the params\''
+    ' tree, so {what}. Masks and labels shaped like the params (adamw(...,'
+    ' mask=...), optax.masked, optax.multi_transform) must sit outside the'
+    ' packing: write optax.masked(adamfx.pack_state(inner), mask) or'
+    ' optax.multi_transform({{label: adamfx.pack_state(tx), ...}}, labels);'
+    ' for adamw\'s mask, optax.chain(adamfx.pack_state(adamfx.scale_by_adam(...)),'
+    ' optax.add_decayed_weights(weight_decay, mask),'
+    ' optax.scale_by_learning_rate(learning_rate)).'
+)
+
+
+def _has_mask(state: Any) -> bool:
+  masked = (optax.MaskedState, optax.MultiTransformState)
+  found = []
+  jax.tree.map(
+      lambda x: found.append(x) if isinstance(x, masked) else None,
+      state, is_leaf=lambda x: isinstance(x, masked),
+  )
+  return bool(found)
+
+
+def _signature(tree: Any) -> tuple[Any, tuple[tuple[Any, tuple[int, ...], Any], ...]]:
+  """The tree's structure and its leaves' paths, shapes and dtypes (hashable)."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  return treedef, tuple(
+      (tuple(path), tuple(np.shape(x)),
+       jnp.dtype(jax.dtypes.canonicalize_dtype(getattr(x, 'dtype', None) or jnp.result_type(x))))
+      for path, x in leaves
+  )
+
+
+def check_like_params(updates: Any, signature: Any, what: str, structure: bool = True) -> None:
+  """Checks that ``updates`` has the tree, shapes and dtypes of ``signature``.
+
+  Packing concatenates leaves, so a gradient of another shape (or a tree with
+  a leaf missing but the same total size) would otherwise be accepted and
+  sliced into the wrong leaves. Errors name the user's leaf path.
+  """
+  ref_def, ref = signature
+  got_def, got = _signature(updates)
+  name = lambda path: f'`{jax.tree_util.keystr(tuple(path)) or "<root>"}`'
+  if not structure and len(got) != len(ref):
+    raise ValueError(
+        f'pack_state: the update tree has {len(got)} leaves, {what} had'
+        f' {len(ref)} ({", ".join(name(p) for p, _, _ in ref[:5])}'
+        f'{", ..." if len(ref) > 5 else ""}): the gradients must have the params\' tree.'
+    )
+  if structure and got_def != ref_def:
+    ref_paths = [name(p) for p, _, _ in ref]
+    got_paths = [name(p) for p, _, _ in got]
+    missing = [p for p in ref_paths if p not in got_paths]
+    extra = [p for p in got_paths if p not in ref_paths]
+    detail = []
+    if missing:
+      detail.append(f'missing from the updates: {", ".join(missing[:5])}')
+    if extra:
+      detail.append(f'not in {what}: {", ".join(extra[:5])}')
+    if not detail:
+      detail.append(f'updates {got_def} vs {what} {ref_def}')
+    raise ValueError(
+        f'pack_state: the update tree does not match {what}; {"; ".join(detail)}.'
+    )
+  for (path, shape, dtype), (_, rshape, rdtype) in zip(got, ref):
+    if shape != rshape:
+      raise ValueError(
+          f'pack_state: leaf {name(path)} of the updates has shape {shape}, but'
+          f' {what} have shape {rshape} there; the gradients must have the'
+          ' params\' shapes.'
+      )
+    if dtype != rdtype:
+      raise ValueError(
+          f'pack_state: leaf {name(path)} of the updates has dtype {dtype.name},'
+          f' but {what} have {rdtype.name} there; the state is packed per dtype,'
+          ' so the gradients must have the params\' dtypes.'
+      )

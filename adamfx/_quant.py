@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import math
 from typing import Any
-from typing import NamedTuple
 from typing import Optional
 
 import jax
@@ -43,8 +42,15 @@ from adamfx import _codec8
 from adamfx import _numerics
 
 
-class QuantizedArray(NamedTuple):
+@jax.tree_util.register_pytree_with_keys_class
+class QuantizedArray:
   """A moment stored in 8 bits: ``codes`` index the dynamic map, per-block ``scale``.
+
+  A pytree with two children, ``codes`` and ``scale``; ``block_size`` and
+  ``signed`` (the configuration that gives the codes their meaning) are static
+  auxiliary data, so they survive ``jax.tree`` maps, ``jit``, orbax and
+  ``nnx.update``, and two states quantized with different block sizes have
+  different tree structures.
 
   Attributes:
     codes: uint8, the shape of the param: each element's index into the
@@ -52,10 +58,39 @@ class QuantizedArray(NamedTuple):
     scale: float32, one per block (the block's absmax): shape
       ``param.shape[:-1] + (param.shape[-1] // block_size,)`` when the last
       axis splits into blocks, else ``(ceil(param.size / block_size),)``.
+    block_size: elements per block (static).
+    signed: whether the codes index the signed map (``mu``) or the unsigned
+      one (``nu``) (static).
   """
 
-  codes: jax.Array
-  scale: jax.Array
+  __slots__ = ('codes', 'scale', 'block_size', 'signed')
+
+  def __init__(self, codes: Any, scale: Any, block_size: int = 256, signed: bool = True):
+    self.codes = codes
+    self.scale = scale
+    self.block_size = block_size
+    self.signed = signed
+
+  def tree_flatten_with_keys(self):
+    keys = jax.tree_util.GetAttrKey
+    return (
+        ((keys('codes'), self.codes), (keys('scale'), self.scale)),
+        (self.block_size, self.signed),
+    )
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def _replace(self, **kwargs: Any) -> QuantizedArray:
+    fields = {k: getattr(self, k) for k in self.__slots__}
+    return QuantizedArray(**{**fields, **kwargs})
+
+  def __repr__(self) -> str:
+    return (
+        f'QuantizedArray(codes={self.codes!r}, scale={self.scale!r},'
+        f' block_size={self.block_size}, signed={self.signed})'
+    )
 
 
 def dynamic_map(signed: bool) -> np.ndarray:
@@ -192,7 +227,7 @@ def quantize(
   else:
     idx = jnp.where(a > 0, jnp.maximum(k, 1), k)
   codes = _from_blocks(idx.astype(jnp.uint8), shape, block_size)
-  return QuantizedArray(codes=codes, scale=absmax)
+  return QuantizedArray(codes=codes, scale=absmax, block_size=block_size, signed=signed)
 
 
 @functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
@@ -361,7 +396,7 @@ def scale_by_adam8bit(
   def init_fn(params):
     _checks.check_param_leaves(params)
 
-    def init_leaf(p):
+    def init_leaf(p, signed):
       dtype = jnp.dtype(getattr(p, 'dtype', None) or jnp.result_type(p))
       shape = tuple(np.shape(p))
       if not (jnp.issubdtype(dtype, jnp.floating) and math.prod(shape) >= max(min_8bit_size, 1)):
@@ -377,13 +412,20 @@ def scale_by_adam8bit(
               lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
               zeros,
           ),
+          block_size=block_size,
+          signed=signed,
       )
 
-    mu = jax.tree.map(init_leaf, params)
-    nu = jax.tree.map(init_leaf, params)
+    mu = jax.tree.map(lambda p: init_leaf(p, True), params)
+    nu = jax.tree.map(lambda p: init_leaf(p, False), params)
     return _adam.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_impl(updates, state):
+    state = _checks.adam_like_state(state, 'scale_by_adam8bit')
+    state = state._replace(
+        mu=_as_quantized(state.mu, True, block_size, 'mu'),
+        nu=_as_quantized(state.nu, False, block_size, 'nu'),
+    )
     updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
     shapes = jax.tree.map(
         lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
@@ -392,6 +434,7 @@ def scale_by_adam8bit(
     _checks.check_hyperparam_dtype('b1', b1)
     _checks.check_hyperparam_dtype('b2', b2)
     count = optax.safe_increment(state.count)
+    invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_adam._is_none)
     m_leaves = treedef.flatten_up_to(state.mu)
     v_leaves = treedef.flatten_up_to(state.nu)
@@ -447,22 +490,99 @@ def scale_by_adam8bit(
         u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
         out_m.append(m_q)
         out_v.append(v_q)
-      out_u.append(u.astype(g.dtype))
+      out_u.append(_adam.nan_where(invalid, u).astype(g.dtype))
     unflatten = functools.partial(jax.tree.unflatten, treedef)
     state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
     return unflatten(out_u), state
 
-  compiled = jax.jit(update_impl)
+  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+  static = tuple(sorted(
+      (k, v) for k, v in hps.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+  ))
+  arrays = {k: v for k, v in hps.items() if k not in dict(static)}
+  config = static + (
+      ('nesterov', bool(nesterov)), ('block_size', block_size), ('min_8bit_size', min_8bit_size),
+  )
 
   def update_fn(updates, state, params=None):
     del params
     # Called eagerly (outside jit), run the step as one compiled call rather
-    # than as a few hundred separate operations per leaf.
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, state))):
+    # than as a few hundred separate operations per leaf. The compiled call
+    # is shared by every transformation of this configuration (array
+    # hyperparameters are its arguments), so rebuilding the transformation
+    # with new values (inject_hyperparams) does not recompile.
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, state, arrays))):
       return update_impl(updates, state)
-    return compiled(updates, state)
+    return _eager_8bit(updates, state, arrays, config=config)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def _eager_8bit(updates: Any, state: Any, arrays: dict[str, Any], *, config: Any) -> Any:
+  """:func:`scale_by_adam8bit`'s update, compiled once per configuration."""
+  return scale_by_adam8bit(**dict(config), **arrays).update(updates, state)
+
+
+def _as_quantized(tree: Any, signed: bool, block_size: int, what: str) -> Any:
+  """``tree`` with every 8-bit moment a :class:`QuantizedArray` of ``block_size``.
+
+  Flax NNX (``nnx.update``) and other state containers may hand a moment back
+  as a mapping with ``'codes'`` and ``'scale'`` entries; it is rebuilt here. A
+  moment quantized with another block size (a checkpoint restored into
+  another configuration) is refused: its codes would be read against the
+  wrong blocks.
+  """
+
+  def is_leaf(x):
+    return x is None or _is_quantized(x) or _is_code_mapping(x)
+
+  def fix(path, x):
+    if x is None:
+      return x
+    if _is_code_mapping(x):
+      codes, scale = _unwrap(x['codes']), _unwrap(x['scale'])
+      x = QuantizedArray(codes, scale, block_size, signed)
+    if _is_quantized(x):
+      if x.block_size != block_size or x.signed != signed:
+        raise ValueError(
+            f'state.{what} leaf {_checks._leaf_name(path)} was quantized with'
+            f' block_size={x.block_size} (signed={x.signed}), but this optimiser'
+            f' has block_size={block_size} (signed={signed}): the codes would be'
+            ' read against the wrong blocks. Build the optimiser with the'
+            ' block_size of the state, or start from a fresh init.'
+        )
+      _check_scale_shape(path, x, block_size, what)
+    return x
+
+  return jax.tree_util.tree_map_with_path(fix, tree, is_leaf=is_leaf)
+
+
+def _check_scale_shape(path: Any, q: QuantizedArray, block_size: int, what: str) -> None:
+  shape = tuple(np.shape(q.codes))
+  want = scale_shape(shape, block_size)
+  if tuple(np.shape(q.scale)) != want:
+    raise ValueError(
+        f'state.{what} leaf {_checks._leaf_name(path)}: scale has shape'
+        f' {tuple(np.shape(q.scale))}, but codes of shape {shape} in blocks of'
+        f' {block_size} need {want}.'
+    )
+
+
+def _unwrap(x: Any) -> Any:
+  """An array out of a framework's variable box (``nnx.Variable`` ...), if any."""
+  for attr in ('value', 'raw_value'):
+    if not hasattr(x, 'shape') and hasattr(x, attr):
+      x = getattr(x, attr)
+  return x
+
+
+def _is_code_mapping(x: Any) -> bool:
+  try:
+    keys = set(x.keys())
+  except (AttributeError, TypeError):
+    return False
+  return keys == {'codes', 'scale'}
 
 
 def adam8bit(
@@ -520,13 +640,19 @@ def adam8bit(
     Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  return optax.chain(
+  chain = optax.chain(
       scale_by_adam8bit(
           b1, b2, eps, eps_root,
           nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
       ),
       _adam._scale_by_learning_rate(learning_rate),
   )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    _checks.check_chain_state(state, 2)
+    return chain.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def adamw8bit(

@@ -115,3 +115,15 @@ def test_in_step_bench_reports_marginal_costs():
     assert math.isfinite(o['marginal_ms']['median'])  # a difference: may be < 0 when noisy
     assert math.isfinite(o['final_loss'])
   assert 'marginal' in _step_bench.format_table(result)
+
+@pytest.mark.parametrize('value', ['0', '-1', 'two'])
+def test_cli_bench_refuses_bad_repeats_before_work(value, capsys, monkeypatch):
+  monkeypatch.setattr(_bench, 'bench', lambda *a, **k: pytest.fail('ran before checking'))
+  with pytest.raises(SystemExit):
+    _cli.main(['bench', '--preset', 'tiny', '--repeats', value])
+  assert '--repeats: must be an int >= 1' in capsys.readouterr().err
+
+
+def test_bench_function_refuses_bad_repeats():
+  with pytest.raises(ValueError, match='`repeats` must be an int >= 1'):
+    _bench.bench('tiny', repeats=0)

@@ -331,3 +331,40 @@ def test_resume_in_new_process_is_bit_exact(tmp_path):
 
 if __name__ == '__main__':
   _worker(sys.argv[1], sys.argv[2])
+
+
+def test_npz_keys_are_unambiguous(tmp_path):
+  """{'a/b': x, 'a': {'b': y}} used to restore x into both leaves."""
+  tree = {'a/b': jnp.ones(2), 'a': {'b': jnp.zeros(2)}, '%2F': jnp.full(2, 3.0)}
+  adamfx.save_npz(tmp_path / 's.npz', tree)
+  back = adamfx.restore_npz(tmp_path / 's.npz', jax.tree.map(jnp.empty_like, tree))
+  jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'orbax'])
+def test_8bit_state_refuses_another_block_size(tmp_path, fmt):
+  """5000 elements: 20 blocks of 250 or of 256, the same scale shapes."""
+  params = jnp.linspace(-1, 1, 5000)
+  saved_tx = adamfx.adam8bit(1e-3, block_size=250, min_8bit_size=1)
+  state = saved_tx.init(params)
+  _, state = saved_tx.update(params, state, params)
+  other = adamfx.adam8bit(1e-3, block_size=256, min_8bit_size=1).init(params)
+  assert jax.tree.map(jnp.shape, other[0].mu.scale) == jax.tree.map(jnp.shape, state[0].mu.scale)
+  save, restore = {'npz': (adamfx.save_npz, adamfx.restore_npz),
+                   'orbax': (adamfx.save_orbax, adamfx.restore_orbax)}[fmt]
+  path = tmp_path / ('s.npz' if fmt == 'npz' else 'ckpt')
+  save(path, state)
+  with pytest.raises(adamfx.CheckpointError, match='block_size 250 in the checkpoint vs 256'):
+    restore(path, other)
+  back = restore(path, saved_tx.init(params))
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+
+
+def test_8bit_state_in_memory_refuses_another_block_size():
+  params = jnp.linspace(-1, 1, 5000)
+  state = adamfx.adam8bit(1e-3, block_size=250, min_8bit_size=1).init(params)
+  tx = adamfx.adam8bit(1e-3, block_size=256, min_8bit_size=1)
+  with pytest.raises(ValueError, match='block_size=250.*block_size=256'):
+    tx.update(params, state, params)
+  with pytest.raises(adamfx.CheckpointError, match='block_size'):
+    adamfx.convert_state(state, tx.init(params))

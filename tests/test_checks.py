@@ -307,3 +307,102 @@ def test_eager_updates_with_array_hyperparameters():
       with optax_promotion():
         ou, os_ = otx.update(g, os_, params)
       np.testing.assert_allclose(u, ou, rtol=1e-6)
+
+
+@pytest.mark.parametrize('value', [jnp.asarray(-1.0), np.float32(-1.0), np.asarray(-1.0)],
+                         ids=['jax', 'numpy_scalar', 'numpy_0d'])
+def test_concrete_array_hyperparameters_are_checked(value):
+  """adam(1e-2, eps=jnp.asarray(-1.)) used to train silently wrong."""
+  with pytest.raises(ValueError, match='`eps` must be >= 0'):
+    adamfx.adam(1e-2, eps=value)
+  with pytest.raises(ValueError, match='`b2` must be in'):
+    adamfx.adam(1e-2, b2=jnp.asarray(1.0))
+  with pytest.raises(ValueError, match='`learning_rate` must be >= 0'):
+    adamfx.adam(jnp.asarray(-1e-2))
+
+
+@pytest.mark.parametrize('kwargs', [dict(b2=1.0), dict(eps=-1.0), dict(eps=float('nan')),
+                                    dict(b1=jnp.asarray(1.5))])
+def test_inject_hyperparams_checks_concrete_values_when_called(kwargs):
+  """inject_hyperparams(adam)(b2=1.0) used to run as SGD with momentum."""
+  with pytest.raises(ValueError, match=f'`{next(iter(kwargs))}`'):
+    adamfx.inject_hyperparams(adamfx.adam)(learning_rate=1e-2, **kwargs)
+
+
+@pytest.mark.parametrize('which', ['b1', 'b2', 'eps', 'eps_root'])
+def test_traced_invalid_hyperparameters_give_nan(which):
+  bad = {'b1': 1.0, 'b2': 1.0, 'eps': -1.0, 'eps_root': float('nan')}[which]
+  g = jnp.asarray([0.5, -2.0, 1.0])
+
+  def step(value):
+    tx = adamfx.adam(1e-2, **{which: value})
+    return tx.update(g, tx.init(g), g)[0]
+
+  assert bool(jnp.all(jnp.isnan(jax.jit(step)(jnp.float32(bad)))))
+  ok = {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8, 'eps_root': 0.0}[which]
+  assert bool(jnp.all(jnp.isfinite(jax.jit(step)(jnp.float32(ok)))))
+
+
+@pytest.mark.parametrize('state', [None, optax.sgd(0.1, momentum=0.9).init(jnp.ones(3)),
+                                   optax.EmptyState()], ids=['None', 'sgd', 'empty'])
+@pytest.mark.parametrize('make', [lambda: adamfx.scale_by_adam(),
+                                  lambda: adamfx.scale_by_adam8bit(min_8bit_size=1),
+                                  lambda: adamfx.scale_by_adamax()],
+                         ids=['adam', 'adam8bit', 'adamax'])
+def test_update_with_a_foreign_or_missing_state_says_so(make, state):
+  with pytest.raises(TypeError, match='state'):
+    make().update(jnp.ones(3), state)
+
+
+def test_float16_decay_message_names_float16():
+  wrapped = optax.inject_hyperparams(adamfx.adam)(learning_rate=1e-3)
+  params = jnp.ones(3, jnp.float16)
+  with optax_promotion(), pytest.raises(TypeError) as info:
+    wrapped.update(params, wrapped.init(params), params)
+  assert 'float16' in str(info.value) and 'bfloat16' not in str(info.value)
+
+
+@pytest.mark.parametrize('make', [adamfx.adamw, adamfx.adamw8bit])
+def test_adamw_wrong_mask_names_mask(make):
+  params = {'a': jnp.ones(3), 'b': jnp.ones(2)}
+  with pytest.raises(ValueError, match='`mask`'):
+    make(1e-2, mask={'a': True}).init(params)
+  state = make(1e-2).init(params)
+  with pytest.raises(ValueError, match='`mask`'):
+    make(1e-2, mask={'a': True}).update(params, state, params)
+
+
+def test_inject_hyperparams_of_optax_adam_keeps_bfloat16_updates():
+  params = jnp.ones(3, jnp.bfloat16)
+  tx = adamfx.inject_hyperparams(optax.adam)(learning_rate=1e-3)
+  with optax_promotion():
+    updates, _ = tx.update(params, tx.init(params), params)
+  assert updates.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize('state', [None, optax.sgd(0.1, momentum=0.9).init(jnp.ones(3))],
+                         ids=['None', 'sgd'])
+@pytest.mark.parametrize('make', [adamfx.adam, adamfx.adamw, adamfx.adamax, adamfx.adam8bit])
+def test_chain_update_with_a_foreign_or_missing_state_says_so(make, state):
+  with pytest.raises(TypeError, match='state'):
+    make(1e-2).update(jnp.ones(3), state, jnp.ones(3))
+
+
+def test_adamw8bit_update_with_a_missing_state_says_so():
+  with pytest.raises(TypeError, match='state'):
+    adamfx.adamw8bit(1e-2).update(jnp.ones(3), None, jnp.ones(3))
+
+
+@pytest.mark.parametrize('which', ['learning_rate', 'weight_decay'])
+def test_traced_negative_learning_rate_or_decay_gives_nan(which):
+  """A traced negative rate would ascend with finite steps: NaN instead."""
+  g = jnp.asarray([0.5, -2.0, 1.0])
+
+  def step(value):
+    kwargs = {'learning_rate': 1e-2, 'weight_decay': 1e-4, which: value}
+    tx = adamfx.adamw(**kwargs)
+    return tx.update(g, tx.init(g), g)[0]
+
+  for bad in (-1e-2, float('nan'), float('inf')):
+    assert bool(jnp.all(jnp.isnan(jax.jit(step)(jnp.float32(bad))))), bad
+  assert bool(jnp.all(jnp.isfinite(jax.jit(step)(jnp.float32(1e-3)))))

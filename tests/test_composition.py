@@ -555,3 +555,329 @@ def test_grad_through_unrolled_steps_with_eps_root():
   np.testing.assert_allclose(d_p, o_p, rtol=1e-10, atol=1e-14)
   no_root = jax.jit(jax.grad(functools.partial(unrolled, adamfx, eps_root=0.0), argnums=1))
   assert np.isnan(no_root(lr, p0)[2])
+
+
+# ---------------------------------------------------------------------------
+# The contract table: every public transformation, one line each.
+#
+# A new member joins with ONE ``Contract(...)`` line and gets every check
+# below: x32 and x64; eager, jit, vmap and lax.scan (eager == jit); no
+# recompilation (jit: second step; eager: new hyperparameter values); optax
+# parity where optax has the transformation; flax.nnx.Optimizer and an
+# Equinox loop for several steps; npz and orbax round trips; bad gradient
+# trees refused with a ValueError/TypeError. Its state only has to hold an
+# Adam-like NamedTuple (fields count, mu, nu) somewhere, as any optax state.
+
+
+class Contract(NamedTuple):
+  name: str
+  make: Callable[[], optax.GradientTransformation]
+  # optax's equivalent, for parity (None: optax has none).
+  reference: Callable[[], optax.GradientTransformation] | None = None
+  rtol: float = 2e-6
+  atol: float = 1e-6
+
+
+_C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
+_MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
+_inject = adamfx.inject_hyperparams
+_oinject = optax.inject_hyperparams
+_WD = dict(weight_decay=0.1)
+
+CONTRACTS = [
+    Contract('adam', lambda: adamfx.adam(LR), lambda: optax.adam(LR)),
+    Contract('nadam', lambda: adamfx.nadam(LR), lambda: optax.nadam(LR)),
+    Contract('amsgrad', lambda: adamfx.amsgrad(LR), lambda: optax.amsgrad(LR)),
+    Contract('adamw', lambda: adamfx.adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
+    Contract('adamw_mask', lambda: adamfx.adamw(LR, mask=_MASK, **_WD),
+             lambda: optax.adamw(LR, mask=_MASK, **_WD)),
+    Contract('nadamw', lambda: adamfx.nadamw(LR, **_WD), lambda: optax.nadamw(LR, **_WD)),
+    Contract('adamax', lambda: adamfx.adamax(LR), lambda: optax.adamax(LR)),
+    Contract('scale_by_adam', adamfx.scale_by_adam, optax.scale_by_adam),
+    Contract('scale_by_adamax', adamfx.scale_by_adamax, optax.scale_by_adamax),
+    Contract('adam8bit', lambda: adamfx.adam8bit(LR, min_8bit_size=_C8)),
+    Contract('adamw8bit', lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, **_WD)),
+    Contract('scale_by_adam8bit', lambda: adamfx.scale_by_adam8bit(min_8bit_size=_C8)),
+    Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR)),
+    Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
+             lambda: optax.adamw(LR, **_WD)),
+    Contract('pack_amsgrad', lambda: adamfx.pack_state(adamfx.amsgrad(LR)),
+             lambda: optax.amsgrad(LR)),
+    Contract('pack_adam8bit', lambda: adamfx.pack_state(adamfx.adam8bit(LR, min_8bit_size=_C8))),
+    Contract('inject_adam', lambda: _inject(adamfx.adam)(LR),
+             lambda: _oinject(optax.adam)(LR)),
+    Contract('inject_nadam', lambda: _inject(adamfx.nadam)(LR),
+             lambda: _oinject(optax.nadam)(LR)),
+    Contract('inject_amsgrad', lambda: _inject(adamfx.amsgrad)(LR),
+             lambda: _oinject(optax.amsgrad)(LR)),
+    Contract('inject_adamw', lambda: _inject(adamfx.adamw)(LR, **_WD),
+             lambda: _oinject(optax.adamw)(LR, **_WD)),
+    Contract('inject_nadamw', lambda: _inject(adamfx.nadamw)(LR, **_WD),
+             lambda: _oinject(optax.nadamw)(LR, **_WD)),
+    Contract('inject_adamax', lambda: _inject(adamfx.adamax)(LR),
+             lambda: _oinject(optax.adamax)(LR)),
+    Contract('inject_adam8bit', lambda: _inject(adamfx.adam8bit)(LR, min_8bit_size=_C8)),
+    Contract('inject_adamw8bit',
+             lambda: _inject(adamfx.adamw8bit)(LR, min_8bit_size=_C8, **_WD)),
+]
+contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
+modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
+
+
+def _cparams(x64=False, scale=1.0):
+  """A quantizable (4, 64) weight and a bias (float64 under x64: a mixed tree)."""
+  rng = np.random.default_rng(7)
+  return {
+      'w': jnp.asarray(scale * rng.normal(size=(4, 64)), jnp.float32),
+      'b': jnp.asarray(scale * rng.normal(size=(3,)), jnp.float64 if x64 else jnp.float32),
+  }
+
+
+def _run(tx, params, grads, *, jit):
+  """Steps ``tx``; returns the params, the state and the sum of the updates.
+
+  The sum (float64) is what the checks compare: params of size O(1) round
+  each step's O(lr) update to their own ulp, the updates are not rounded.
+  """
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init(params)
+  total = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  for g in grads:
+    u, state = update(g, state, params)
+    total = jax.tree.map(lambda t, x: t + np.asarray(x, np.float64), total, u)
+    params = optax.apply_updates(params, u)
+  return params, state, total
+
+
+def _same_steps(got, want, rtol=2e-6, atol=1e-9):
+  """Sums of updates equal to float32 rounding: ``rtol``, and 8 float32 ulps of
+  the largest entry absolute (where steps of opposite signs cancel)."""
+  top = max([float(np.max(np.abs(w))) for w in jax.tree.leaves(want) if np.size(w)] + [0.0])
+  _assert_close(got, want, rtol, max(atol, 8 * 2.0**-23 * top))
+
+
+def _contract_grads(params, n=3):
+  return [_grads(params, i) for i in range(n)]
+
+
+@contracts
+@modes64
+def test_contract_eager_jit_vmap_scan_and_optax(c, x64):
+  """Eager == jit == optax (x32 and x64); vmap and lax.scan == jit (x32)."""
+  with jax.enable_x64(x64):
+    params = _cparams(x64)
+    grads = _contract_grads(params)
+    tx = c.make()
+    jitted, state, total = _run(tx, params, grads, jit=True)
+    _, _, eager = _run(tx, params, grads, jit=False)
+    _same_steps(eager, total)
+    assert jax.tree.structure(state) == jax.tree.structure(tx.init(params))
+    for leaf in jax.tree.leaves(jitted):
+      assert leaf.dtype in (jnp.float32, jnp.float64)
+    assert _dtypes(jitted) == _dtypes(params)
+
+    if c.reference is not None:
+      with optax_promotion():
+        _, _, want = _run(c.reference(), params, grads, jit=True)
+      _same_steps(total, want, c.rtol, c.atol)
+    if x64:
+      return  # vmap and scan trace the same step: once (x32) is enough, for time
+
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
+
+    def body(carry, g):
+      p, s = carry
+      u, s = tx.update(g, s, p)
+      return (optax.apply_updates(p, u), s), u
+
+    _, us = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), stacked))(params)
+    _same_steps(jax.tree.map(lambda u: np.asarray(u, np.float64).sum(0), us), total)
+
+    other = _cparams(x64, scale=3.0)
+    batch = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, other)
+    bgrads = [jax.tree.map(lambda a, b: jnp.stack([a, -b]), g, g) for g in grads]
+    state = jax.vmap(tx.init)(batch)
+    vupdate = jax.jit(jax.vmap(tx.update))
+    got, vtotal = batch, jax.tree.map(lambda p: np.zeros(p.shape), batch)
+    for g in bgrads:
+      u, state = vupdate(g, state, got)
+      vtotal = jax.tree.map(lambda t, x: t + np.asarray(x, np.float64), vtotal, u)
+      got = optax.apply_updates(got, u)
+    _, _, second = _run(tx, other, [jax.tree.map(jnp.negative, g) for g in grads], jit=True)
+    take = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+    _same_steps(take(vtotal, 0), total)
+    _same_steps(take(vtotal, 1), second)
+
+
+class _Compiles:
+  """Counts XLA compilations (``jax.monitoring``) inside a ``with`` block."""
+
+  count = 0
+  active = False
+
+  def __enter__(self):
+    _Compiles.count, _Compiles.active = 0, True
+    return self
+
+  def __exit__(self, *exc):
+    _Compiles.active = False
+
+
+def _on_event(event, duration, **kwargs):
+  del duration, kwargs
+  if _Compiles.active and event == '/jax/core/compile/backend_compile_duration':
+    _Compiles.count += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def _set_hyperparams(state, **values):
+  """``state`` with new values of ``inject_hyperparams``' hyperparameters."""
+  def fix(s):
+    if isinstance(s, optax.InjectHyperparamsState):
+      hps = dict(s.hyperparams)
+      for k, v in values.items():
+        if k in hps:
+          hps[k] = jnp.asarray(v, hps[k].dtype)
+      return s._replace(hyperparams=hps)
+    return s
+
+  is_inject = lambda s: isinstance(s, optax.InjectHyperparamsState)
+  return jax.tree.map(fix, state, is_leaf=is_inject)
+
+
+@contracts
+def test_contract_no_recompile(c):
+  """Jit: the second step reuses the first's compilation. Eager: steps with new
+  gradient values (and, injected, new hyperparameter values) compile nothing."""
+  params = _cparams()
+  tx = c.make()
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  grads = _contract_grads(params, 4)
+  hps = [dict(learning_rate=LR * (1 + i), b1=0.9 - 0.01 * i, b2=0.999 - 1e-4 * i)
+         for i in range(4)]
+  hps = [{k: np.float32(v) for k, v in h.items()} for h in hps]
+  _, s = step(grads[0], state, params)
+  compiled = step._cache_size()
+  for g in grads[1:]:
+    _, s = step(g, s, params)
+  assert step._cache_size() == compiled
+  _, state = tx.update(grads[0], _set_hyperparams(state, **hps[0]), params)
+  jax.block_until_ready(state)
+  with _Compiles() as compiles:
+    for g, h in zip(grads[1:], hps[1:]):
+      _, state = tx.update(g, _set_hyperparams(state, **h), params)
+    jax.block_until_ready(state)
+  assert compiles.count == 0, f'{compiles.count} compilations in 3 eager steps'
+
+
+def _adam_like(state):
+  found = [s for s in jax.tree.leaves(state, is_leaf=_is_adam_like) if _is_adam_like(s)]
+  assert found, f'no Adam-like state in {type(state).__name__}'
+  return found[0]
+
+
+def _is_adam_like(x):
+  return isinstance(x, tuple) and {'count', 'mu', 'nu'} <= set(getattr(x, '_fields', ()))
+
+
+@contracts
+def test_contract_flax_nnx_optimizer(c):
+  """Several steps of nnx.Optimizer equal the same steps written with tx.update."""
+  from flax import nnx
+
+  class Model(nnx.Module):
+    def __init__(self, p):
+      self.w = nnx.Param(p['w'])
+      self.b = nnx.Param(p['b'])
+
+  params = _cparams()
+  grads = _contract_grads(params, 4)
+  model = Model(params)
+  opt = nnx.Optimizer(model, c.make(), wrt=nnx.Param)
+  for g in grads:
+    # A linear loss whose gradient is g, taken the NNX way.
+    loss = lambda m, g=g: jnp.sum(m.w[...] * g['w']) + jnp.sum(m.b[...] * g['b'])
+    opt.update(model, nnx.grad(loss)(model))
+  want, state, _ = _run(c.make(), params, grads, jit=False)
+  _assert_moved_alike({'w': model.w[...], 'b': model.b[...]}, want, params)  # params round to their ulp: 1e-6
+  assert int(_adam_like(state).count) == len(grads)
+
+
+@contracts
+def test_contract_equinox_loop(c):
+  """An eqx.filter_jit training loop over an Equinox module."""
+  import equinox as eqx
+
+  class Model(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+
+  params = _cparams()
+  grads = _contract_grads(params, 3)
+  tx = c.make()
+  model = Model(params['w'], params['b'])
+  state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+
+  @eqx.filter_jit
+  def step(model, state, g):
+    g = Model(g['w'], g['b'])
+    u, state = tx.update(g, state, eqx.filter(model, eqx.is_inexact_array))
+    return eqx.apply_updates(model, u), state
+
+  for g in grads:
+    model, state = step(model, state, g)
+  # The same steps on the same tree (a packed state's blocks follow leaf order).
+  as_model = lambda p: Model(p['w'], p['b'])
+  want, _, _ = _run(c.make(), as_model(params), [as_model(g) for g in grads], jit=True)
+  _assert_moved_alike(model, want, as_model(params))  # params round to their ulp: 1e-6
+
+
+@contracts
+def test_contract_checkpoint_round_trips(c, tmp_path):
+  """npz and orbax: the restored state continues exactly as the original."""
+  params = _cparams()
+  grads = _contract_grads(params, 3)
+  tx = c.make()
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  for g in grads[:2]:
+    _, state = step(g, state, params)
+  want, _ = step(grads[2], state, params)
+  for save, restore, path in [
+      (adamfx.save_npz, adamfx.restore_npz, tmp_path / 'state.npz'),
+      (adamfx.save_orbax, adamfx.restore_orbax, tmp_path / 'orbax'),
+  ]:
+    save(path, state)
+    back = restore(path, tx.init(params))
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    jax.tree.map(np.testing.assert_array_equal, back, state)
+    got, _ = step(grads[2], back, params)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def _bad_gradient_trees(params):
+  w, b = params['w'], params['b']
+  return {
+      'reshaped': {'w': w.reshape(64, 4), 'b': b},
+      'swapped': {'w': jnp.ones(3), 'b': jnp.ones((4, 64))},
+      'missing': {'w': w},
+      'extra': {'w': w, 'b': b, 'c': b},
+      'flattened': {'w': jnp.concatenate([w.reshape(-1)[:-3], b])},
+  }
+
+
+@contracts
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+def test_contract_bad_gradient_trees_are_refused(c, jit):
+  """Gradients not shaped like the params: a ValueError/TypeError, never a result."""
+  params = _cparams()
+  tx = c.make()
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  for what, g in _bad_gradient_trees(params).items():
+    with pytest.raises((ValueError, TypeError)) as info:
+      update(g, state, params)
+    assert 'jax' not in type(info.value).__module__, (what, info.value)

@@ -22,6 +22,7 @@ def test_demo_short_run_prints_table_checks_parity_and_writes_png(tmp_path, caps
     assert label in text
   assert 'ms/step' in text and 'test acc' in text
   assert text.count('adamfx.adam matches optax.adam') == 2, text
+  assert 'over the first 30 steps' in text.replace('\n', ' ') and 'first 100' not in text
   png = out / 'digits_loss_curves.png'
   assert png.read_bytes()[:8] == PNG_MAGIC
   assert f'loss curves: {png}' in text.replace('\n', '')
@@ -79,3 +80,18 @@ def test_python_dash_m_adamfx_demo(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'adamfx.adam matches optax.adam' in proc.stdout
   assert (tmp_path / 'digits_loss_curves.png').exists()
+
+
+def test_out_that_is_a_file_fails_before_training(tmp_path, monkeypatch):
+  path = tmp_path / 'a_file'
+  path.write_text('x')
+  monkeypatch.setattr(_demo, 'train', lambda *a, **k: pytest.fail('trained before checking --out'))
+  with pytest.raises(SystemExit, match='--out .* is not a directory'):
+    _cli.main(['demo', '--steps', '5', '--out', str(path)])
+
+
+def test_top_level_help_is_plain_text(capsys):
+  with pytest.raises(SystemExit):
+    _cli.main(['--help'])
+  text = capsys.readouterr().out
+  assert '``' not in text and 'adamfx demo' in text

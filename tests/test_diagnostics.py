@@ -184,3 +184,88 @@ def test_step_bound_holds_for_random_histories():
     grads = [rng.standard_cauchy(size=200) * rng.uniform(0, 10, size=200) for _ in range(t)]
     _, _, update = _numpy_adam(grads, eps=0.0, lr=1.0)
     assert np.abs(update).max() <= bound * (1 + 1e-12)
+
+
+def _mp_bound(t, b1, b2):
+  """adam_step_bound in 60-digit arithmetic (mpmath), from the formula."""
+  import mpmath
+
+  with mpmath.workdps(60):
+    b1, b2 = mpmath.mpf(b1), mpmath.mpf(b2)
+    r = b1 * b1 / b2
+    series = t if r == 1 else (1 - r**t) / (1 - r)
+    return float((1 - b1) / mpmath.sqrt(1 - b2) * mpmath.sqrt((1 - b2**t) * series)
+                 / (1 - b1**t))
+
+
+@pytest.mark.parametrize(
+    ('t', 'b1', 'b2'),
+    [(1, 0.9, 0.999), (2, 0.9, 0.999), (3000, 0.9, 0.999), (10**6, 0.9, 0.99999999),
+     (10**4, 0.99, 0.9), (10**9, 0.9, 0.999), (7, 0.0, 0.5), (50, 0.5, 0.25)],
+)
+def test_step_bound_matches_mpmath_on_both_paths(t, b1, b2):
+  want = _mp_bound(t, b1, b2)
+  np.testing.assert_allclose(adamfx.adam_step_bound(t, b1, b2), want, rtol=1e-12)
+  got = adamfx.adam_step_bound(jnp.asarray(t), b1, b2)
+  if want > float(jnp.finfo(got.dtype).max):
+    assert np.isinf(got)  # past float32's range: inf, not a wrong finite number
+  else:
+    np.testing.assert_allclose(float(got), want, rtol=2e-6)
+
+
+def test_step_bound_is_exactly_one_at_t_1():
+  for b1, b2 in [(0.9, 0.999), (0.5, 0.9), (0.99, 0.9999)]:
+    assert adamfx.adam_step_bound(1, b1, b2) == 1.0
+    assert float(adamfx.adam_step_bound(jnp.asarray(1), b1, b2)) == 1.0
+
+
+def test_step_bound_int_path_does_not_overflow():
+  # b1**2 > b2: the bound grows like (b1**2 / b2)**(t / 2); 1e184 fits a float.
+  np.testing.assert_allclose(adamfx.adam_step_bound(10**4, 0.99, 0.9), _mp_bound(10**4, 0.99, 0.9),
+                             rtol=1e-11)
+
+
+@pytest.mark.parametrize(
+    ('args', 'match'),
+    [((0,), '`t` must be >= 1'), ((-3,), '`t` must be >= 1'),
+     ((5, 1.0, 0.999), r'`b1` must be in \[0, 1\)'), ((5, 0.9, 1.0), r'`b2` must be in \[0, 1\)'),
+     ((5, -0.1, 0.999), '`b1`'), ((5, 0.9, 0.0), '`b2` = 0'),
+     ((jnp.asarray([3, 0]),), '`t` must be >= 1')],
+)
+def test_step_bound_refuses_undefined_arguments(args, match):
+  with pytest.raises(ValueError, match=match):
+    adamfx.adam_step_bound(*args)
+
+
+def test_diagnostics_dequantize_8bit_state():
+  """8-bit state: the numbers of its dequantized moments (no uint8 error)."""
+  params = jnp.linspace(-1.0, 1.0, 512)
+  tx8 = adamfx.adam8bit(0.1, min_8bit_size=256)
+  state = tx8.init(params)
+  updates, state = tx8.update(params * 2, state, params)
+  d = adamfx.adam_diagnostics(state, updates, 0.1)
+  # Exactly the numbers of the same moments held in float32 (tested
+  # dequantization, see test_quant.py) ...
+  from adamfx import _quant
+
+  s = state[0]
+  deq = lambda q: _quant.dequantize(q, signed=q.signed, block_size=q.block_size)
+  f32 = adamfx.AdamState(s.count, deq(s.mu), deq(s.nu))
+  want = adamfx.adam_diagnostics((f32,), updates, 0.1)
+  for key in want:
+    np.testing.assert_allclose(float(d[key]), float(want[key]), rtol=1e-6, err_msg=key)
+  # ... and close to float32 Adam's (8-bit moments keep 2-3 digits: 10%).
+  ref = adamfx.adam(0.1)
+  r_updates, r_state = ref.update(params * 2, ref.init(params), params)
+  exact = adamfx.adam_diagnostics(r_state, r_updates, 0.1)
+  for key in ('snr_mean', 'snr_max', 'step_max'):
+    np.testing.assert_allclose(float(d[key]), float(exact[key]), rtol=0.1, err_msg=key)
+
+
+def test_diagnostics_refuse_adamax():
+  tx = adamfx.adamax(0.1)
+  state = tx.init(jnp.ones(3))
+  _, state = tx.update(jnp.ones(3), state)
+  with pytest.raises(ValueError, match='AdaMax'):
+    adamfx.adam_diagnostics(state)
+  assert isinstance(state[0], adamfx.AdamState)  # still a drop-in state

@@ -334,3 +334,60 @@ def test_sharded_state_matches_unsharded():
       [sys.executable, '-c', _SHARDED], env=env, capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.usefixtures('x64')
+@pytest.mark.parametrize('make', [adamfx.adam8bit, lambda *a, **k: adamfx.adamw8bit(
+    *a, weight_decay=0.0, **k)], ids=['adam8bit', 'adamw8bit'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.float64])
+def test_8bit_under_x64(make, dtype):
+  """lax.shift_left used to refuse int32 and int64 in _quant._pow2."""
+  params = jnp.linspace(-1.0, 1.0, 512, dtype=dtype)
+  tx = make(1e-2, min_8bit_size=256)
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = jax.jit(tx.update)(params, state, params)
+  eager, _ = tx.update(params, tx.init(params), params)
+  assert updates.dtype == dtype and bool(jnp.all(jnp.isfinite(updates)))
+  # The first step from zero moments is Adam's sign step.
+  np.testing.assert_allclose(np.abs(np.asarray(eager)), 1e-2, rtol=1e-4, atol=0)
+
+
+def test_quantized_array_survives_tree_maps():
+  q = _quant.quantize(jnp.linspace(-1, 1, 300), signed=True, block_size=100)
+  back = jax.tree.map(lambda x: x, q)
+  assert isinstance(back, adamfx.QuantizedArray)
+  assert (back.block_size, back.signed) == (100, True)
+  assert jax.tree.structure(q) != jax.tree.structure(
+      _quant.quantize(jnp.linspace(-1, 1, 300), signed=True, block_size=150))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(q)[0]]
+  assert paths == ['.codes', '.scale']
+
+
+def test_8bit_update_accepts_the_nnx_mapping_form():
+  """nnx.update hands QuantizedArrays back as mappings of codes and scale."""
+  params = {'kernel': jnp.linspace(-1, 1, 512)}
+  tx = adamfx.scale_by_adam8bit(min_8bit_size=256)
+  state = tx.init(params)
+  want, _ = tx.update(params, state)
+  as_mapping = lambda t: jax.tree.map(
+      lambda q: {'codes': q.codes, 'scale': q.scale}, t,
+      is_leaf=lambda x: isinstance(x, adamfx.QuantizedArray))
+  mapped = state._replace(mu=as_mapping(state.mu), nu=as_mapping(state.nu))
+  got, new_state = tx.update(params, mapped)
+  np.testing.assert_array_equal(got['kernel'], want['kernel'])
+  assert isinstance(new_state.mu['kernel'], adamfx.QuantizedArray)
+
+
+def test_eager_8bit_compiles_once_per_configuration():
+  params = jnp.linspace(-1, 1, 512)
+  tx = adamfx.scale_by_adam8bit(min_8bit_size=256, block_size=128)
+  state = tx.init(params)
+  tx.update(params, state)
+  before = _quant._eager_8bit._cache_size()
+  for b1 in (0.8, 0.85):  # rebuilt, as inject_hyperparams does, with array values
+    again = adamfx.scale_by_adam8bit(jnp.float32(b1), min_8bit_size=256, block_size=128)
+    again.update(params, state)
+  assert _quant._eager_8bit._cache_size() - before <= 1
+  again.update(params, state)
+  assert _quant._eager_8bit._cache_size() - before <= 1
