@@ -1,12 +1,9 @@
 """adamfx: Adam as a first-class JAX citizen, a drop-in for optax's Adam family."""
 
-from adamfx._adam import AdamState
-from adamfx._adam import ScaleByAdamState
 from adamfx._adam import adam
 from adamfx._adam import adamax
 from adamfx._adam import adamw
 from adamfx._adam import amsgrad
-from adamfx._adam import inject_hyperparams
 from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
@@ -30,6 +27,7 @@ from adamfx._diagnostics import adam_step_bound
 from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
+from adamfx._inject import inject_hyperparams
 from adamfx._quant import QuantizedArray
 from adamfx._quant import adam8bit
 from adamfx._quant import adamw8bit
@@ -47,6 +45,8 @@ from adamfx._sparse_grad import row_sparse_grad
 from adamfx._sparse_grad import value_and_row_sparse_grad
 from adamfx._torch_state import from_torch_state
 from adamfx._torch_state import to_torch_state
+from adamfx._update import AdamState
+from adamfx._update import ScaleByAdamState
 
 __version__ = "0.1.0"
 

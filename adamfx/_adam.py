@@ -1,97 +1,30 @@
-r"""AdamState and the update math of the Adam family, in one place.
+r"""The Adam family's constructors, as optax spells them.
 
-Every member of the family -- Adam, NAdam (``nesterov=True``), AMSGrad
-(``amsgrad=True``), AdamW (:func:`adamw`) and AdaMax (:func:`scale_by_adamax`)
--- goes through :func:`_moment_step`, which updates one leaf. The variants are
-parameters of it, not copies of it.
+:func:`scale_by_adam`, :func:`adam`, :func:`adamw`, :func:`nadam`,
+:func:`nadamw`, :func:`amsgrad`, :func:`scale_by_adamax` and :func:`adamax`
+check their arguments and chain the update math of :mod:`adamfx._update`
+(compiled leaf by leaf when called eagerly, :mod:`adamfx._fast`) with the
+learning rate and AdamW's decoupled decay. :func:`inject_hyperparams` lives in
+:mod:`adamfx._inject`.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any
-from typing import NamedTuple
 from typing import Optional
 from typing import Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adamfx import _checks
 from adamfx import _fast
-from adamfx import _numerics
-from adamfx import _rounding
-
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
-
-
-class AdamState(NamedTuple):
-  """State of :func:`scale_by_adam` and :func:`scale_by_adamax`.
-
-  The fields are those of ``optax.ScaleByAdamState`` (and of
-  ``optax.ScaleByAmsgradState`` when ``amsgrad=True``), so a state saved by
-  optax restores into adamfx field by field.
-
-  Attributes:
-    count: int32 scalar, the number of updates so far; saturates at the int32
-      maximum instead of wrapping.
-    mu: first moment, a tree shaped like the params, in ``mu_dtype``.
-    nu: second moment (AdaMax: the exponentially weighted infinity norm), in
-      ``nu_dtype``.
-    nu_max: running maximum of the bias-corrected second moment when
-      ``amsgrad=True``, else ``None``.
-  """
-
-  count: jax.Array
-  mu: optax.Updates
-  nu: optax.Updates
-  nu_max: Optional[optax.Updates] = None
-
-
-ScaleByAdamState = AdamState  # optax's name for the same thing.
-
-
-class AdaMaxState(AdamState):
-  """:class:`AdamState` of :func:`scale_by_adamax`: ``nu`` is the infinity norm.
-
-  The same fields (a drop-in for optax's AdaMax state, field by field); the
-  type tells tools such as :func:`adamfx.adam_diagnostics` that ``nu`` is not
-  a second moment.
-  """
-
-  __slots__ = ()
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
-def _hp(value: Any, dtype: Any) -> Any:
-  """A hyperparameter in the arithmetic dtype; Python numbers stay weak."""
-  if isinstance(value, (int, float)) and not isinstance(value, bool):
-    return value
-  return jnp.asarray(value).astype(dtype)
-
-
-def _power(base: Any, count: jax.Array, dtype: Any) -> jax.Array:
-  # lax.pow with an integer exponent, as optax computes ``decay**count``.
-  return jax.lax.pow(jnp.asarray(base, dtype), count)
-
-
-def _one_minus_power(base: Any, count: jax.Array, dtype: Any) -> jax.Array:
-  """``1 - base**count`` in ``dtype``: the bias correction.
-
-  Under ``jax_enable_x64`` it is computed in float64 and then rounded, as
-  optax's weakly typed ``1 - decay**count`` is there: in float32,
-  ``1 - 0.999**3`` loses ~2e-5 of its value to cancellation.
-  """
-  if jax.config.jax_enable_x64 and jnp.finfo(dtype).bits < 64:
-    return (1 - _power(base, count, jnp.float64)).astype(dtype)
-  return 1 - _power(base, count, dtype)
+from adamfx import _update
+from adamfx._update import AdaMaxState
+from adamfx._update import ScalarOrSchedule
 
 
 def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -109,7 +42,7 @@ def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransform
       new_updates, state = inner.update(updates, state, params)
     new_updates = jax.tree.map(
         lambda n, u: None if n is None else n.astype(u.dtype),
-        new_updates, updates, is_leaf=_is_none,
+        new_updates, updates, is_leaf=_update._is_none,
     )
     return new_updates, state
 
@@ -134,8 +67,8 @@ def _nan_if_negative(
     updates, state = inner.update(updates, state, params)
     x = jnp.asarray(value)
     invalid = jnp.any(~((x >= 0) & (x < jnp.inf)))
-    return jax.tree.map(lambda u: None if u is None else nan_where(invalid, u), updates,
-                        is_leaf=_is_none), state
+    return jax.tree.map(lambda u: None if u is None else _update.nan_where(invalid, u), updates,
+                        is_leaf=_update._is_none), state
 
   return optax.GradientTransformation(inner.init, update_fn)
 
@@ -221,433 +154,6 @@ def _chain_learning_rate(
 
   init_fn = chain.init if decay is None else _init_checking_mask(chain, decay[1])
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _in_place(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
-  """Whether a leaf takes the in-place formulation of :func:`_moment_step`.
-
-  Real moments (and AMSGrad's maximum, stored like ``nu``) in the arithmetic
-  dtype (float32 or float64). Narrower storage (whose casts may saturate and
-  must scale m and v together) and complex moments take the general
-  formulation.
-  """
-  return (
-      jnp.dtype(m_dtype) == cdt
-      and jnp.dtype(v_dtype) == cdt
-      and jnp.issubdtype(cdt, jnp.floating)
-  )
-
-
-def _in_place_narrow(cdt: Any, m_dtype: Any, v_dtype: Any) -> bool:
-  """Whether a leaf takes :func:`_in_place_narrow_step`.
-
-  float32 arithmetic with each moment stored in float32 or bfloat16, at
-  least one of them bfloat16. bfloat16 has float32's exponent range, so the
-  clip of :func:`_in_place_step` keeps every stored moment finite there too:
-  nothing saturates, and m and v never need rescaling together. float16
-  (whose ``nu`` overflows for a gradient of 256) keeps the general
-  formulation.
-  """
-  ok = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-  m_dtype, v_dtype = jnp.dtype(m_dtype), jnp.dtype(v_dtype)
-  return (
-      jnp.dtype(cdt) == jnp.float32
-      and m_dtype in ok and v_dtype in ok
-      and jnp.dtype(jnp.bfloat16) in (m_dtype, v_dtype)
-  )
-
-
-class _Scalars(NamedTuple):
-  """The scalars of one step in one arithmetic dtype, shared by its leaves."""
-
-  b1: Any
-  one_minus_b1: Any
-  b2: Any
-  one_minus_b2: Any
-  inv_bc1: Any  # 1 / (1 - b1**t)
-  inv_bc2: Any  # 1 / (1 - b2**t)
-  inv_bc1_next: Any  # 1 / (1 - b1**(t+1)), for NAdam
-  eps: Any
-  eps_root: Any  # None when it is a Python 0
-  guard: bool  # whether the denominator can be 0 (eps not a positive number)
-
-
-def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scalars:
-  """:class:`_Scalars` in ``dtype``, made once per update and dtype (``cache``).
-
-  Python numbers become NumPy constants of ``dtype`` (``1 - b1`` computed in
-  Python first, as optax's weakly typed arithmetic does); arrays are cast.
-  The bias corrections enter as reciprocals (see :func:`_in_place_step`).
-  """
-  key = (dtype, nesterov)
-  if cache is not None and key in cache:
-    return cache[key]
-
-  def const(x):
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-      return np.asarray(x, dtype)
-    return jnp.asarray(x).astype(dtype)
-
-  def one_minus(x):
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-      return np.asarray(1 - x, dtype)
-    return 1 - const(x)
-
-  def inverse_correction(b, t):  # 1 / (1 - b**t)
-    return jax.lax.div(np.asarray(1, dtype), _one_minus_power(b, t, dtype))
-
-  k = _Scalars(
-      b1=const(b1), one_minus_b1=one_minus(b1), b2=const(b2), one_minus_b2=one_minus(b2),
-      inv_bc1=inverse_correction(b1, count), inv_bc2=inverse_correction(b2, count),
-      inv_bc1_next=(
-          inverse_correction(b1, optax.safe_increment(count)) if nesterov else None
-      ),
-      eps=const(eps),
-      # v_hat >= 0 is never -0.0, so v_hat + 0.0 is v_hat: skip the add.
-      eps_root=None if isinstance(eps_root, (int, float)) and eps_root == 0 else const(eps_root),
-      guard=not (isinstance(eps, (int, float)) and eps > 0),
-  )
-  if cache is not None:
-    cache[key] = k
-  return k
-
-
-def _in_place_step(
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: Optional[jax.Array],
-    k: _Scalars,
-    *,
-    nesterov: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
-  r"""The Adam step for moments stored in the arithmetic dtype.
-
-  Returns ``(update, mu, nu, nu_max)`` as stored (``nu_max``, AMSGrad's
-  running maximum of the bias-corrected ``nu``, None without it). Nothing is cast
-  on the way to storage, so the update is read off the stored moments, and
-  the overflow guard is a clip of ``g`` at ``±2**63`` (float32; ``±2**511``
-  in float64), past which ``g**2`` could overflow: ``mu``'s new value reads
-  ``g`` and ``mu`` only, ``nu``'s ``g`` and ``nu``, and XLA updates donated
-  moments in place in one loop each, as for optax: no copies, no
-  temporaries. Every ``nu`` is then an average of squares below a quarter
-  of the dtype's maximum, so nothing overflows, and below the clip the
-  numbers are optax's operations, in its order: equal to float32 rounding
-  (a step-1 update may differ by 1 ulp, where XLA compiles a division by the
-  bias correction differently).
-
-  Written with ``lax`` operations, not ``jnp``: a model of thousands of
-  leaves traces and compiles this once per leaf.
-  """
-  lax = jax.lax
-  big = _numerics.square_safe_limit(g.dtype)
-  clipped = lax.clamp(-big, g, big)
-  m = lax.add(lax.mul(k.one_minus_b1, clipped), lax.mul(k.b1, m))
-  # g - g is 0, or NaN where g is inf or NaN: a non-finite gradient still
-  # gives a NaN update and moment, as in optax, not a clipped finite one.
-  m = lax.add(m, lax.sub(g, g))
-  v = lax.add(lax.mul(k.one_minus_b2, lax.mul(clipped, clipped)), lax.mul(k.b2, v))
-  g = clipped
-  # x / (1 - b**t) as x * (1 / (1 - b**t)): what XLA compiles optax's
-  # division by a broadcast scalar into on CPU, written out so that a 0-d
-  # leaf (scalar code, where XLA keeps a division) and a step compiled over
-  # other leaves get the same bits.
-  if nesterov:  # Dozat 2016, in optax's form.
-    m_hat = lax.add(
-        lax.mul(k.b1, lax.mul(m, k.inv_bc1_next)), lax.mul(k.one_minus_b1, lax.mul(g, k.inv_bc1))
-    )
-  else:
-    m_hat = lax.mul(m, k.inv_bc1)
-  # v_hat = v / (1 - b2**t) fits for any state reached from zeros. In one
-  # made elsewhere (optax's moments with a reset count, say) it may
-  # overflow: that element's step is then 0 (m_hat / inf), not NaN, until
-  # 1 - b2**t has grown enough, a few steps later.
-  v_hat = lax.mul(v, k.inv_bc2)
-  if v_max is not None:  # AMSGrad, as optax: the max of the bias-corrected nu
-    v_max = v_hat = lax.max(v_max, v_hat)
-  if k.eps_root is not None:
-    v_hat = lax.add(v_hat, k.eps_root)
-  denom = lax.add(lax.sqrt(v_hat), k.eps)
-  if k.guard:  # eps == eps_root == 0 and no gradient yet: 0, not 0/0
-    denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
-  return lax.div(m_hat, denom), m, v, v_max
-
-
-def _in_place_narrow_step(
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    k: _Scalars,
-    count: jax.Array,
-    leaf_index: int,
-    *,
-    nesterov: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  r"""The Adam step for moments stored in bfloat16 (see :func:`_in_place_narrow`).
-
-  Returns ``(update, mu, nu)``, the moments as stored. The arithmetic is
-  float32 and the gradient is clipped as in :func:`_in_place_step`; ``mu``
-  is stored rounded to nearest, ``nu`` with unbiased stochastic rounding
-  (:mod:`adamfx._rounding`, so that ``0.999 * nu`` decays), and the update
-  is read off the *stored* moments, as the float32 in-place step reads it
-  off its stored ones. Each output is then an elementwise function of
-  ``g``, ``m`` and ``v`` that XLA fuses into one loop, updating donated
-  moments in place, with no float32 temporaries. The update differs from
-  one computed before the rounding by the rounding of ``mu`` (2**-9
-  relative) and ``nu`` (unbiased, 2**-8 relative at most).
-  """
-  lax = jax.lax
-  f32 = jnp.float32
-  g = g.astype(f32)
-  big = _numerics.square_safe_limit(f32)
-  clipped = lax.clamp(-big, g, big)
-  m_new = lax.add(lax.mul(k.one_minus_b1, clipped), lax.mul(k.b1, m.astype(f32)))
-  m_new = lax.add(m_new, lax.sub(g, g))  # NaN where g is not finite, as in optax
-  v_new = lax.add(
-      lax.mul(k.one_minus_b2, lax.mul(clipped, clipped)), lax.mul(k.b2, v.astype(f32))
-  )
-  m_s = m_new.astype(m.dtype)
-  v_s = v_new if v.dtype == f32 else _rounding.store_second_moment(
-      v_new, v.dtype, count, leaf_index)
-  m_r, v_r = m_s.astype(f32), v_s.astype(f32)
-  if nesterov:
-    m_hat = lax.add(
-        lax.mul(k.b1, lax.mul(m_r, k.inv_bc1_next)),
-        lax.mul(k.one_minus_b1, lax.mul(clipped, k.inv_bc1)),
-    )
-  else:
-    m_hat = lax.mul(m_r, k.inv_bc1)
-  v_hat = lax.mul(v_r, k.inv_bc2)
-  if k.eps_root is not None:
-    v_hat = lax.add(v_hat, k.eps_root)
-  denom = lax.add(lax.sqrt(v_hat), k.eps)
-  if k.guard:
-    denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
-  return lax.div(m_hat, denom), m_s, v_s
-
-
-def _moment_step(
-    g: jax.Array,
-    m: jax.Array,
-    v: jax.Array,
-    v_max: Optional[jax.Array],
-    count: jax.Array,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
-    *,
-    nesterov: bool,
-    amsgrad: bool,
-    infinity_norm: bool,
-    scalars: Optional[dict[Any, Any]] = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, Optional[jax.Array]]:
-  r"""One Adam-family step for one leaf, in at least float32.
-
-  Returns ``(update, mu, nu, nu_max)`` in the arithmetic dtype, before the
-  storage casts. A finite gradient never produces ``inf`` or ``NaN``, and
-  wherever nothing would overflow the operations are those of optax, in
-  optax's order. Two formulations:
-
-  - moments stored in the arithmetic dtype (float32/float64, see
-    :func:`_in_place`): :func:`_in_place_step`, which clips ``|g|`` at
-    ``2**63`` (float32), so that XLA updates donated moments in place;
-  - otherwise (float16 storage, complex; bfloat16 storage takes
-    :func:`_in_place_narrow_step` in :func:`_family_update`, or this
-    formulation under AMSGrad or AdaMax): elements whose gradient or
-    second moment would overflow when squared are computed on values
-    rescaled by an exact power of two, the update is computed before the
-    storage casts, and a saturating element's m and v are scaled together.
-
-  ``scalars`` caches the step's scalars across the leaves of one update.
-  """
-  cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
-  rdt = _numerics.real_dtype(cdt)
-  _checks.check_decay_in_dtype('b1', b1, rdt)
-  _checks.check_decay_in_dtype('b2', b2, rdt)
-  if not infinity_norm and _in_place(cdt, m.dtype, v.dtype):
-    k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
-    return _in_place_step(g.astype(cdt), m, v, v_max, k, nesterov=nesterov)
-  nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
-  g = g.astype(cdt)
-  m = m.astype(cdt)
-  v = jnp.real(v).astype(rdt)
-  b1c, b2r = _hp(b1, cdt), _hp(b2, rdt)
-  bc1 = _one_minus_power(b1, count, rdt)
-  bc2 = _one_minus_power(b2, count, rdt)
-
-  if infinity_norm:  # AdaMax, Kingma & Ba section 7.1.
-    m = (1 - b1c) * g + b1c * m
-    v = jnp.maximum(jnp.abs(g) + _hp(eps, rdt), b2r * v)
-    m_hat = m / bc1.astype(cdt)
-    safe_v = jnp.where(v > 0, v, 1).astype(cdt)
-    return m_hat / safe_v, m, v, None
-
-  g_big, v_big, small = _numerics.huge_thresholds(rdt)
-  absg = jnp.abs(g)
-  # v_hat = v / (1 - b2**t) is up to 1 / (1 - b2) times v: test v against
-  # v_big scaled the same way, so that v_hat (<= 2 v_big) cannot overflow.
-  huge = (absg > g_big) | (v > v_big * bc2)
-  if amsgrad:
-    v_max = jnp.real(v_max).astype(rdt)
-    huge = huge | (v_max > v_big)
-  scale = jnp.where(huge, small, 1).astype(rdt)
-  g = g * scale.astype(cdt)
-  m = m * scale.astype(cdt)
-  v = v * scale * scale
-
-  sq = jnp.square(absg * scale) if jnp.iscomplexobj(g) else jnp.square(g)
-  m = (1 - b1c) * g + b1c * m
-  v = (1 - _hp(b2, rdt)) * sq + b2r * v
-  if nesterov:  # Dozat 2016, in optax's form.
-    bc1_next = _one_minus_power(b1, optax.safe_increment(count), rdt)
-    m_hat = b1c * (m / bc1_next.astype(cdt)) + (1 - b1c) * (g / bc1.astype(cdt))
-  else:
-    m_hat = m / bc1.astype(cdt)
-  v_hat = v / bc2
-  if amsgrad:
-    v_hat = jnp.maximum(v_max * scale * scale, v_hat)
-    v_max = v_hat
-  denom = jnp.sqrt(v_hat + _hp(eps_root, rdt) * scale * scale) + _hp(eps, rdt) * scale
-  # denom == 0 only when eps == eps_root == 0 and every gradient so far was 0,
-  # where m_hat is 0 too: return 0, not 0/0.
-  update = m_hat / jnp.where(denom > 0, denom, 1).astype(cdt)
-
-  # What is stored must fit the state's dtype. Where the second moment would
-  # not, scale this leaf element's history (m by c, v by c**2, c a power of
-  # two) so it does: m / sqrt(v) keeps its value, and the history reads as
-  # that of a gradient c times smaller, which Adam is invariant to.
-  limit = nu_limit * scale * scale
-  over = v > limit
-  if amsgrad:
-    over = over | (v_max > limit)
-  fits = _numerics.fit_exponent(jnp.maximum(v, v_max) if amsgrad else v, limit)
-  c = jnp.where(over, fits, 1).astype(rdt)
-  unscale = jnp.where(huge, 1 / small, 1).astype(rdt) * c
-  m = m * unscale.astype(cdt)
-  v = v * unscale * unscale
-  if amsgrad:
-    v_max = v_max * unscale * unscale
-  return update, m, v, v_max
-
-
-def nan_where(invalid: Any, u: jax.Array) -> jax.Array:
-  """``u``, or NaN everywhere if ``invalid`` (see ``_checks.invalid_hyperparams``)."""
-  if invalid is None:
-    return u
-  return jnp.where(invalid, jnp.asarray(jnp.nan, u.dtype), u)
-
-
-def _family_update(
-    updates: optax.Updates,
-    state: AdamState,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
-    *,
-    nesterov: bool = False,
-    amsgrad: bool = False,
-    infinity_norm: bool = False,
-) -> tuple[optax.Updates, AdamState]:
-  """Applies :func:`_moment_step` to every leaf and stores the results."""
-  _checks.adam_like_state(state, 'adamax' if infinity_norm else 'adam')
-  updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
-  _checks.check_matching_trees(updates, state.mu)
-  _checks.check_hyperparam_dtype('b1', b1)
-  _checks.check_hyperparam_dtype('b2', b2)
-  count = optax.safe_increment(state.count)
-  invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
-  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
-  m_leaves = treedef.flatten_up_to(state.mu)
-  v_leaves = treedef.flatten_up_to(state.nu)
-  if amsgrad:
-    vm_leaves = treedef.flatten_up_to(state.nu_max)
-  else:
-    vm_leaves = [None] * len(g_leaves)
-  out_u, out_m, out_v, out_vm = [], [], [], []
-  scalars = {}
-  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
-    if g is None:
-      for out in (out_u, out_m, out_v, out_vm):
-        out.append(None)
-      continue
-    cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
-    if not (infinity_norm or amsgrad) and _in_place_narrow(cdt, m.dtype, v.dtype):
-      _checks.check_decay_in_dtype('b1', b1, cdt)
-      _checks.check_decay_in_dtype('b2', b2, cdt)
-      k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
-      u, m_new, v_new = _in_place_narrow_step(g, m, v, k, count, i, nesterov=nesterov)
-      out_u.append(u.astype(g.dtype))
-      out_m.append(m_new)
-      out_v.append(v_new)
-      out_vm.append(None)
-      continue
-    u, m_new, v_new, vm_new = _moment_step(
-        g, m, v, vm, count, b1, b2, eps, eps_root,
-        nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
-        scalars=scalars,
-    )
-    out_u.append(nan_where(invalid, u).astype(g.dtype))
-    if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
-      # Stored as computed: the in-place formulation's moments always fit,
-      # and a clamp here would keep XLA from updating m and v in place.
-      out_m.append(m_new)
-      out_v.append(v_new)
-      out_vm.append(vm_new)
-      continue
-    out_m.append(_numerics.saturate(m_new, m.dtype))
-    # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
-    # would return 0.999 * nu as nu (see adamfx._rounding).
-    # A positive nu stored as 0 (float16 underflow) would make the next step
-    # m_hat / eps, inf in float16: keep_positive stores the smallest instead.
-    out_v.append(_numerics.keep_positive(
-        _rounding.store_second_moment(v_new, v.dtype, count, i), v_new))
-    out_vm.append(None if vm is None else _numerics.keep_positive(
-        _numerics.saturate(vm_new, vm.dtype), vm_new))
-  unflatten = functools.partial(jax.tree.unflatten, treedef)
-  new_state = (AdaMaxState if infinity_norm else AdamState)(
-      count=count,
-      mu=unflatten(out_m),
-      nu=unflatten(out_v),
-      nu_max=unflatten(out_vm) if amsgrad else None,
-  )
-  return unflatten(out_u), new_state
-
-
-def _mu_dtype(param_dtype: Any, mu_dtype: Any) -> Any:
-  """``mu_dtype`` for one leaf: its complex counterpart for complex params."""
-  if (
-      mu_dtype is None
-      or not jnp.issubdtype(param_dtype, jnp.complexfloating)
-      or jnp.issubdtype(mu_dtype, jnp.complexfloating)
-  ):
-    return mu_dtype
-  return jnp.complex128 if jnp.finfo(mu_dtype).bits == 64 else jnp.complex64
-
-
-def _family_init(
-    params: optax.Params, mu_dtype: Any, nu_dtype: Any, amsgrad: bool
-) -> AdamState:
-  _checks.check_param_leaves(params)
-  # Python-number leaves become arrays; arrays, tracers and ShapeDtypeStructs
-  # are used as they are.
-  params = jax.tree.map(
-      lambda p: p if hasattr(p, 'dtype') else jnp.asarray(p), params
-  )
-  zeros = lambda dtype: jax.tree.map(
-      lambda p: _numerics.zeros_like(p, dtype), params
-  )
-  return AdamState(
-      count=jnp.zeros([], jnp.int32),
-      # mu_dtype names a precision: complex params keep a complex mu (a real
-      # one would silently drop the momentum's imaginary part).
-      mu=jax.tree.map(
-          lambda p: _numerics.zeros_like(p, _mu_dtype(p.dtype, mu_dtype)), params
-      ),
-      nu=zeros(nu_dtype),
-      nu_max=zeros(nu_dtype) if amsgrad else None,
-  )
 
 
 def _check_adam_args(b1, b2, eps, eps_root, mu_dtype, nu_dtype):
@@ -764,7 +270,7 @@ def scale_by_adam(
   mu_dtype, nu_dtype = _check_adam_args(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
 
   def init_fn(params):
-    return _family_init(params, mu_dtype, nu_dtype, amsgrad)
+    return _update._family_init(params, mu_dtype, nu_dtype, amsgrad)
 
   def update_fn(updates, state, params=None):
     del params
@@ -993,7 +499,7 @@ def scale_by_adamax(
   _check_adam_args(b1, b2, eps, 0.0, None, None)
 
   def init_fn(params):
-    return AdaMaxState(*_family_init(params, None, None, amsgrad=False))
+    return AdaMaxState(*_update._family_init(params, None, None, amsgrad=False))
 
   def update_fn(updates, state, params=None):
     del params
@@ -1078,109 +584,3 @@ def amsgrad(
 
 # Arguments that change what the state is or how it is laid out, not a value
 # of the update: kept static by :func:`inject_hyperparams` without being named.
-STRUCTURAL_ARGS = frozenset({
-    'amsgrad', 'block_size', 'mask', 'min_8bit_size', 'mu_dtype', 'nesterov', 'nu_dtype',
-})
-
-
-def _structural(inner_factory: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[str, ...]:
-  """The names among ``inner_factory``'s bound arguments to keep static."""
-  try:
-    bound = inspect.signature(inner_factory).bind(*args, **kwargs)
-    bound.apply_defaults()
-  except (TypeError, ValueError):
-    return ()
-  names = []
-  for name, value in bound.arguments.items():
-    if name in STRUCTURAL_ARGS or isinstance(value, bool) or value is None:
-      names.append(name)
-  return tuple(names)
-
-
-def inject_hyperparams(
-    inner_factory: Callable[..., Any],
-    static_args: Union[str, tuple[str, ...]] = (),
-    hyperparam_dtype: Optional[Any] = None,
-) -> Callable[..., optax.GradientTransformationExtraArgs]:
-  """``optax.inject_hyperparams`` that keeps hyperparameters in >= float32.
-
-  optax casts injected hyperparameters to the params' dtype, which in
-  bfloat16 turns ``b2=0.999`` into ``1.0``. This wrapper defaults
-  ``hyperparam_dtype`` to float32 when the params are narrower (and to the
-  params' dtype otherwise), and returns updates in the gradients' dtypes.
-
-  Structural arguments -- those that decide the state's layout rather than a
-  value of the update: ``block_size``, ``min_8bit_size``, ``mu_dtype``,
-  ``nu_dtype``, ``mask``, and flags such as ``nesterov`` or ``amsgrad`` (any
-  ``bool``) -- are kept static without being listed in ``static_args``. The
-  arguments are checked when the factory is called (a concrete ``b2=1.0``
-  raises there); a traced invalid value gives NaN updates, as in optax.
-  Eager updates with new values of the injected hyperparameters reuse the
-  compiled steps (no recompilation).
-
-  Args:
-    inner_factory: a function returning a transformation, e.g. :func:`adam`.
-    static_args: names of further arguments not to inject.
-    hyperparam_dtype: dtype of the injected hyperparameters; default: at
-      least float32.
-
-  Returns:
-    A factory with the signature of ``inner_factory``.
-
-  Raises:
-    ValueError, TypeError: when the factory is called, for arguments
-      ``inner_factory`` refuses.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import adamfx
-    >>> tx = adamfx.inject_hyperparams(adamfx.adam)(learning_rate=1e-3)
-    >>> params = jnp.ones(3, jnp.bfloat16)
-    >>> state = tx.init(params)
-    >>> state.hyperparams['b2'].dtype
-    dtype('float32')
-    >>> tx8 = adamfx.inject_hyperparams(adamfx.adam8bit)(1e-3, block_size=128)
-    >>> sorted(tx8.init(jnp.ones(8)).hyperparams)
-    ['b1', 'b2', 'eps', 'eps_root', 'learning_rate']
-  """
-  if isinstance(static_args, str):
-    static_args = (static_args,)
-  user_static = tuple(static_args)
-
-  def dtype_for(tree):
-    if hyperparam_dtype is not None:
-      return hyperparam_dtype
-    # The leaves' dtypes promoted together with float32, real part. Not
-    # optax.tree.dtype(tree, 'highest'): it refuses a float64 + complex64
-    # tree, and under strict promotion a bfloat16 + float32 one.
-    dtypes = [jnp.result_type(x) for x in jax.tree.leaves(tree)]
-    return _numerics.real_dtype(_numerics.compute_dtype(*dtypes))
-
-  @functools.wraps(inner_factory)
-  def factory(*args, **kwargs):
-    inner_factory(*args, **kwargs)  # Check the arguments now, not at init.
-    static = tuple(dict.fromkeys(user_static + _structural(inner_factory, args, kwargs)))
-
-    def build(tree):
-      return optax.inject_hyperparams(inner_factory, static, dtype_for(tree))(*args, **kwargs)
-
-    build(None)  # Bind the arguments now too.
-
-    def init_fn(params):
-      return build(params).init(params)
-
-    def update_fn(updates, state, params=None, **extra_args):
-      tree = params if params is not None else updates
-      new_updates, state = build(tree).update(updates, state, params, **extra_args)
-      # Updates in the gradients' dtypes (optax's own members promote bf16
-      # gradients with float32 hyperparameters to float32).
-      new_updates = jax.tree.map(
-          lambda n, u: n if n is None or u is None or not hasattr(u, 'dtype')
-          else n.astype(u.dtype),
-          new_updates, updates, is_leaf=_is_none,
-      )
-      return new_updates, state
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-  return factory

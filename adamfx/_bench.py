@@ -25,13 +25,15 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from adamfx._measure import machine as _machine
+from adamfx._measure import new_bytes as _new_bytes
+from adamfx._measure import stats as _stats
 
 PRESETS = {
     # name: large leaf size, transformer (layers, width, vocab), tiny leaves
@@ -321,13 +323,6 @@ class _Runner:
     return (time.perf_counter() - t) / steps
 
 
-def _new_bytes(compiled) -> int | None:
-  """Bytes a compiled step allocates beyond its (donated) inputs."""
-  try:
-    m = compiled.memory_analysis()
-    return int(m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
-  except Exception:  # noqa: BLE001 (not every backend reports it)
-    return None
 
 
 def _floor_runner(params, grads):
@@ -400,8 +395,6 @@ def _torch_runner(name, params, grads, fused):
 # --------------------------------------------------------------------------- main
 
 
-def _stats(xs: list[float]) -> dict[str, float]:
-  return {'median': statistics.median(xs) * 1e3, 'min': min(xs) * 1e3, 'max': max(xs) * 1e3}
 
 
 def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
@@ -508,35 +501,6 @@ def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
   }
 
 
-def _machine() -> dict[str, Any]:
-  import jax
-  import optax
-
-  info = {
-      'platform': platform.platform(), 'processor': platform.processor() or platform.machine(),
-      'cpus': os.cpu_count(), 'python': platform.python_version(), 'jax': jax.__version__,
-      'optax': optax.__version__, 'device': str(jax.devices()[0].device_kind),
-      'backend': jax.default_backend(),
-  }
-  try:
-    info['loadavg'] = os.getloadavg()
-  except OSError:
-    pass
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          info['cpu_model'] = line.split(':', 1)[1].strip()
-          break
-  except OSError:
-    pass
-  try:
-    import torch
-
-    info['torch'] = torch.__version__
-  except ImportError:
-    pass
-  return info
 
 
 def _fmt_ms(s: dict[str, float]) -> str:

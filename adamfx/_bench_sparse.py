@@ -36,7 +36,7 @@ def _jax_runner(name, tx, table, ids, values, sparse):
   import jax.numpy as jnp
   import optax
 
-  from adamfx._bench import _new_bytes
+  from adamfx._measure import new_bytes as _new_bytes
   from adamfx._sparse import RowSparse
 
   num_rows = table.shape[0]

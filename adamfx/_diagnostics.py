@@ -24,8 +24,8 @@ import optax
 
 from adamfx import _checks
 from adamfx import _quant
-from adamfx._adam import AdaMaxState
-from adamfx._adam import AdamState
+from adamfx._update import AdaMaxState
+from adamfx._update import AdamState
 
 _STATE_TYPES = (AdamState, optax.ScaleByAdamState, optax.ScaleByAmsgradState)
 

@@ -3,7 +3,7 @@
 Called outside ``jit`` (in a notebook, say), the family update would run as
 dozens of separate array operations per leaf, each a dispatch and a pass over
 memory. :func:`family_update` instead runs every leaf through one compiled
-call of the same :func:`adamfx._adam._family_update`, leaves of one shape
+call of the same :func:`adamfx._update._family_update`, leaves of one shape
 and dtype in chunks of up to ``CHUNK``, so an eager step costs about one
 dispatch per chunk; :func:`adamfx.adam` (and ``nadam``, ``amsgrad``,
 ``adamax``, ``adamw``) applies its learning rate, and AdamW its decoupled
@@ -34,6 +34,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from adamfx import _checks
+from adamfx import _update
 
 
 def _is_none(x: Any) -> bool:
@@ -73,11 +76,10 @@ def _leaf_update(
     static, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
     decay_static=None, decay_mask=None,
 ):
-  from adamfx import _adam  # noqa: PLC0415 (circular at import time)
 
   hps = [s if d is None else d for s, d in zip(static, dynamic)]
-  state = _adam.AdamState(count, m, v, vm)
-  u, state = _adam._family_update(
+  state = _update.AdamState(count, m, v, vm)
+  u, state = _update._family_update(
       g, state, *hps, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm
   )
   if decay_mask is not None:  # AdamW's decoupled decay, in the same call
@@ -133,7 +135,7 @@ def family_update(
     lr: Any = None,
     decay: Any = None,
 ) -> tuple[Any, Any]:
-  """``_adam._family_update``, compiled leaf by leaf when called eagerly.
+  """``_update._family_update``, compiled leaf by leaf when called eagerly.
 
   Args:
     updates: the gradient tree.
@@ -151,11 +153,9 @@ def family_update(
       or None.
 
   Returns:
-    ``(updates, state)`` exactly as ``_adam._family_update`` returns them
+    ``(updates, state)`` exactly as ``_update._family_update`` returns them
     (then scaled as the learning-rate transformation would).
   """
-  from adamfx import _adam  # noqa: PLC0415
-  from adamfx import _checks  # noqa: PLC0415
 
   flags = dict(nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm)
   hps = (b1, b2, eps, eps_root)
@@ -163,7 +163,7 @@ def family_update(
   if jax.config.jax_disable_jit or not all(
       map(_concrete, jax.tree.leaves((updates, state, hps)))
   ):
-    return _adam._family_update(updates, state, *hps, **flags)
+    return _update._family_update(updates, state, *hps, **flags)
 
   updates = jax.tree.map(
       lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), updates
@@ -224,11 +224,11 @@ def family_update(
       outs[i] = (u[j], sub.mu[j], sub.nu[j], sub.nu_max[j] if amsgrad else None)
   if count is None:  # no leaf to update
     assert lr is None and decay is None or not any(x is not None for x in g_leaves)
-    return _adam._family_update(updates, state, *hps, **flags)
+    return _update._family_update(updates, state, *hps, **flags)
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
   )
-  state_type = _adam.AdaMaxState if infinity_norm else _adam.AdamState
+  state_type = _update.AdaMaxState if infinity_norm else _update.AdamState
   return u, state_type(count, mu, nu, nu_max if amsgrad else None)
 
 
@@ -352,7 +352,7 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
 
   Args:
     learning_rate: the number, array or schedule given to ``adam``.
-    traced: ``_adam._keep_dtypes(optax.scale_by_learning_rate(learning_rate))``,
+    traced: ``_update._keep_dtypes(optax.scale_by_learning_rate(learning_rate))``,
       used under a trace and whenever the fast path does not apply.
 
   Returns:

@@ -11,7 +11,7 @@ spaced like a floating-point number with a variable-length exponent, so small
 entries of a block keep relative precision (down to ~1e-7 of the block's
 absmax) while the largest keep about 2-3 significant digits. A step
 dequantizes (code value times block scale), runs the float32 Adam update
-(:func:`adamfx._adam._moment_step`, the same math as :func:`adamfx.adam`),
+(:func:`adamfx._update._moment_step`, the same math as :func:`adamfx.adam`),
 and requantizes to the nearest code, all inside the same jitted function.
 Leaves smaller than ``min_8bit_size`` (biases, norms) keep float32 moments:
 their bytes don't matter, their precision might.
@@ -40,6 +40,7 @@ from adamfx import _adam
 from adamfx import _checks
 from adamfx import _codec8
 from adamfx import _numerics
+from adamfx import _update
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -418,7 +419,7 @@ def scale_by_adam8bit(
 
     mu = jax.tree.map(lambda p: init_leaf(p, True), params)
     nu = jax.tree.map(lambda p: init_leaf(p, False), params)
-    return _adam.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+    return _update.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
 
   def update_impl(updates, state):
     state = _checks.adam_like_state(state, 'scale_by_adam8bit')
@@ -435,7 +436,7 @@ def scale_by_adam8bit(
     _checks.check_hyperparam_dtype('b2', b2)
     count = optax.safe_increment(state.count)
     invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
-    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_adam._is_none)
+    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_update._is_none)
     m_leaves = treedef.flatten_up_to(state.mu)
     v_leaves = treedef.flatten_up_to(state.nu)
     out_u, out_m, out_v = [], [], []
@@ -446,7 +447,7 @@ def scale_by_adam8bit(
         out_v.append(None)
         continue
       step = functools.partial(
-          _adam._moment_step, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+          _update._moment_step, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
           nesterov=nesterov, amsgrad=False, infinity_norm=False,
       )
       if not _is_quantized(m):
@@ -463,7 +464,7 @@ def scale_by_adam8bit(
         def quantized_step(g, m, v, count, arrays, hps=hps):
           m_old = dequantize(m, signed=True, block_size=block_size)
           v_old = dequantize(v, signed=False, block_size=block_size)
-          u, m_new, v_new, _ = _adam._moment_step(
+          u, m_new, v_new, _ = _update._moment_step(
               g, m_old, v_old, None, count=count, **{**hps, **arrays},
               nesterov=nesterov, amsgrad=False, infinity_norm=False,
           )
@@ -490,9 +491,9 @@ def scale_by_adam8bit(
         u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
         out_m.append(m_q)
         out_v.append(v_q)
-      out_u.append(_adam.nan_where(invalid, u).astype(g.dtype))
+      out_u.append(_update.nan_where(invalid, u).astype(g.dtype))
     unflatten = functools.partial(jax.tree.unflatten, treedef)
-    state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
+    state = _update.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
     return unflatten(out_u), state
 
   hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
@@ -586,7 +587,7 @@ def _is_code_mapping(x: Any) -> bool:
 
 
 def adam8bit(
-    learning_rate: _adam.ScalarOrSchedule,
+    learning_rate: _update.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
@@ -656,12 +657,12 @@ def adam8bit(
 
 
 def adamw8bit(
-    learning_rate: _adam.ScalarOrSchedule,
+    learning_rate: _update.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
-    weight_decay: _adam.ScalarOrSchedule = 1e-4,
+    weight_decay: _update.ScalarOrSchedule = 1e-4,
     mask: Optional[Any] = None,
     *,
     nesterov: bool = False,

@@ -27,6 +27,7 @@ from adamfx import _checks
 from adamfx import _fast
 from adamfx import _numerics
 from adamfx import _rounding
+from adamfx import _update
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
@@ -277,8 +278,8 @@ def _row_zeros(p: Any) -> jax.Array:
 
 
 def _store(m_new, v_new, m, v, count, i):
-  """Stores moments as :func:`adamfx._adam._family_update` does."""
-  if _adam._in_place(m_new.dtype, m.dtype, v.dtype):
+  """Stores moments as :func:`adamfx._update._family_update` does."""
+  if _update._in_place(m_new.dtype, m.dtype, v.dtype):
     return m_new, v_new
   m_out = _numerics.saturate(m_new, m.dtype)
   v_out = _numerics.keep_positive(_rounding.store_second_moment(v_new, v.dtype, count, i), v_new)
@@ -301,7 +302,7 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
     m_rows = (m_rows.astype(cdt) * d1).astype(m.dtype)
     v_rows = (v_rows.astype(cdt) * d2).astype(v.dtype)
     last = last.at[ids].set(count, mode='drop')
-  u, m_new, v_new, _ = _adam._moment_step(
+  u, m_new, v_new, _ = _update._moment_step(
       g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
       nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
   )
@@ -387,7 +388,7 @@ def scale_by_lazy_adam(
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
 
   def init_fn(params):
-    base = _adam._family_init(params, None, None, False)
+    base = _update._family_init(params, None, None, False)
     last = None
     if catch_up:
       last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, base.mu)
@@ -427,7 +428,7 @@ def scale_by_lazy_adam(
         treedef, [None if i in sparse else x for i, x in enumerate(xs)]
     )
     dense_updates, dense_state = _fast.family_update(
-        hole(leaves), _adam.AdamState(state.count, hole(m_leaves), hole(v_leaves)),
+        hole(leaves), _update.AdamState(state.count, hole(m_leaves), hole(v_leaves)),
         b1, b2, eps, eps_root,
     )
     count = dense_state.count

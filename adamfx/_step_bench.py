@@ -136,7 +136,7 @@ def bench(preset_name: str = 'default', dtypes=('float32', 'bfloat16'), repeats=
   import jax
   import jax.numpy as jnp
 
-  from adamfx import _bench
+  from adamfx import _measure
   from adamfx import _memory_bench
 
   preset = dict(PRESETS[preset_name])
@@ -167,7 +167,7 @@ def bench(preset_name: str = 'default', dtypes=('float32', 'bfloat16'), repeats=
     sgd = times['sgd']
     row = {'dtype': dtype, 'params': sum(x.size for x in jax.tree.leaves(params)),
            'leaves': len(jax.tree.leaves(params)),
-           'sgd_step_ms': _bench._stats(sgd), 'optimisers': {}}
+           'sgd_step_ms': _measure.stats(sgd), 'optimisers': {}}
     for name, ts in times.items():
       if name == 'sgd':
         continue
@@ -176,15 +176,15 @@ def bench(preset_name: str = 'default', dtypes=('float32', 'bfloat16'), repeats=
         step_ms = None
       else:
         marginal = [t - b for t, b in zip(ts, sgd)]  # repeat by repeat
-        step_ms = _bench._stats(ts)
+        step_ms = _measure.stats(ts)
       row['optimisers'][name] = {
-          'step_ms': step_ms, 'marginal_ms': _bench._stats(marginal),
+          'step_ms': step_ms, 'marginal_ms': _measure.stats(marginal),
           'compile_s': steps[name].compile_s,
           'final_loss': None if steps[name].compile_s is None else float(steps[name].loss),
       }
     rows.append(row)
   tick(len(dtypes), len(dtypes), 'done')
-  return {'preset': preset_name, 'sizes': preset, 'rows': rows, 'machine': _bench._machine()}
+  return {'preset': preset_name, 'sizes': preset, 'rows': rows, 'machine': _measure.machine()}
 
 
 def format_table(result: dict[str, Any]) -> str:
