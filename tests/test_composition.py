@@ -46,10 +46,6 @@ class Member(NamedTuple):
   # Tolerance against the reference, on displacements (sums of updates).
   rtol: float = 2e-6
   atol: float = 1e-6
-  # The update is ``new_p - p`` with ``new_p`` rounded to the params' dtype, as
-  # torch.optim.AdamW computes it (``p *= 1 - lr*wd`` first): exact differences
-  # of rounded params, so eager and jit (FMA or not) may differ by a param ulp.
-  param_rounded: bool = False
 
 
 TABLE = [
