@@ -28,7 +28,7 @@
 #   al. 2022): uint8 codes of a dynamic (nonlinear) map, one float32 scale per block of 256.
 #
 # By default it runs a small version in seconds (as CI does); set `FULL = True` (or the
-# environment variable `ADAMFX_MEMORY_FULL=1`) for the README's numbers, or run
+# environment variable `ADAMFX_MEMORY_FULL=1`) for the memory guide's numbers, or run
 # `python -m adamfx._memory_bench`.
 
 # %%
@@ -56,7 +56,7 @@ import numpy as np
 import adamfx
 from adamfx import _memory_bench as mb
 
-FULL = os.environ.get('ADAMFX_MEMORY_FULL') == '1'  # True: the README's numbers (slow: 10-25 min on 2 cores)
+FULL = os.environ.get('ADAMFX_MEMORY_FULL') == '1'  # True: the memory guide's numbers (slow: 10-25 min on 2 cores)
 key = jax.random.PRNGKey(0)
 digits, lm = mb.digits_task(), mb.lm_task()
 print(jax.__version__, jax.devices()[0].platform, 'FULL =', FULL)
@@ -127,7 +127,7 @@ for row in parity:
 #
 # Median of interleaved trials, relative to float32 `adamfx.adam`, for the optimizer update
 # alone (a 6.3M-parameter GPT-style stack) and for a whole training step of the LM. On a
-# shared machine these vary by tens of percent from run to run; the README states the load.
+# shared machine these vary by tens of percent from run to run; the memory guide states the load.
 
 # %%
 if FULL:
