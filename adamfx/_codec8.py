@@ -85,6 +85,57 @@ def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
   return k + (a > lookup(upper, k)).astype(jnp.int32)
 
 
+def map_value(codes: jax.Array, signed: bool) -> jax.Array:
+  r"""The dynamic map's value of each uint8 code, by arithmetic: no gather.
+
+  The map's magnitudes, past 0 and before 1, are for an exponent
+  :math:`e = 0 .. 6` split into :math:`P = 2^{e + u}` parts (:math:`u = 1`
+  for the unsigned map, 0 for the signed one), part :math:`i`:
+
+  .. math::
+
+    \Big(\frac{1}{10} + \frac{(2i + 1)\,9}{20 P}\Big)\,10^{e - 6}
+      = \frac{N\,2^{-8-u}}{5^{7-e}}, \qquad N = 2P + 18 i + 9,
+
+  an exact float32 numerator (an integer below :math:`2^{10}` times a power
+  of two) over an exact float32 integer (at most :math:`5^7`): one IEEE
+  division, correctly rounded, as every value of the float32 table
+  (:func:`adamfx._quant.dynamic_map`) is -- so the result is the table's
+  value bit for bit (tests/test_codec8.py checks all 256 codes of both
+  maps). ``t``, the magnitude's rank (``code + 1`` unsigned; ``|code -
+  127|`` signed), is :math:`P + i`, so :math:`P` is ``t``'s leading bit.
+
+  XLA's CPU backend emits a gather as a scalar loop and will not repeat it
+  in each loop that reads the value, so a table lookup here was written to
+  memory (a float32 temporary the size of the leaf) and read back; these
+  twenty-odd vector operations fuse into their consumers instead.
+
+  Args:
+    codes: uint8 codes (any shape).
+    signed: the signed map (first moment) or the unsigned one (second).
+
+  Returns:
+    float32 values of ``codes``' shape.
+  """
+  f32, i32 = jnp.float32, jnp.int32
+  c = codes.astype(i32)
+  u = 0 if signed else 1
+  t = jnp.abs(c - 127) if signed else c + 1
+  tf = t.astype(f32)
+  tb = jax.lax.bitcast_convert_type(tf, i32)
+  p = jax.lax.bitcast_convert_type(tb & np.int32(-(1 << 23)), f32)  # leading bit
+  n = p + p + np.float32(18) * (tf - p) + np.float32(9)
+  # 7 - e = 7 + u + 127 - (biased exponent of P), in 0 .. 7 where it matters.
+  m = np.int32(7 + u + 127) - (tb >> 23)
+  five = lambda bit, power: jnp.where(m & bit != 0, np.float32(5.0**power), np.float32(1))
+  mag = jax.lax.div(n * np.float32(2.0 ** (-8 - u)), five(1, 1) * five(2, 2) * five(4, 4))
+  top = 128 if signed else 256
+  mag = jnp.where(t >= top, np.float32(1), jnp.where(t <= u, np.float32(0), mag))
+  if signed:
+    mag = jnp.where(c < 127, -mag, mag)
+  return mag
+
+
 def lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
   """``table[index]`` for indices known to be in bounds: a plain gather.
 
@@ -123,3 +174,4 @@ def block_max(x: jax.Array) -> jax.Array:
   """
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
   return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1), x.dtype)
+

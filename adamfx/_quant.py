@@ -93,13 +93,6 @@ def dynamic_map(signed: bool) -> np.ndarray:
   return out
 
 
-@functools.lru_cache(maxsize=2)
-def _tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
-  values = dynamic_map(signed)
-  midpoints = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
-  return values, midpoints
-
-
 def _layout(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], int]:
   """The blocked view's shape ``(..., n_blocks, block_size)`` and its padding.
 
@@ -185,14 +178,32 @@ def quantize(
   finite = jnp.isfinite(xb)
   absmax = _codec8.block_max(jnp.where(finite, jnp.abs(xb), 0))
   xn = jnp.where(finite, _codec8.normalize(xb, absmax), 0)
+  return QuantizedArray(_encode(xn, shape, signed, block_size), absmax)
+
+
+def _quantize_finite(x: jax.Array, *, signed: bool, block_size: int) -> QuantizedArray:
+  """:func:`quantize` for a float32 ``x`` known to be finite (no NaN, no inf).
+
+  The block's absmax is then ``max(max x, -min x)``: two plain reductions
+  that read ``x`` where it is, with no ``|x|`` (or NaN-free copy) written
+  first for them to read (XLA's CPU backend does not fuse the code making
+  a reduction's input into the reduction).
+  """
+  xb = _to_blocks(x, block_size)
+  absmax = jnp.maximum(jnp.max(xb, axis=-1), -jnp.min(xb, axis=-1))
+  xn = _codec8.normalize(xb, absmax)
+  return QuantizedArray(_encode(xn, x.shape, signed, block_size), absmax)
+
+
+def _encode(xn: jax.Array, shape: tuple[int, ...], signed: bool, block_size: int) -> jax.Array:
+  """The codes of blocks ``xn`` normalised to [-1, 1] (see :func:`quantize`)."""
   a = jnp.minimum(jnp.abs(xn), 1)
   k = _codec8.nearest_index(a, _magnitudes(signed))
   if signed:
     idx = jnp.where(xn < 0, 127 - jnp.minimum(k, 127), 127 + k)
   else:
     idx = jnp.where(a > 0, jnp.maximum(k, 1), k)
-  codes = _from_blocks(idx.astype(jnp.uint8), shape, block_size)
-  return QuantizedArray(codes=codes, scale=absmax)
+  return _from_blocks(idx.astype(jnp.uint8), shape, block_size)
 
 
 @functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
@@ -207,9 +218,8 @@ def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax
   Returns:
     A float32 array of ``q.codes``' shape.
   """
-  values, _ = _tables(signed)
   shape = q.codes.shape
-  vals = _codec8.lookup(values, q.codes.astype(jnp.int32))
+  vals = _codec8.map_value(q.codes, signed)
   return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
 
 
@@ -263,6 +273,35 @@ def _is_quantized(x: Any) -> bool:
 
 def _is_leaf(x: Any) -> bool:
   return x is None or isinstance(x, QuantizedArray)
+
+
+def _materialized_step(g, m_new, v_new, bad, count, hps, *, nesterov):
+  """``(m_new, v_new, update)`` with the new moments computed once, into memory.
+
+  Three loops read each new moment: its block's absmax (a reduction, which
+  XLA's CPU backend runs on an array in memory), its encoding, and the
+  update. XLA repeats cheap elementwise code in each loop that reads it,
+  but writes an *expensive* one's result (a division, say) to memory once.
+  Dividing the new moments by a 1 it cannot fold (made from ``count``)
+  makes them that: each is written once, as the float32 array the
+  reduction needs anyway, and the decoding and the Adam arithmetic run
+  once, instead of a decoded copy of the old moments and a second array
+  for the reduction being written and read back. ``x / 1`` is ``x``
+  exactly (NaN and infinities included). The update is then read off the
+  new moments by :func:`adamfx._adam._update_from_moments`, the tail of
+  the float32 step, so it is that step's arithmetic; where the gradient
+  is not finite it is NaN, as there.
+  """
+  f32 = jnp.float32
+  one = jnp.abs(jnp.sign(count | 1)).astype(f32)  # 1, as XLA cannot prove
+  m_new = jax.lax.div(m_new, one)
+  v_new = jax.lax.div(v_new, one)
+  k = _adam._leaf_scalars(
+      None, f32, count, hps['b1'], hps['b2'], hps['eps'], hps['eps_root'], nesterov)
+  big = _numerics.square_safe_limit(f32)
+  clipped = jax.lax.clamp(-big, g.astype(f32), big)
+  u, _ = _adam._update_from_moments(m_new, v_new, clipped, None, k, nesterov=nesterov)
+  return m_new, v_new, jnp.where(bad, np.float32(np.nan), u)
 
 
 def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
@@ -418,10 +457,11 @@ def scale_by_adam8bit(
         arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
 
         def quantized_step(g, m, v, count, arrays, hps=hps):
+          hps = {**hps, **arrays}
           m_old = dequantize(m, signed=True, block_size=block_size)
           v_old = dequantize(v, signed=False, block_size=block_size)
           u, m_new, v_new, _ = _adam._moment_step(
-              g, m_old, v_old, None, count=count, **{**hps, **arrays},
+              g, m_old, v_old, None, count=count, **hps,
               nesterov=nesterov, amsgrad=False, infinity_norm=False,
           )
           # A non-finite element keeps its history and stays out of its
@@ -433,10 +473,18 @@ def scale_by_adam8bit(
           bad = ~jnp.isfinite(g)
           m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
           v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+          if m_new.dtype != jnp.float32:
+            return (
+                u,
+                quantize(m_new, signed=True, block_size=block_size),
+                quantize(v_new, signed=False, block_size=block_size),
+            )
+          m_new, v_new, u = _materialized_step(
+              g, m_new, v_new, bad, count, hps, nesterov=nesterov)
           return (
               u,
-              quantize(m_new, signed=True, block_size=block_size),
-              quantize(v_new, signed=False, block_size=block_size),
+              _quantize_finite(m_new, signed=True, block_size=block_size),
+              _quantize_finite(v_new, signed=False, block_size=block_size),
           )
 
         shardings = lambda sh, m=m, v=v: (
