@@ -1,10 +1,11 @@
-r"""The nearest-code search of 8-bit moments, as two table lookups.
+r"""The 8-bit moments' codes: nearest-code search by one table lookup, decoding by arithmetic.
 
 :func:`adamfx._quant.quantize` stores each element of a block, normalised by
 the block's absmax to :math:`a \in [0, 1]`, as the index of the nearest
 value of a fixed, sorted table of magnitudes (the dynamic map). A closed-form
 search over the map's seven decades costs about 40 float operations an
 element, and XLA then repeats it in every loop that reads the codes.
+Decoding (:func:`map_value`) is exact arithmetic on the code's bits.
 
 The map's values are spaced like a floating-point number's, at least
 :math:`2^{-7}` apart relative to their size, and bfloat16 (a float32 cut to
@@ -14,12 +15,15 @@ than the map's gaps between midpoints. So
 1. ``a``'s top 16 bits index a table (16257 entries for :math:`a \le 1`)
    holding the nearest value's index for the bottom of ``a``'s bfloat16
    interval, and
-2. one compare of ``a`` with the midpoint above that value (a gather from
-   the 256 midpoints) moves the index up by one where ``a`` is past it:
+2. one compare of ``a`` with the midpoint above that value moves the index
+   up by one where ``a`` is past it. That midpoint, where it lies inside
+   ``a``'s bfloat16 interval, shares ``a``'s top 16 bits, so the compare
+   reads bottom bits only, and these 16 bits are packed into the same
+   table entry (:func:`_packed_table`):
 
-an integer shift, two gathers from tables that sit in the L1/L2 cache, a
-compare and an add. Both tables are computed in float64 from the map and
-checked, when they are built, to give the nearest value of every bfloat16
+an integer shift, one gather from a 64 KiB table that sits in the L2
+cache, a compare and an add. The table is computed in float64 from the map
+and checked, when it is built, to give the nearest value of every bfloat16
 interval; the result is the index of the nearest float32 midpoint
 bracket, with a tie (``a`` equal to a float32 midpoint) rounding down.
 """
@@ -57,6 +61,30 @@ def _tables(values_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
   return start, upper
 
 
+@functools.lru_cache(maxsize=4)
+def _packed_table(values_bytes: bytes) -> np.ndarray:
+  """``start[h] | threshold[h] << 8``: both halves of the search in one table.
+
+  The midpoint inside the bfloat16 interval ``h`` (if any) shares the
+  interval's top 16 bits ``h``, so its bottom 16 bits are all a compare
+  with ``a`` (whose top bits are ``h`` too) needs: ``a > upper[start[h]]``
+  is ``a``'s bottom bits ``>`` the midpoint's. Without a midpoint inside,
+  the threshold is 0xFFFF, which no bottom bits exceed. One gather,
+  indexed by ``h``, then replaces a gather of ``start[h]`` and a gather of
+  ``upper`` at that index (which had to wait for the first).
+  """
+  start, upper = _tables(values_bytes)
+  low = (np.arange(_TOP + 1, dtype=np.uint32) << 16).view(np.float32)
+  nxt = np.append(low[1:], np.float32(np.inf))
+  thr = upper[np.minimum(start, len(upper) - 1)]
+  inside = (start < len(upper)) & (thr >= low) & (thr < nxt)
+  thr_bits = thr.view(np.uint32)
+  assert np.all(thr_bits[inside] >> 16 == np.arange(_TOP + 1)[inside])
+  thr_low = np.where(inside, thr_bits & 0xFFFF, 0xFFFF).astype(np.int64)
+  assert np.all(start < 256)
+  return (start.astype(np.int64) | thr_low << 8).astype(np.int32)
+
+
 def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
   """Index of the nearest of the sorted ``values`` to each ``a`` in [0, 1].
 
@@ -78,11 +106,13 @@ def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
     >>> _codec8.nearest_index(jnp.array([0.0, 0.04, 0.06, 0.31, 0.74, 0.76, 1.0]), values)
     Array([0, 0, 1, 2, 2, 3, 3], dtype=int32)
   """
-  start, upper = _tables(np.asarray(values, np.float32).tobytes())
-  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
-  h = jnp.minimum(bits >> 16, np.uint32(_TOP)).astype(jnp.int32)
-  k = lookup(start, h)
-  return k + (a > lookup(upper, k)).astype(jnp.int32)
+  packed = _packed_table(np.asarray(values, np.float32).tobytes())
+  bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+  # t = (threshold - bottom bits) << 8 | start: its low byte is start
+  # (two's complement), its sign whether a is past the midpoint. One use of
+  # the gather's result, which XLA then keeps inside the encoding loop.
+  t = lookup(packed, jnp.minimum(bits >> 16, np.int32(_TOP))) - ((bits & 0xFFFF) << 8)
+  return (t & 0xFF) - (t >> 31)
 
 
 def map_value(codes: jax.Array, signed: bool) -> jax.Array:
