@@ -275,6 +275,62 @@ def _is_leaf(x: Any) -> bool:
   return x is None or isinstance(x, QuantizedArray)
 
 
+_CHUNK = 1 << 15  # elements per chunk of a large leaf's 8-bit step
+
+
+def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
+  """Blocks per chunk of the 8-bit step for a leaf of ``shape``, or None.
+
+  A chunk holds about ``_CHUNK`` elements (whole blocks, an even split of
+  the leaf's blocks); leaves of fewer than four chunks' worth, or whose
+  block count splits only into much smaller chunks, run in one piece.
+  """
+  view, _ = _layout(tuple(shape), block_size)
+  rows = math.prod(view[:-1])
+  want = max(1, _CHUNK // block_size)
+  if rows < 4 * want:
+    return None
+  c = max(d for d in range(1, want + 1) if rows % d == 0)
+  return c if 4 * c >= want else None
+
+
+def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):
+  """``step`` (one 8-bit step on whole blocks) chunk by chunk, in a loop.
+
+  Each chunk's new moments are written to a float32 temporary that the
+  absmax reductions, the encoding and the update read back (see
+  :func:`_materialized_step`). For a whole large leaf those are two arrays
+  of its size, first touched (page faults) and streamed through memory on
+  every step; a chunk's fit in the core's cache, and XLA reuses them from
+  one iteration to the next. Blocks are independent, so the result is the
+  same as one piece's.
+  """
+  shape = g.shape
+  view, _ = _layout(shape, block_size)
+  rows = math.prod(view[:-1])
+  split = lambda x, last: x.reshape((rows // chunk_rows, chunk_rows) + last)
+  xs = (
+      split(_to_blocks(g, block_size), (block_size,)),
+      split(_to_blocks(m.codes, block_size), (block_size,)), split(m.scale, (1,)),
+      split(_to_blocks(v.codes, block_size), (block_size,)), split(v.scale, (1,)),
+  )
+
+  def body(x):
+    gc, mc, ms, vc, vs = x
+    u, mq, vq = step(
+        gc, QuantizedArray(mc, ms), QuantizedArray(vc, vs), count, arrays)
+    return u, mq.codes, mq.scale, vq.codes, vq.scale
+
+  u, mc, ms, vc, vs = jax.lax.map(body, xs)
+  back = lambda x: _from_blocks(x.reshape(view), shape, block_size)
+  scales = view[:-1]
+  return (
+      back(u),
+      QuantizedArray(back(mc), ms.reshape(scales)),
+      QuantizedArray(back(vc), vs.reshape(scales)),
+  )
+
+
 def _materialized_step(g, m_new, v_new, bad, count, hps, *, nesterov):
   """``(m_new, v_new, update)`` with the new moments computed once, into memory.
 
@@ -456,7 +512,7 @@ def scale_by_adam8bit(
         hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
         arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
 
-        def quantized_step(g, m, v, count, arrays, hps=hps):
+        def step_blocks(g, m, v, count, arrays, hps=hps):
           hps = {**hps, **arrays}
           m_old = dequantize(m, signed=True, block_size=block_size)
           v_old = dequantize(v, signed=False, block_size=block_size)
@@ -486,6 +542,12 @@ def scale_by_adam8bit(
               _quantize_finite(m_new, signed=True, block_size=block_size),
               _quantize_finite(v_new, signed=False, block_size=block_size),
           )
+
+        def quantized_step(g, m, v, count, arrays):
+          chunks = _chunks(g.shape, block_size)
+          if chunks is None or _explicit_sharding(g) is not None:
+            return step_blocks(g, m, v, count, arrays)
+          return _chunked(step_blocks, chunks, block_size, g, m, v, count, arrays)
 
         shardings = lambda sh, m=m, v=v: (
             sh,

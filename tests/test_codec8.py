@@ -158,3 +158,36 @@ def test_adam8bit_step_is_float32_adam_on_the_decoded_moments(nesterov):
     np.testing.assert_allclose(np.asarray(q.scale), np.asarray(want.scale), rtol=1e-6)
     got, want = np.asarray(q.codes, np.int64), np.asarray(want.codes, np.int64)
     assert np.all(np.abs(got - want) <= 1) and np.mean(got != want) < 1e-3
+
+
+@pytest.mark.parametrize('shape', [(8192,), (16, 1024), (100, 83)])
+def test_chunked_8bit_step_is_the_one_piece_step(shape, monkeypatch):
+  """Large leaves run the 8-bit step chunk by chunk (whole blocks each);
+  blocks are independent, so the result is the one-piece step's, to the
+  last bit of float32: XLA's CPU loops compute in vector lanes and in a
+  scalar tail, a last bit apart at times (fused multiply-adds), and the
+  two programs put different elements in the tails. A code may then move
+  to its neighbour where the moment sits on a midpoint."""
+  rng = np.random.default_rng(4)
+  g = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  g = g.at[(0,) * len(shape)].set(jnp.nan)
+
+  def run(chunk):
+    monkeypatch.setattr(_quant, '_CHUNK', chunk)
+    tx = adamfx.scale_by_adam8bit(min_8bit_size=1024, block_size=64)
+    assert (_quant._chunks(shape, 64) is not None) == (chunk < 4096)
+    state = tx.init(jnp.zeros(shape))
+    step = jax.jit(tx.update)
+    out = []
+    for _ in range(3):
+      u, state = step(g, state)
+      out.append((u, state))
+    return out
+
+  for (u1, s1), (u2, s2) in zip(run(1 << 30), run(256)):
+    np.testing.assert_allclose(np.asarray(u1), np.asarray(u2), rtol=2.5e-7, atol=0)
+    assert int(s1.count) == int(s2.count)
+    for q1, q2 in ((s1.mu, s2.mu), (s1.nu, s2.nu)):
+      np.testing.assert_allclose(np.asarray(q1.scale), np.asarray(q2.scale), rtol=2.5e-7)
+      c1, c2 = np.asarray(q1.codes, np.int64), np.asarray(q2.codes, np.int64)
+      assert np.all(np.abs(c1 - c2) <= 1) and np.mean(c1 != c2) < 2e-3
