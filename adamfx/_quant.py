@@ -370,85 +370,23 @@ def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
     raise ValueError(f'`min_8bit_size` must be an int >= 0, got {min_8bit_size!r}.')
 
 
-def scale_by_adam8bit(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+def _scale_by_adam8bit(
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
     *,
-    nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    nesterov: bool,
+    block_size: int,
+    min_8bit_size: int,
+    step_size: Optional[float] = None,
 ) -> optax.GradientTransformation:
-  r""":func:`adamfx.scale_by_adam` with its moments stored in 8 bits per element.
+  """:func:`scale_by_adam8bit`, its updates times ``step_size`` if given.
 
-  The update is Adam's (the same float32 code as :func:`adamfx.scale_by_adam`),
-  computed from the dequantized moments; only what is stored between steps
-  changes. Each leaf with at least ``min_8bit_size`` real floating elements
-  keeps ``mu`` and ``nu`` as :class:`QuantizedArray`: uint8 codes of the
-  dynamic map (signed for ``mu``, unsigned for ``nu``) and one float32 scale
-  per block of ``block_size`` elements.
-
-  .. math::
-
-    \begin{align*}
-      m, v &\leftarrow \mathrm{deq}(\mathrm{mu}), \mathrm{deq}(\mathrm{nu}) \\
-      m, v, u &\leftarrow \text{Adam's step from } m, v, g_t
-        \text{ in float32 (see scale\_by\_adam)} \\
-      \mathrm{mu}, \mathrm{nu} &\leftarrow \mathrm{q}_{\pm}(m),\ \mathrm{q}_{+}(v)
-    \end{align*}
-
-  where :math:`\mathrm{q}(x)_i = \arg\min_c |x_i / s_B - \mathrm{map}_c|` with
-  :math:`s_B = \max_{j \in B} |x_j|` the absmax of element :math:`i`'s block
-  :math:`B`, and :math:`\mathrm{deq}(c)_i = \mathrm{map}_{c_i} s_B`.
-
-  An element whose new moment is not finite (a NaN or inf gradient) keeps its
-  previous moments, and the rest of its block is quantized as if it were not
-  there: one bad element does not wipe its block. The update for that element
-  is what float32 Adam returns (NaN); guard the params with
-  ``optax.apply_if_finite`` as usual.
-
-  Args:
-    b1: decay of the first moment, in [0, 1); default 0.9.
-    b2: decay of the second moment, in [0, 1); default 0.999.
-    eps: added to the root of the second moment, >= 0; default 1e-8.
-    eps_root: added inside the root, >= 0; default 0.
-    nesterov: NAdam's momentum (Dozat 2016).
-    block_size: elements per quantization block (one float32 scale each),
-      a positive int; default 256 (Dettmers et al. use 2048 on GPUs; smaller
-      blocks isolate outliers better for 1.5 % more memory).
-    min_8bit_size: leaves with fewer elements keep float32 moments; default
-      4096, as bitsandbytes.
-
-  Returns:
-    An ``optax.GradientTransformation`` whose state is an
-    :class:`adamfx.AdamState` with :class:`QuantizedArray` (or float32) leaves
-    in ``mu`` and ``nu``.
-
-  Raises:
-    ValueError: for hyperparameters outside their ranges (see
-      :func:`adamfx.scale_by_adam`), a ``block_size`` < 1 or a negative
-      ``min_8bit_size``; at update time, if the gradient tree does not match.
-    TypeError: for non-numeric hyperparameters or integer params.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import adamfx
-    >>> tx = adamfx.scale_by_adam8bit(min_8bit_size=256)
-    >>> state = tx.init({'w': jnp.zeros((4, 256)), 'b': jnp.zeros(4)})
-    >>> state.mu['w'].codes.dtype, state.mu['w'].scale.shape, state.mu['b'].dtype
-    (dtype('uint8'), (4, 1), dtype('float32'))
-    >>> update = jax.jit(tx.update)  # one compiled step, as in training
-    >>> updates, state = update({'w': jnp.ones((4, 256)), 'b': -jnp.ones(4)}, state)
-    >>> updates['b']  # the first step is sign(g), as for float32 Adam
-    Array([-1., -1., -1., -1.], dtype=float32)
-
-  References:
-    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
-    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
-
-    Kingma & Ba, `Adam: A Method for Stochastic Optimization
-    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+  ``step_size`` (``-learning_rate``, a Python number) is applied as
+  ``optax.scale_by_learning_rate`` applies it (``step_size * u`` in the
+  update's dtype) but inside the compiled step: for a chunked leaf (see
+  :func:`_chunked`), inside its loop, sparing a pass over the updates.
   """
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
   _check_8bit_args(block_size, min_8bit_size)
@@ -537,6 +475,8 @@ def scale_by_adam8bit(
             )
           m_new, v_new, u = _materialized_step(
               g, m_new, v_new, bad, count, hps, nesterov=nesterov)
+          if step_size is not None and g.dtype == jnp.float32:
+            u = step_size * u  # the learning rate, inside the chunk loop
           return (
               u,
               _quantize_finite(m_new, signed=True, block_size=block_size),
@@ -557,7 +497,10 @@ def scale_by_adam8bit(
         u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
         out_m.append(m_q)
         out_v.append(v_q)
-      out_u.append(u.astype(g.dtype))
+      u = u.astype(g.dtype)
+      if step_size is not None and not (_is_quantized(m) and g.dtype == jnp.float32):
+        u = step_size * u  # as optax.scale_by_learning_rate, after the cast
+      out_u.append(u)
     unflatten = functools.partial(jax.tree.unflatten, treedef)
     state = _adam.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
     return unflatten(out_u), state
@@ -573,6 +516,92 @@ def scale_by_adam8bit(
     return compiled(updates, state)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adam8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    nesterov: bool = False,
+    block_size: int = 256,
+    min_8bit_size: int = 4096,
+) -> optax.GradientTransformation:
+  r""":func:`adamfx.scale_by_adam` with its moments stored in 8 bits per element.
+
+  The update is Adam's (the same float32 code as :func:`adamfx.scale_by_adam`),
+  computed from the dequantized moments; only what is stored between steps
+  changes. Each leaf with at least ``min_8bit_size`` real floating elements
+  keeps ``mu`` and ``nu`` as :class:`QuantizedArray`: uint8 codes of the
+  dynamic map (signed for ``mu``, unsigned for ``nu``) and one float32 scale
+  per block of ``block_size`` elements.
+
+  .. math::
+
+    \begin{align*}
+      m, v &\leftarrow \mathrm{deq}(\mathrm{mu}), \mathrm{deq}(\mathrm{nu}) \\
+      m, v, u &\leftarrow \text{Adam's step from } m, v, g_t
+        \text{ in float32 (see scale\_by\_adam)} \\
+      \mathrm{mu}, \mathrm{nu} &\leftarrow \mathrm{q}_{\pm}(m),\ \mathrm{q}_{+}(v)
+    \end{align*}
+
+  where :math:`\mathrm{q}(x)_i = \arg\min_c |x_i / s_B - \mathrm{map}_c|` with
+  :math:`s_B = \max_{j \in B} |x_j|` the absmax of element :math:`i`'s block
+  :math:`B`, and :math:`\mathrm{deq}(c)_i = \mathrm{map}_{c_i} s_B`.
+
+  An element whose new moment is not finite (a NaN or inf gradient) keeps its
+  previous moments, and the rest of its block is quantized as if it were not
+  there: one bad element does not wipe its block. The update for that element
+  is what float32 Adam returns (NaN); guard the params with
+  ``optax.apply_if_finite`` as usual.
+
+  Args:
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.999.
+    eps: added to the root of the second moment, >= 0; default 1e-8.
+    eps_root: added inside the root, >= 0; default 0.
+    nesterov: NAdam's momentum (Dozat 2016).
+    block_size: elements per quantization block (one float32 scale each),
+      a positive int; default 256 (Dettmers et al. use 2048 on GPUs; smaller
+      blocks isolate outliers better for 1.5 % more memory).
+    min_8bit_size: leaves with fewer elements keep float32 moments; default
+      4096, as bitsandbytes.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is an
+    :class:`adamfx.AdamState` with :class:`QuantizedArray` (or float32) leaves
+    in ``mu`` and ``nu``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges (see
+      :func:`adamfx.scale_by_adam`), a ``block_size`` < 1 or a negative
+      ``min_8bit_size``; at update time, if the gradient tree does not match.
+    TypeError: for non-numeric hyperparameters or integer params.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.scale_by_adam8bit(min_8bit_size=256)
+    >>> state = tx.init({'w': jnp.zeros((4, 256)), 'b': jnp.zeros(4)})
+    >>> state.mu['w'].codes.dtype, state.mu['w'].scale.shape, state.mu['b'].dtype
+    (dtype('uint8'), (4, 1), dtype('float32'))
+    >>> update = jax.jit(tx.update)  # one compiled step, as in training
+    >>> updates, state = update({'w': jnp.ones((4, 256)), 'b': -jnp.ones(4)}, state)
+    >>> updates['b']  # the first step is sign(g), as for float32 Adam
+    Array([-1., -1., -1., -1.], dtype=float32)
+
+  References:
+    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
+    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+
+    Kingma & Ba, `Adam: A Method for Stochastic Optimization
+    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+  """
+  return _scale_by_adam8bit(
+      b1, b2, eps, eps_root,
+      nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
+  )
 
 
 def adam8bit(
@@ -630,13 +659,28 @@ def adam8bit(
     Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  return optax.chain(
+  chain = optax.chain(
       scale_by_adam8bit(
           b1, b2, eps, eps_root,
           nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
       ),
       _adam._scale_by_learning_rate(learning_rate),
   )
+  if callable(learning_rate) or not isinstance(learning_rate, (int, float)):
+    return chain
+  # A number: the chain's numbers and state, with the learning rate applied
+  # inside the 8-bit step (one pass over the updates less).
+  fused = _scale_by_adam8bit(
+      b1, b2, eps, eps_root, nesterov=nesterov, block_size=block_size,
+      min_8bit_size=min_8bit_size, step_size=-learning_rate,
+  )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    updates, inner = fused.update(updates, state[0], params)
+    return updates, (inner, *state[1:])
+
+  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def adamw8bit(
