@@ -302,7 +302,9 @@ def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):
   :func:`_materialized_step`). For a whole large leaf those are two arrays
   of its size, first touched (page faults) and streamed through memory on
   every step; a chunk's fit in the core's cache, and XLA reuses them from
-  one iteration to the next. Blocks are independent, so the result is the
+  one iteration to the next. The loop updates the (donated) codes and
+  scales in place and the learning rate, when :func:`adam8bit` folds it
+  in, is applied inside it. Blocks are independent, so the result is the
   same as one piece's.
   """
   shape = g.shape
@@ -315,13 +317,25 @@ def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):
       split(_to_blocks(v.codes, block_size), (block_size,)), split(v.scale, (1,)),
   )
 
-  def body(x):
-    gc, mc, ms, vc, vs = x
-    u, mq, vq = step(
-        gc, QuantizedArray(mc, ms), QuantizedArray(vc, vs), count, arrays)
-    return u, mq.codes, mq.scale, vq.codes, vq.scale
+  gb, mc, ms, vc, vs = xs
+  take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+  first = lambda i: step(
+      take(gb, i), QuantizedArray(take(mc, i), take(ms, i)),
+      QuantizedArray(take(vc, i), take(vs, i)), count, arrays)
+  u_chunk = jax.eval_shape(first, 0)[0]
+  u = jnp.zeros((rows // chunk_rows,) + u_chunk.shape, u_chunk.dtype)
 
-  u, mc, ms, vc, vs = jax.lax.map(body, xs)
+  def body(i, carry):
+    # The codes and scales are updated in place, chunk by chunk: each
+    # chunk's old codes are read before its new ones are written.
+    u, mc, ms, vc, vs = carry
+    uc, mq, vq = step(
+        take(gb, i), QuantizedArray(take(mc, i), take(ms, i)),
+        QuantizedArray(take(vc, i), take(vs, i)), count, arrays)
+    put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
+    return put(u, uc), put(mc, mq.codes), put(ms, mq.scale), put(vc, vq.codes), put(vs, vq.scale)
+
+  u, mc, ms, vc, vs = jax.lax.fori_loop(0, rows // chunk_rows, body, (u, mc, ms, vc, vs))
   back = lambda x: _from_blocks(x.reshape(view), shape, block_size)
   scales = view[:-1]
   return (
