@@ -1,10 +1,11 @@
-r"""The nearest-code search of 8-bit moments, as two table lookups.
+r"""The 8-bit moments' codes: nearest-code search by one table lookup, decoding by arithmetic.
 
 :func:`adamfx._quant.quantize` stores each element of a block, normalised by
 the block's absmax to :math:`a \in [0, 1]`, as the index of the nearest
 value of a fixed, sorted table of magnitudes (the dynamic map). A closed-form
 search over the map's seven decades costs about 40 float operations an
 element, and XLA then repeats it in every loop that reads the codes.
+Decoding (:func:`map_value`) is exact arithmetic on the code's bits.
 
 The map's values are spaced like a floating-point number's, at least
 :math:`2^{-7}` apart relative to their size, and bfloat16 (a float32 cut to
@@ -14,12 +15,15 @@ than the map's gaps between midpoints. So
 1. ``a``'s top 16 bits index a table (16257 entries for :math:`a \le 1`)
    holding the nearest value's index for the bottom of ``a``'s bfloat16
    interval, and
-2. one compare of ``a`` with the midpoint above that value (a gather from
-   the 256 midpoints) moves the index up by one where ``a`` is past it:
+2. one compare of ``a`` with the midpoint above that value moves the index
+   up by one where ``a`` is past it. That midpoint, where it lies inside
+   ``a``'s bfloat16 interval, shares ``a``'s top 16 bits, so the compare
+   reads bottom bits only, and these 16 bits are packed into the same
+   table entry (:func:`_packed_table`):
 
-an integer shift, two gathers from tables that sit in the L1/L2 cache, a
-compare and an add. Both tables are computed in float64 from the map and
-checked, when they are built, to give the nearest value of every bfloat16
+an integer shift, one gather from a 64 KiB table that sits in the L2
+cache, a compare and an add. The table is computed in float64 from the map
+and checked, when it is built, to give the nearest value of every bfloat16
 interval; the result is the index of the nearest float32 midpoint
 bracket, with a tie (``a`` equal to a float32 midpoint) rounding down.
 """
@@ -57,6 +61,30 @@ def _tables(values_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
   return start, upper
 
 
+@functools.lru_cache(maxsize=4)
+def _packed_table(values_bytes: bytes) -> np.ndarray:
+  """``start[h] | threshold[h] << 8``: both halves of the search in one table.
+
+  The midpoint inside the bfloat16 interval ``h`` (if any) shares the
+  interval's top 16 bits ``h``, so its bottom 16 bits are all a compare
+  with ``a`` (whose top bits are ``h`` too) needs: ``a > upper[start[h]]``
+  is ``a``'s bottom bits ``>`` the midpoint's. Without a midpoint inside,
+  the threshold is 0xFFFF, which no bottom bits exceed. One gather,
+  indexed by ``h``, then replaces a gather of ``start[h]`` and a gather of
+  ``upper`` at that index (which had to wait for the first).
+  """
+  start, upper = _tables(values_bytes)
+  low = (np.arange(_TOP + 1, dtype=np.uint32) << 16).view(np.float32)
+  nxt = np.append(low[1:], np.float32(np.inf))
+  thr = upper[np.minimum(start, len(upper) - 1)]
+  inside = (start < len(upper)) & (thr >= low) & (thr < nxt)
+  thr_bits = thr.view(np.uint32)
+  assert np.all(thr_bits[inside] >> 16 == np.arange(_TOP + 1)[inside])
+  thr_low = np.where(inside, thr_bits & 0xFFFF, 0xFFFF).astype(np.int64)
+  assert np.all(start < 256)
+  return (start.astype(np.int64) | thr_low << 8).astype(np.int32)
+
+
 def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
   """Index of the nearest of the sorted ``values`` to each ``a`` in [0, 1].
 
@@ -78,11 +106,64 @@ def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
     >>> _codec8.nearest_index(jnp.array([0.0, 0.04, 0.06, 0.31, 0.74, 0.76, 1.0]), values)
     Array([0, 0, 1, 2, 2, 3, 3], dtype=int32)
   """
-  start, upper = _tables(np.asarray(values, np.float32).tobytes())
-  bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
-  h = jnp.minimum(bits >> 16, np.uint32(_TOP)).astype(jnp.int32)
-  k = lookup(start, h)
-  return k + (a > lookup(upper, k)).astype(jnp.int32)
+  packed = _packed_table(np.asarray(values, np.float32).tobytes())
+  bits = jax.lax.bitcast_convert_type(a, jnp.int32)
+  # t = (threshold - bottom bits) << 8 | start: its low byte is start
+  # (two's complement), its sign whether a is past the midpoint. One use of
+  # the gather's result, which XLA then keeps inside the encoding loop.
+  t = lookup(packed, jnp.minimum(bits >> 16, np.int32(_TOP))) - ((bits & 0xFFFF) << 8)
+  return (t & 0xFF) - (t >> 31)
+
+
+def map_value(codes: jax.Array, signed: bool) -> jax.Array:
+  r"""The dynamic map's value of each uint8 code, by arithmetic: no gather.
+
+  The map's magnitudes, past 0 and before 1, are for an exponent
+  :math:`e = 0 .. 6` split into :math:`P = 2^{e + u}` parts (:math:`u = 1`
+  for the unsigned map, 0 for the signed one), part :math:`i`:
+
+  .. math::
+
+    \Big(\frac{1}{10} + \frac{(2i + 1)\,9}{20 P}\Big)\,10^{e - 6}
+      = \frac{N\,2^{-8-u}}{5^{7-e}}, \qquad N = 2P + 18 i + 9,
+
+  an exact float32 numerator (an integer below :math:`2^{10}` times a power
+  of two) over an exact float32 integer (at most :math:`5^7`): one IEEE
+  division, correctly rounded, as every value of the float32 table
+  (:func:`adamfx._quant.dynamic_map`) is -- so the result is the table's
+  value bit for bit (tests/test_codec8.py checks all 256 codes of both
+  maps). ``t``, the magnitude's rank (``code + 1`` unsigned; ``|code -
+  127|`` signed), is :math:`P + i`, so :math:`P` is ``t``'s leading bit.
+
+  XLA's CPU backend emits a gather as a scalar loop and will not repeat it
+  in each loop that reads the value, so a table lookup here was written to
+  memory (a float32 temporary the size of the leaf) and read back; these
+  twenty-odd vector operations fuse into their consumers instead.
+
+  Args:
+    codes: uint8 codes (any shape).
+    signed: the signed map (first moment) or the unsigned one (second).
+
+  Returns:
+    float32 values of ``codes``' shape.
+  """
+  f32, i32 = jnp.float32, jnp.int32
+  c = codes.astype(i32)
+  u = 0 if signed else 1
+  t = jnp.abs(c - 127) if signed else c + 1
+  tf = t.astype(f32)
+  tb = jax.lax.bitcast_convert_type(tf, i32)
+  p = jax.lax.bitcast_convert_type(tb & np.int32(-(1 << 23)), f32)  # leading bit
+  n = p + p + np.float32(18) * (tf - p) + np.float32(9)
+  # 7 - e = 7 + u + 127 - (biased exponent of P), in 0 .. 7 where it matters.
+  m = np.int32(7 + u + 127) - (tb >> 23)
+  five = lambda bit, power: jnp.where(m & bit != 0, np.float32(5.0**power), np.float32(1))
+  mag = jax.lax.div(n * np.float32(2.0 ** (-8 - u)), five(1, 1) * five(2, 2) * five(4, 4))
+  top = 128 if signed else 256
+  mag = jnp.where(t >= top, np.float32(1), jnp.where(t <= u, np.float32(0), mag))
+  if signed:
+    mag = jnp.where(c < 127, -mag, mag)
+  return mag
 
 
 def lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
@@ -123,3 +204,4 @@ def block_max(x: jax.Array) -> jax.Array:
   """
   bits = jax.lax.bitcast_convert_type(x, jnp.int32)
   return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1), x.dtype)
+

@@ -129,13 +129,6 @@ def dynamic_map(signed: bool) -> np.ndarray:
   return out
 
 
-@functools.lru_cache(maxsize=2)
-def _tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
-  values = dynamic_map(signed)
-  midpoints = ((values[:-1].astype(np.float64) + values[1:]) / 2).astype(np.float32)
-  return values, midpoints
-
-
 def _layout(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...], int]:
   """The blocked view's shape ``(..., n_blocks, block_size)`` and its padding.
 
@@ -221,14 +214,32 @@ def quantize(
   finite = jnp.isfinite(xb)
   absmax = _codec8.block_max(jnp.where(finite, jnp.abs(xb), 0))
   xn = jnp.where(finite, _codec8.normalize(xb, absmax), 0)
+  return QuantizedArray(_encode(xn, shape, signed, block_size), absmax, block_size, signed)
+
+
+def _quantize_finite(x: jax.Array, *, signed: bool, block_size: int) -> QuantizedArray:
+  """:func:`quantize` for a float32 ``x`` known to be finite (no NaN, no inf).
+
+  The block's absmax is then ``max(max x, -min x)``: two plain reductions
+  that read ``x`` where it is, with no ``|x|`` (or NaN-free copy) written
+  first for them to read (XLA's CPU backend does not fuse the code making
+  a reduction's input into the reduction).
+  """
+  xb = _to_blocks(x, block_size)
+  absmax = jnp.maximum(jnp.max(xb, axis=-1), -jnp.min(xb, axis=-1))
+  xn = _codec8.normalize(xb, absmax)
+  return QuantizedArray(_encode(xn, x.shape, signed, block_size), absmax, block_size, signed)
+
+
+def _encode(xn: jax.Array, shape: tuple[int, ...], signed: bool, block_size: int) -> jax.Array:
+  """The codes of blocks ``xn`` normalised to [-1, 1] (see :func:`quantize`)."""
   a = jnp.minimum(jnp.abs(xn), 1)
   k = _codec8.nearest_index(a, _magnitudes(signed))
   if signed:
     idx = jnp.where(xn < 0, 127 - jnp.minimum(k, 127), 127 + k)
   else:
     idx = jnp.where(a > 0, jnp.maximum(k, 1), k)
-  codes = _from_blocks(idx.astype(jnp.uint8), shape, block_size)
-  return QuantizedArray(codes=codes, scale=absmax, block_size=block_size, signed=signed)
+  return _from_blocks(idx.astype(jnp.uint8), shape, block_size)
 
 
 @functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
@@ -243,9 +254,8 @@ def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax
   Returns:
     A float32 array of ``q.codes``' shape.
   """
-  values, _ = _tables(signed)
   shape = q.codes.shape
-  vals = _codec8.lookup(values, q.codes.astype(jnp.int32))
+  vals = _codec8.map_value(q.codes, signed)
   return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
 
 
@@ -301,6 +311,105 @@ def _is_leaf(x: Any) -> bool:
   return x is None or isinstance(x, QuantizedArray)
 
 
+_CHUNK = 1 << 15  # elements per chunk of a large leaf's 8-bit step
+
+
+def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
+  """Blocks per chunk of the 8-bit step for a leaf of ``shape``, or None.
+
+  A chunk holds about ``_CHUNK`` elements (whole blocks, an even split of
+  the leaf's blocks); leaves of fewer than four chunks' worth, or whose
+  block count splits only into much smaller chunks, run in one piece.
+  """
+  view, _ = _layout(tuple(shape), block_size)
+  rows = math.prod(view[:-1])
+  want = max(1, _CHUNK // block_size)
+  if rows < 4 * want:
+    return None
+  c = max(d for d in range(1, want + 1) if rows % d == 0)
+  return c if 4 * c >= want else None
+
+
+def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):
+  """``step`` (one 8-bit step on whole blocks) chunk by chunk, in a loop.
+
+  Each chunk's new moments are written to a float32 temporary that the
+  absmax reductions, the encoding and the update read back (see
+  :func:`_materialized_step`). For a whole large leaf those are two arrays
+  of its size, first touched (page faults) and streamed through memory on
+  every step; a chunk's fit in the core's cache, and XLA reuses them from
+  one iteration to the next. The loop updates the (donated) codes and
+  scales in place and the learning rate, when :func:`adam8bit` folds it
+  in, is applied inside it. Blocks are independent, so the result is the
+  same as one piece's.
+  """
+  shape = g.shape
+  view, _ = _layout(shape, block_size)
+  rows = math.prod(view[:-1])
+  split = lambda x, last: x.reshape((rows // chunk_rows, chunk_rows) + last)
+  xs = (
+      split(_to_blocks(g, block_size), (block_size,)),
+      split(_to_blocks(m.codes, block_size), (block_size,)), split(m.scale, (1,)),
+      split(_to_blocks(v.codes, block_size), (block_size,)), split(v.scale, (1,)),
+  )
+
+  gb, mc, ms, vc, vs = xs
+  take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+  first = lambda i: step(
+      take(gb, i), QuantizedArray(take(mc, i), take(ms, i), block_size, True),
+      QuantizedArray(take(vc, i), take(vs, i), block_size, False), count, arrays)
+  u_chunk = jax.eval_shape(first, 0)[0]
+  u = jnp.zeros((rows // chunk_rows,) + u_chunk.shape, u_chunk.dtype)
+
+  def body(i, carry):
+    # The codes and scales are updated in place, chunk by chunk: each
+    # chunk's old codes are read before its new ones are written.
+    u, mc, ms, vc, vs = carry
+    uc, mq, vq = step(
+        take(gb, i), QuantizedArray(take(mc, i), take(ms, i), block_size, True),
+        QuantizedArray(take(vc, i), take(vs, i), block_size, False), count, arrays)
+    put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
+    return put(u, uc), put(mc, mq.codes), put(ms, mq.scale), put(vc, vq.codes), put(vs, vq.scale)
+
+  u, mc, ms, vc, vs = jax.lax.fori_loop(0, rows // chunk_rows, body, (u, mc, ms, vc, vs))
+  back = lambda x: _from_blocks(x.reshape(view), shape, block_size)
+  scales = view[:-1]
+  return (
+      back(u),
+      QuantizedArray(back(mc), ms.reshape(scales), block_size, True),
+      QuantizedArray(back(vc), vs.reshape(scales), block_size, False),
+  )
+
+
+def _materialized_step(g, m_new, v_new, bad, count, hps, *, nesterov):
+  """``(m_new, v_new, update)`` with the new moments computed once, into memory.
+
+  Three loops read each new moment: its block's absmax (a reduction, which
+  XLA's CPU backend runs on an array in memory), its encoding, and the
+  update. XLA repeats cheap elementwise code in each loop that reads it,
+  but writes an *expensive* one's result (a division, say) to memory once.
+  Dividing the new moments by a 1 it cannot fold (made from ``count``)
+  makes them that: each is written once, as the float32 array the
+  reduction needs anyway, and the decoding and the Adam arithmetic run
+  once, instead of a decoded copy of the old moments and a second array
+  for the reduction being written and read back. ``x / 1`` is ``x``
+  exactly (NaN and infinities included). The update is then read off the
+  new moments by :func:`adamfx._update._update_from_moments`, the tail of
+  the float32 step, so it is that step's arithmetic; where the gradient
+  is not finite it is NaN, as there.
+  """
+  f32 = jnp.float32
+  one = jnp.abs(jnp.sign(count | 1)).astype(f32)  # 1, as XLA cannot prove
+  m_new = jax.lax.div(m_new, one)
+  v_new = jax.lax.div(v_new, one)
+  k = _update._leaf_scalars(
+      None, f32, count, hps['b1'], hps['b2'], hps['eps'], hps['eps_root'], nesterov)
+  big = _numerics.square_safe_limit(f32)
+  clipped = jax.lax.clamp(-big, g.astype(f32), big)
+  u, _ = _update._update_from_moments(m_new, v_new, clipped, None, k, nesterov=nesterov)
+  return m_new, v_new, jnp.where(bad, np.float32(np.nan), u)
+
+
 def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
     raise ValueError(
@@ -309,6 +418,173 @@ def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
     )
   if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
     raise ValueError(f'`min_8bit_size` must be an int >= 0, got {min_8bit_size!r}.')
+
+
+def _scale_by_adam8bit(
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    *,
+    nesterov: bool,
+    block_size: int,
+    min_8bit_size: int,
+    step_size: Optional[float] = None,
+) -> optax.GradientTransformation:
+  """:func:`scale_by_adam8bit`, its updates times ``step_size`` if given.
+
+  ``step_size`` (``-learning_rate``, a Python number) is applied as
+  ``optax.scale_by_learning_rate`` applies it (``step_size * u`` in the
+  update's dtype) but inside the compiled step: for a chunked leaf (see
+  :func:`_chunked`), inside its loop, sparing a pass over the updates.
+  """
+  _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
+  _check_8bit_args(block_size, min_8bit_size)
+
+  def init_fn(params):
+    _checks.check_param_leaves(params)
+
+    def init_leaf(p, signed):
+      dtype = jnp.dtype(getattr(p, 'dtype', None) or jnp.result_type(p))
+      shape = tuple(np.shape(p))
+      if not (jnp.issubdtype(dtype, jnp.floating) and math.prod(shape) >= max(min_8bit_size, 1)):
+        return _numerics.zeros_like(p, _numerics.compute_dtype(dtype))
+      zeros = _numerics.zeros_like(p, jnp.float32)  # laid out like p
+      return QuantizedArray(
+          codes=_numerics.zeros_like(p, jnp.uint8),
+          # A slice of p's blocked zeros, so that under jit(init) the scales
+          # follow p's sharding (plain zeros would land on one device). Under
+          # explicit sharding the (small) scales are replicated.
+          scale=_with_auto_axes(
+              lambda z: _to_blocks(z, block_size)[..., 0],
+              lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
+              zeros,
+          ),
+          block_size=block_size,
+          signed=signed,
+      )
+
+    mu = jax.tree.map(lambda p: init_leaf(p, True), params)
+    nu = jax.tree.map(lambda p: init_leaf(p, False), params)
+    return _update.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
+
+  def update_impl(updates, state):
+    state = _checks.adam_like_state(state, 'scale_by_adam8bit')
+    state = state._replace(
+        mu=_as_quantized(state.mu, True, block_size, 'mu'),
+        nu=_as_quantized(state.nu, False, block_size, 'nu'),
+    )
+    updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
+    shapes = jax.tree.map(
+        lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
+    )
+    _checks.check_matching_trees(updates, shapes)
+    _checks.check_hyperparam_dtype('b1', b1)
+    _checks.check_hyperparam_dtype('b2', b2)
+    count = optax.safe_increment(state.count)
+    invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
+    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_update._is_none)
+    m_leaves = treedef.flatten_up_to(state.mu)
+    v_leaves = treedef.flatten_up_to(state.nu)
+    out_u, out_m, out_v = [], [], []
+    for g, m, v in zip(g_leaves, m_leaves, v_leaves):
+      if g is None:
+        out_u.append(None)
+        out_m.append(None)
+        out_v.append(None)
+        continue
+      step = functools.partial(
+          _update._moment_step, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+          nesterov=nesterov, amsgrad=False, infinity_norm=False,
+      )
+      if not _is_quantized(m):
+        u, m_new, v_new, _ = step(g, m, v, None)
+        out_m.append(_numerics.saturate(m_new, m.dtype))
+        out_v.append(_numerics.saturate(v_new, v.dtype))
+      else:
+
+        # count and array hyperparameters are arguments, not closures: under
+        # auto_axes they must carry the function's (auto) mesh types.
+        hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+        arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
+
+        def step_blocks(g, m, v, count, arrays, hps=hps):
+          hps = {**hps, **arrays}
+          m_old = dequantize(m, signed=True, block_size=block_size)
+          v_old = dequantize(v, signed=False, block_size=block_size)
+          u, m_new, v_new, _ = _update._moment_step(
+              g, m_old, v_old, None, count=count, **hps,
+              nesterov=nesterov, amsgrad=False, infinity_norm=False,
+          )
+          # A non-finite element keeps its history and stays out of its
+          # block's absmax (else one NaN gradient would poison the block).
+          # From finite moments, the float32 step's m and v are finite
+          # exactly where g is (it clips g below the square's overflow), so
+          # this reads g alone: each moment's loops need not recompute the
+          # other moment.
+          bad = ~jnp.isfinite(g)
+          m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+          v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+          if m_new.dtype != jnp.float32:
+            return (
+                u,
+                quantize(m_new, signed=True, block_size=block_size),
+                quantize(v_new, signed=False, block_size=block_size),
+            )
+          m_new, v_new, u = _materialized_step(
+              g, m_new, v_new, bad, count, hps, nesterov=nesterov)
+          if step_size is not None and g.dtype == jnp.float32:
+            u = step_size * u  # the learning rate, inside the chunk loop
+          return (
+              u,
+              _quantize_finite(m_new, signed=True, block_size=block_size),
+              _quantize_finite(v_new, signed=False, block_size=block_size),
+          )
+
+        def quantized_step(g, m, v, count, arrays):
+          chunks = _chunks(g.shape, block_size)
+          if chunks is None or _explicit_sharding(g) is not None:
+            return step_blocks(g, m, v, count, arrays)
+          return _chunked(step_blocks, chunks, block_size, g, m, v, count, arrays)
+
+        shardings = lambda sh, m=m, v=v: (
+            sh,
+            jax.tree.map(lambda a: jax.typeof(a).sharding, m),
+            jax.tree.map(lambda a: jax.typeof(a).sharding, v),
+        )
+        u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
+        out_m.append(m_q)
+        out_v.append(v_q)
+      u = _update.nan_where(invalid, u).astype(g.dtype)
+      if step_size is not None and not (_is_quantized(m) and g.dtype == jnp.float32):
+        u = step_size * u  # as optax.scale_by_learning_rate, after the cast
+      out_u.append(u)
+    unflatten = functools.partial(jax.tree.unflatten, treedef)
+    state = _update.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
+    return unflatten(out_u), state
+
+  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+  static = tuple(sorted(
+      (k, v) for k, v in hps.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+  ))
+  arrays = {k: v for k, v in hps.items() if k not in dict(static)}
+  config = static + (
+      ('nesterov', bool(nesterov)), ('block_size', block_size), ('min_8bit_size', min_8bit_size),
+      ('step_size', step_size),
+  )
+
+  def update_fn(updates, state, params=None):
+    del params
+    # Called eagerly (outside jit), run the step as one compiled call rather
+    # than as a few hundred separate operations per leaf. The compiled call
+    # is shared by every transformation of this configuration (array
+    # hyperparameters are its arguments), so rebuilding the transformation
+    # with new values (inject_hyperparams) does not recompile.
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, state, arrays))):
+      return update_impl(updates, state)
+    return _eager_8bit(updates, state, arrays, config=config)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_adam8bit(
@@ -391,138 +667,16 @@ def scale_by_adam8bit(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
-  _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
-  _check_8bit_args(block_size, min_8bit_size)
-
-  def init_fn(params):
-    _checks.check_param_leaves(params)
-
-    def init_leaf(p, signed):
-      dtype = jnp.dtype(getattr(p, 'dtype', None) or jnp.result_type(p))
-      shape = tuple(np.shape(p))
-      if not (jnp.issubdtype(dtype, jnp.floating) and math.prod(shape) >= max(min_8bit_size, 1)):
-        return _numerics.zeros_like(p, _numerics.compute_dtype(dtype))
-      zeros = _numerics.zeros_like(p, jnp.float32)  # laid out like p
-      return QuantizedArray(
-          codes=_numerics.zeros_like(p, jnp.uint8),
-          # A slice of p's blocked zeros, so that under jit(init) the scales
-          # follow p's sharding (plain zeros would land on one device). Under
-          # explicit sharding the (small) scales are replicated.
-          scale=_with_auto_axes(
-              lambda z: _to_blocks(z, block_size)[..., 0],
-              lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
-              zeros,
-          ),
-          block_size=block_size,
-          signed=signed,
-      )
-
-    mu = jax.tree.map(lambda p: init_leaf(p, True), params)
-    nu = jax.tree.map(lambda p: init_leaf(p, False), params)
-    return _update.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
-
-  def update_impl(updates, state):
-    state = _checks.adam_like_state(state, 'scale_by_adam8bit')
-    state = state._replace(
-        mu=_as_quantized(state.mu, True, block_size, 'mu'),
-        nu=_as_quantized(state.nu, False, block_size, 'nu'),
-    )
-    updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
-    shapes = jax.tree.map(
-        lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
-    )
-    _checks.check_matching_trees(updates, shapes)
-    _checks.check_hyperparam_dtype('b1', b1)
-    _checks.check_hyperparam_dtype('b2', b2)
-    count = optax.safe_increment(state.count)
-    invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
-    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_update._is_none)
-    m_leaves = treedef.flatten_up_to(state.mu)
-    v_leaves = treedef.flatten_up_to(state.nu)
-    out_u, out_m, out_v = [], [], []
-    for g, m, v in zip(g_leaves, m_leaves, v_leaves):
-      if g is None:
-        out_u.append(None)
-        out_m.append(None)
-        out_v.append(None)
-        continue
-      step = functools.partial(
-          _update._moment_step, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-          nesterov=nesterov, amsgrad=False, infinity_norm=False,
-      )
-      if not _is_quantized(m):
-        u, m_new, v_new, _ = step(g, m, v, None)
-        out_m.append(_numerics.saturate(m_new, m.dtype))
-        out_v.append(_numerics.saturate(v_new, v.dtype))
-      else:
-
-        # count and array hyperparameters are arguments, not closures: under
-        # auto_axes they must carry the function's (auto) mesh types.
-        hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
-        arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
-
-        def quantized_step(g, m, v, count, arrays, hps=hps):
-          m_old = dequantize(m, signed=True, block_size=block_size)
-          v_old = dequantize(v, signed=False, block_size=block_size)
-          u, m_new, v_new, _ = _update._moment_step(
-              g, m_old, v_old, None, count=count, **{**hps, **arrays},
-              nesterov=nesterov, amsgrad=False, infinity_norm=False,
-          )
-          # A non-finite element keeps its history and stays out of its
-          # block's absmax (else one NaN gradient would poison the block).
-          # From finite moments, the float32 step's m and v are finite
-          # exactly where g is (it clips g below the square's overflow), so
-          # this reads g alone: each moment's loops need not recompute the
-          # other moment.
-          bad = ~jnp.isfinite(g)
-          m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
-          v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
-          return (
-              u,
-              quantize(m_new, signed=True, block_size=block_size),
-              quantize(v_new, signed=False, block_size=block_size),
-          )
-
-        shardings = lambda sh, m=m, v=v: (
-            sh,
-            jax.tree.map(lambda a: jax.typeof(a).sharding, m),
-            jax.tree.map(lambda a: jax.typeof(a).sharding, v),
-        )
-        u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
-        out_m.append(m_q)
-        out_v.append(v_q)
-      out_u.append(_update.nan_where(invalid, u).astype(g.dtype))
-    unflatten = functools.partial(jax.tree.unflatten, treedef)
-    state = _update.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
-    return unflatten(out_u), state
-
-  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
-  static = tuple(sorted(
-      (k, v) for k, v in hps.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-  ))
-  arrays = {k: v for k, v in hps.items() if k not in dict(static)}
-  config = static + (
-      ('nesterov', bool(nesterov)), ('block_size', block_size), ('min_8bit_size', min_8bit_size),
+  return _scale_by_adam8bit(
+      b1, b2, eps, eps_root,
+      nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
   )
-
-  def update_fn(updates, state, params=None):
-    del params
-    # Called eagerly (outside jit), run the step as one compiled call rather
-    # than as a few hundred separate operations per leaf. The compiled call
-    # is shared by every transformation of this configuration (array
-    # hyperparameters are its arguments), so rebuilding the transformation
-    # with new values (inject_hyperparams) does not recompile.
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, state, arrays))):
-      return update_impl(updates, state)
-    return _eager_8bit(updates, state, arrays, config=config)
-
-  return optax.GradientTransformation(init_fn, update_fn)
 
 
 @functools.partial(jax.jit, static_argnames=('config',))
 def _eager_8bit(updates: Any, state: Any, arrays: dict[str, Any], *, config: Any) -> Any:
   """:func:`scale_by_adam8bit`'s update, compiled once per configuration."""
-  return scale_by_adam8bit(**dict(config), **arrays).update(updates, state)
+  return _scale_by_adam8bit(**dict(config), **arrays).update(updates, state)
 
 
 def _as_quantized(tree: Any, signed: bool, block_size: int, what: str) -> Any:
@@ -648,10 +802,21 @@ def adam8bit(
       ),
       _adam._scale_by_learning_rate(learning_rate),
   )
+  fused = None
+  if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+    # A number: the chain's numbers and state, with the learning rate applied
+    # inside the 8-bit step (one pass over the updates less).
+    fused = _scale_by_adam8bit(
+        b1, b2, eps, eps_root, nesterov=nesterov, block_size=block_size,
+        min_8bit_size=min_8bit_size, step_size=-learning_rate,
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     _checks.check_chain_state(state, 2)
-    return chain.update(updates, state, params, **extra_args)
+    if fused is None:
+      return chain.update(updates, state, params, **extra_args)
+    updates, inner = fused.update(updates, state[0], params)
+    return updates, (inner, *state[1:])
 
   return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 

@@ -65,10 +65,17 @@ def random_bits(shape: tuple[int, ...], count: Any, leaf_index: int) -> jax.Arra
   n = int(np.prod(shape, dtype=np.int64))
   index = jax.lax.iota(_U32, n).reshape(shape)
   key = jnp.reshape(key, key.shape + (1,) * len(shape))
-  # One round of the hash per element (not two): ``key`` is already fully
-  # mixed from the count and the leaf, and the multiply by an odd constant
-  # spreads consecutive indices over all 32 input bits of the round.
-  return _mix32(index * _U32(0x9E3779B1) + key)
+  # Half a round of the hash per element: ``key`` is already fully mixed
+  # from the count and the leaf, so for each element the input below is
+  # uniform over steps, and every step after it is a bijection of 32-bit
+  # words: the output is uniform too (what unbiased rounding needs). The
+  # multiply by an odd constant spreads consecutive indices over all 32
+  # bits; one xor-shift, one multiply and another xor-shift decorrelate
+  # neighbours, and the last shift brings the multiply's well-mixed high
+  # bits down to the low 16 that bfloat16 rounding adds.
+  x = index * _U32(0x9E3779B1) + key
+  x = (x ^ (x >> _U32(16))) * _U32(0x7FEB352D)
+  return x ^ (x >> _U32(15))
 
 
 def _narrower(x_dtype: Any, dtype: Any) -> bool:

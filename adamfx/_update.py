@@ -225,7 +225,22 @@ def _in_place_step(
   # gives a NaN update and moment, as in optax, not a clipped finite one.
   m = lax.add(m, lax.sub(g, g))
   v = lax.add(lax.mul(k.one_minus_b2, lax.mul(clipped, clipped)), lax.mul(k.b2, v))
-  g = clipped
+  u, v_max = _update_from_moments(m, v, clipped, v_max, k, nesterov=nesterov)
+  return u, m, v, v_max
+
+
+def _update_from_moments(
+    m: jax.Array,
+    v: jax.Array,
+    g: jax.Array,
+    v_max: Optional[jax.Array],
+    k: _Scalars,
+    *,
+    nesterov: bool,
+) -> tuple[jax.Array, Optional[jax.Array]]:
+  """The tail of :func:`_in_place_step`: ``(update, nu_max)`` from the new
+  moments ``m``, ``v`` and the clipped gradient ``g`` (read by NAdam only)."""
+  lax = jax.lax
   # x / (1 - b**t) as x * (1 / (1 - b**t)): what XLA compiles optax's
   # division by a broadcast scalar into on CPU, written out so that a 0-d
   # leaf (scalar code, where XLA keeps a division) and a step compiled over
@@ -248,7 +263,7 @@ def _in_place_step(
   denom = lax.add(lax.sqrt(v_hat), k.eps)
   if k.guard:  # eps == eps_root == 0 and no gradient yet: 0, not 0/0
     denom = lax.select(lax.gt(denom, lax.full_like(denom, 0)), denom, lax.full_like(denom, 1))
-  return lax.div(m_hat, denom), m, v, v_max
+  return lax.div(m_hat, denom), v_max
 
 
 def _in_place_narrow_step(

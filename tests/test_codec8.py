@@ -111,3 +111,83 @@ def test_adam8bit_step_matches_float64_adam_then_reference_quantiser():
     assert differ.mean() < 1e-3
     assert np.all(_near_a_tie(np.abs(xn[differ]).astype(np.float32),
                               _quant._magnitudes(signed), ulps=8))
+
+
+@pytest.mark.parametrize('signed', [True, False])
+def test_map_value_is_the_code_map_bit_for_bit(signed):
+  codes = jnp.arange(256, dtype=jnp.uint8)
+  got = np.asarray(jax.jit(_codec8.map_value, static_argnums=1)(codes, signed))
+  want = _quant.dynamic_map(signed)
+  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+  # Under a block scale, as dequantize reads it.
+  q = _quant.QuantizedArray(codes=codes, scale=jnp.array([3.0], jnp.float32))
+  np.testing.assert_array_equal(
+      np.asarray(_quant.dequantize(q, signed=signed)), want * np.float32(3))
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_adam8bit_step_is_float32_adam_on_the_decoded_moments(nesterov):
+  """The 8-bit step's update and new moments are adamfx.adam's float32 step
+  from the dequantized moments, then quantize()'s codes and scales -- to
+  float32 rounding: XLA compiles the two programs' arithmetic differently
+  (a last-bit difference, visible where 0.9 m + 0.1 g nearly cancels), as
+  it did before the 8-bit step read its update off the new moments."""
+  rng = np.random.default_rng(3)
+  n = 4096
+  tx = adamfx.scale_by_adam8bit(min_8bit_size=1024, nesterov=nesterov)
+  ref = adamfx.scale_by_adam(nesterov=nesterov)
+  state = tx.init(jnp.zeros(n))
+  step = jax.jit(tx.update)
+  for i in range(3):
+    g = rng.standard_normal(n).astype(np.float32) * np.float32(0.1)
+    if i == 2:
+      g[[5, 700]] = [np.nan, np.inf]
+    g = jnp.asarray(g)
+    prev = state
+    u, state = step(g, state)
+  m_old = _quant.dequantize(prev.mu, signed=True)
+  v_old = _quant.dequantize(prev.nu, signed=False)
+  u_ref, s_ref = jax.jit(ref.update)(g, adamfx.AdamState(prev.count, m_old, v_old))
+  np.testing.assert_allclose(np.asarray(u), np.asarray(u_ref), rtol=1e-6, atol=1e-7)
+  assert np.isnan(np.asarray(u)[[5, 700]]).all()
+  bad = ~np.isfinite(np.asarray(g))
+  for signed, old, new, q in (
+      (True, m_old, s_ref.mu, state.mu), (False, v_old, s_ref.nu, state.nu)):
+    new = jnp.where(bad, old, new)  # a non-finite element keeps its history
+    want = _quant.quantize(new, signed=signed)
+    np.testing.assert_allclose(np.asarray(q.scale), np.asarray(want.scale), rtol=1e-6)
+    got, want = np.asarray(q.codes, np.int64), np.asarray(want.codes, np.int64)
+    assert np.all(np.abs(got - want) <= 1) and np.mean(got != want) < 1e-3
+
+
+@pytest.mark.parametrize('shape', [(8192,), (16, 1024), (100, 83)])
+def test_chunked_8bit_step_is_the_one_piece_step(shape, monkeypatch):
+  """Large leaves run the 8-bit step chunk by chunk (whole blocks each);
+  blocks are independent, so the result is the one-piece step's, to the
+  last bit of float32: XLA's CPU loops compute in vector lanes and in a
+  scalar tail, a last bit apart at times (fused multiply-adds), and the
+  two programs put different elements in the tails. A code may then move
+  to its neighbour where the moment sits on a midpoint."""
+  rng = np.random.default_rng(4)
+  g = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+  g = g.at[(0,) * len(shape)].set(jnp.nan)
+
+  def run(chunk):
+    monkeypatch.setattr(_quant, '_CHUNK', chunk)
+    tx = adamfx.scale_by_adam8bit(min_8bit_size=1024, block_size=64)
+    assert (_quant._chunks(shape, 64) is not None) == (chunk < 4096)
+    state = tx.init(jnp.zeros(shape))
+    step = jax.jit(tx.update)
+    out = []
+    for _ in range(3):
+      u, state = step(g, state)
+      out.append((u, state))
+    return out
+
+  for (u1, s1), (u2, s2) in zip(run(1 << 30), run(256)):
+    np.testing.assert_allclose(np.asarray(u1), np.asarray(u2), rtol=2.5e-7, atol=0)
+    assert int(s1.count) == int(s2.count)
+    for q1, q2 in ((s1.mu, s2.mu), (s1.nu, s2.nu)):
+      np.testing.assert_allclose(np.asarray(q1.scale), np.asarray(q2.scale), rtol=2.5e-7)
+      c1, c2 = np.asarray(q1.codes, np.int64), np.asarray(q2.codes, np.int64)
+      assert np.all(np.abs(c1 - c2) <= 1) and np.mean(c1 != c2) < 2e-3

@@ -391,3 +391,28 @@ def test_eager_8bit_compiles_once_per_configuration():
   assert _quant._eager_8bit._cache_size() - before <= 1
   again.update(params, state)
   assert _quant._eager_8bit._cache_size() - before <= 1
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_adam8bit_learning_rate_inside_the_step_is_the_chain(dtype, monkeypatch):
+  """adam8bit applies a number learning rate inside its step (inside the
+  chunk loop of a large leaf): the same bits and state as the optax chain."""
+  monkeypatch.setattr(_quant, '_CHUNK', 1024)  # chunk the 'w' leaf
+  rng = np.random.default_rng(5)
+  params = {'w': jnp.zeros((16384,), dtype), 'b': jnp.zeros((7,), dtype),
+            'x': jnp.zeros((16, 256), dtype)}
+  fused = adamfx.adam8bit(3e-3)
+  chain = optax.chain(adamfx.scale_by_adam8bit(), optax.scale(-3e-3))
+  s1, s2 = fused.init(params), chain.init(params)
+  assert jax.tree.structure(s1) == jax.tree.structure(s2)
+  for _ in range(3):
+    g = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), dtype), params)
+    u1, s1 = jax.jit(fused.update)(g, s1, params)
+    u2, s2 = jax.jit(chain.update)(g, s2, params)
+    for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
+      assert a.dtype == b.dtype
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Eager calls take the same path.
+  u3, _ = fused.update(g, s1, params)
+  u4, _ = chain.update(g, s2, params)
+  np.testing.assert_array_equal(np.asarray(u3['w']), np.asarray(u4['w']))
