@@ -209,8 +209,9 @@ def format_table(result: dict[str, Any]) -> str:
                  f' {_fmt(r["sgd_step_ms"])} | - | - |')
     for name, o in r['optimisers'].items():
       step = '-' if o['step_ms'] is None else _fmt(o['step_ms'])
-      rel = o['marginal_ms']['median'] / ref if ref > 0 else float('nan')
-      lines.append(f'| {r["dtype"]} | {name} | {step} | {_fmt(o["marginal_ms"])} | {rel:.2f} |')
+      # optax's marginal cost at or below 0 is noise: no ratio to quote.
+      rel = f'{o["marginal_ms"]["median"] / ref:.2f}' if ref > 0 else 'n/a (noise)'
+      lines.append(f'| {r["dtype"]} | {name} | {step} | {_fmt(o["marginal_ms"])} | {rel} |')
   return '\n'.join(lines)
 
 
