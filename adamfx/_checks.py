@@ -205,6 +205,20 @@ def check_param_leaves(tree: Any, what: str = 'params') -> None:
       )
 
 
+def tree_difference(got: list[str], want: list[str], got_def: Any, want_def: Any,
+                    what: str, short: str | None = None) -> str:
+  """What an update tree with leaf names ``got`` lacks or adds against ``want``
+  (the leaves of ``what``; ``short`` names it beside a tree), for an error message."""
+  missing = [p for p in want if p not in got]
+  extra = [p for p in got if p not in want]
+  detail = []
+  if missing:
+    detail.append(f'missing from the updates: {", ".join(missing[:5])}')
+  if extra:
+    detail.append(f'not in {what}: {", ".join(extra[:5])}')
+  return '; '.join(detail) or f'updates {got_def} vs {short or what} {want_def}'
+
+
 def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -> None:
   """Checks that ``updates`` has the structure and leaf shapes of ``reference``.
 
@@ -224,20 +238,12 @@ def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -
   up_leaves, up_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
   if up_def != ref_def:
-    up_paths = [_leaf_name(p) for p, _ in up_leaves]
-    ref_paths = [_leaf_name(p) for p, _ in ref_leaves]
-    missing = [p for p in ref_paths if p not in up_paths]
-    extra = [p for p in up_paths if p not in ref_paths]
-    detail = []
-    if missing:
-      detail.append(f'missing from the updates: {", ".join(missing[:5])}')
-    if extra:
-      detail.append(f'not in the state: {", ".join(extra[:5])}')
-    if not detail:
-      detail.append(f'updates {up_def} vs state {ref_def}')
+    detail = tree_difference(
+        [_leaf_name(p) for p, _ in up_leaves], [_leaf_name(p) for p, _ in ref_leaves],
+        up_def, ref_def, 'the state', 'state')
     raise ValueError(
         f'The update tree does not match the optimiser state ({what}) it was'
-        f' initialised with; {"; ".join(detail)}.'
+        f' initialised with; {detail}.'
     )
   for (path, u), (_, r) in zip(up_leaves, ref_leaves):
     if u is None or r is None:

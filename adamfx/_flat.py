@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adamfx import _checks
+
 
 def _sharded(x: Any) -> bool:
   sharding = getattr(x, 'sharding', None)
@@ -310,20 +312,9 @@ def check_like_params(updates: Any, signature: Any, what: str, structure: bool =
         f'{", ..." if len(ref) > 5 else ""}): the gradients must have the params\' tree.'
     )
   if structure and got_def != ref_def:
-    ref_paths = [name(p) for p, _, _ in ref]
-    got_paths = [name(p) for p, _, _ in got]
-    missing = [p for p in ref_paths if p not in got_paths]
-    extra = [p for p in got_paths if p not in ref_paths]
-    detail = []
-    if missing:
-      detail.append(f'missing from the updates: {", ".join(missing[:5])}')
-    if extra:
-      detail.append(f'not in {what}: {", ".join(extra[:5])}')
-    if not detail:
-      detail.append(f'updates {got_def} vs {what} {ref_def}')
-    raise ValueError(
-        f'pack_state: the update tree does not match {what}; {"; ".join(detail)}.'
-    )
+    detail = _checks.tree_difference(
+        [name(p) for p, _, _ in got], [name(p) for p, _, _ in ref], got_def, ref_def, what)
+    raise ValueError(f'pack_state: the update tree does not match {what}; {detail}.')
   for (path, shape, dtype), (_, rshape, rdtype) in zip(got, ref):
     if shape != rshape:
       raise ValueError(
