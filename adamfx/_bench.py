@@ -65,7 +65,7 @@ class Case:
       (:func:`_trees`) and ``preset`` the sizes.
     baseline: ``() -> (label, transformation)``: the reference column.
     adamfx: ``() -> transformation``: the adamfx column.
-    description: what the row shows, for ``--help`` and the README.
+    description: what the row shows, for ``--help`` and the performance guide.
   """
 
   name: str
