@@ -311,7 +311,8 @@ def _is_leaf(x: Any) -> bool:
   return x is None or isinstance(x, QuantizedArray)
 
 
-_CHUNK = 1 << 15  # elements per chunk of a large leaf's 8-bit step
+_CHUNK = 1 << 15  # elements per chunk of a large leaf's 8-bit step (at least)
+_CHUNK_MAX = 1 << 18  # elements per chunk where the blocks allow (at most)
 
 
 def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
@@ -320,6 +321,15 @@ def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
   A chunk holds about ``_CHUNK`` elements (whole blocks, an even split of
   the leaf's blocks); leaves of fewer than four chunks' worth, or whose
   block count splits only into much smaller chunks, run in one piece.
+
+  Where a block is a whole number of vector lanes (``block_size`` a
+  multiple of 16), chunks grow to up to ``_CHUNK_MAX`` elements (still at
+  least four a leaf; two float32 temporaries of 1 MiB each): each trip
+  round the loop runs a dozen loops over the chunk, split between the
+  cores and joined, and on 2 busy cores a 4M-element leaf's step took
+  0.7x-0.8x the time of 32K-element chunks. Blocks are independent and no
+  loop then has a scalar tail, so the codes, scales and updates are the
+  smaller chunks' to the bit (see tests/test_codec8.py).
   """
   view, _ = _layout(tuple(shape), block_size)
   rows = math.prod(view[:-1])
@@ -327,7 +337,12 @@ def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
   if rows < 4 * want:
     return None
   c = max(d for d in range(1, want + 1) if rows % d == 0)
-  return c if 4 * c >= want else None
+  if 4 * c < want:
+    return None
+  if block_size % 16 == 0:
+    most = min(_CHUNK_MAX // block_size, rows // 4)
+    c = max(d for d in range(c, max(c, most) + 1) if rows % d == 0)
+  return c
 
 
 def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):

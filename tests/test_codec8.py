@@ -191,3 +191,37 @@ def test_chunked_8bit_step_is_the_one_piece_step(shape, monkeypatch):
       np.testing.assert_allclose(np.asarray(q1.scale), np.asarray(q2.scale), rtol=2.5e-7)
       c1, c2 = np.asarray(q1.codes, np.int64), np.asarray(q2.codes, np.int64)
       assert np.all(np.abs(c1 - c2) <= 1) and np.mean(c1 != c2) < 2e-3
+
+
+@pytest.mark.parametrize('block_size', [64, 256])
+def test_large_chunks_are_the_small_chunks_step_to_the_bit(block_size, monkeypatch):
+  """Chunks of up to ``_CHUNK_MAX`` elements (blocks a multiple of the
+  vector width) give the codes, scales and updates of ``_CHUNK``-element
+  chunks bit for bit: no loop has a scalar tail in either."""
+  rng = np.random.default_rng(7)
+  shape = (64, 1024)
+  monkeypatch.setattr(_quant, '_CHUNK', 4 * block_size)
+
+  def run(most):
+    monkeypatch.setattr(_quant, '_CHUNK_MAX', most)
+    chunks = _quant._chunks(shape, block_size)
+    tx = adamfx.adam8bit(1e-3, block_size=block_size, min_8bit_size=1024)
+    params = jnp.zeros(shape)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    out = []
+    for i in range(3):
+      g = rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 0, shape[-1])
+      g = jnp.asarray(g.astype(np.float32))
+      if i == 1:
+        g = g.at[3, 5].set(jnp.nan)
+      u, state = step(g, state, params)
+      out.append(jax.tree.map(np.asarray, (u, state)))
+    return chunks, out
+
+  small, a = run(4 * block_size)
+  rng = np.random.default_rng(7)
+  large, b = run(64 * block_size)
+  assert (small, large) == (4, 64)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
