@@ -35,10 +35,22 @@ _ATOL = 1e-9
 LR = 1e-2
 
 
-class Member(NamedTuple):
+# The contract table: every public transformation, one line each.
+#
+# A new member joins with ONE ``Contract(...)`` line and gets every check
+# below: x32 and x64; eager, jit, vmap and lax.scan (eager == jit); no
+# recompilation (jit: second step; eager: new hyperparameter values); optax
+# parity where optax has the transformation; flax.nnx.Optimizer and an
+# Equinox loop for several steps; npz and orbax round trips; bad gradient
+# trees refused with a ValueError/TypeError. Its state only has to hold an
+# Adam-like NamedTuple (fields count, mu, nu) somewhere, as any optax state.
+
+
+class Contract(NamedTuple):
   name: str
   make: Callable[[], optax.GradientTransformation]
-  reference: Callable[[], optax.GradientTransformation]  # optax's equivalent
+  # optax's equivalent, for parity (None: optax has none).
+  reference: Callable[[], optax.GradientTransformation] | None = None
   # dtype the state's mu/nu are pinned to, whatever the params' dtype
   # (None: they follow the params).
   mu_dtype: Any = None
@@ -46,39 +58,79 @@ class Member(NamedTuple):
   # Tolerance against the reference, on displacements (sums of updates).
   rtol: float = 2e-6
   atol: float = 1e-6
+  # The update is ``new_p - p`` with ``new_p`` rounded to the params' dtype, as
+  # torch.optim.AdamW computes it (``p *= 1 - lr*wd`` first): exact differences
+  # of rounded params, so eager and jit (FMA or not) may differ by a param ulp.
+  param_rounded: bool = False
 
 
-TABLE = [
-    Member('adam', lambda: adamfx.adam(LR), lambda: optax.adam(LR)),
-    Member('nadam', lambda: adamfx.adam(LR, nesterov=True), lambda: optax.nadam(LR)),
-    # Injected hyperparameters are float32 (or wider) arrays that meet 16-bit
-    # updates: the updates must still come back in the params' dtype.
-    Member('inject_adam', lambda: adamfx.inject_hyperparams(adamfx.adam)(learning_rate=LR),
-           lambda: optax.inject_hyperparams(optax.adam)(learning_rate=LR)),
-    Member('amsgrad', lambda: adamfx.adam(LR, amsgrad=True), lambda: optax.amsgrad(LR)),
-    Member('adamw', lambda: adamfx.adamw(LR, weight_decay=0.1),
-           lambda: optax.adamw(LR, weight_decay=0.1)),
-    Member('adamax', lambda: adamfx.adamax(LR), lambda: optax.adamax(LR)),
-    Member('scale_by_adam', adamfx.scale_by_adam, optax.scale_by_adam),
-    Member('scale_by_adamax', adamfx.scale_by_adamax, optax.scale_by_adamax),
+_C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
+_MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
+_inject = adamfx.inject_hyperparams
+_oinject = optax.inject_hyperparams
+_WD = dict(weight_decay=0.1)
+
+CONTRACTS = [
+    Contract('adam', lambda: adamfx.adam(LR), lambda: optax.adam(LR)),
+    Contract('nadam', lambda: adamfx.nadam(LR), lambda: optax.nadam(LR)),
+    Contract('amsgrad', lambda: adamfx.amsgrad(LR), lambda: optax.amsgrad(LR)),
+    Contract('adamw', lambda: adamfx.adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
+    Contract('adamw_mask', lambda: adamfx.adamw(LR, mask=_MASK, **_WD),
+             lambda: optax.adamw(LR, mask=_MASK, **_WD)),
+    Contract('nadamw', lambda: adamfx.nadamw(LR, **_WD), lambda: optax.nadamw(LR, **_WD)),
+    Contract('adamax', lambda: adamfx.adamax(LR), lambda: optax.adamax(LR)),
+    Contract('scale_by_adam', adamfx.scale_by_adam, optax.scale_by_adam),
+    Contract('scale_by_adamax', adamfx.scale_by_adamax, optax.scale_by_adamax),
     # bfloat16 storage rounds mu (or nu) to 8 significant bits (2^-9 = 2e-3
     # relative) each step, and optax also computes b1 * mu in bfloat16 where
     # adamfx uses float32: a few bfloat16 roundings apart over 3-10 steps, so
     # 2e-2 relative on displacements, and 2e-4 absolute (2e-2 of a typical
     # displacement, ~1e-2) where an element's steps cancel (a wrong bias
     # correction or moment is off by O(1)).
-    Member('adam_mu_bf16', lambda: adamfx.adam(LR, mu_dtype=jnp.bfloat16),
-           lambda: optax.adam(LR, mu_dtype=jnp.bfloat16), mu_dtype=jnp.bfloat16, rtol=2e-2, atol=2e-4),
+    Contract('adam_mu_bf16', lambda: adamfx.adam(LR, mu_dtype=jnp.bfloat16),
+             lambda: optax.adam(LR, mu_dtype=jnp.bfloat16), mu_dtype=jnp.bfloat16,
+             rtol=2e-2, atol=2e-4),
     # optax has no nu_dtype: the reference is optax.adam with float32 nu.
-    Member('adam_nu_bf16', lambda: adamfx.adam(LR, nu_dtype=jnp.bfloat16),
-           lambda: optax.adam(LR), nu_dtype=jnp.bfloat16, rtol=2e-2, atol=2e-4),
-    Member('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR)),
-    Member('lazy_adam_catch_up', lambda: adamfx.lazy_adam(LR, catch_up=True), lambda: optax.adam(LR)),
-    Member('lazy_adamw', lambda: adamfx.lazy_adamw(LR, weight_decay=0.1),
-           lambda: optax.adamw(LR, weight_decay=0.1)),
+    Contract('adam_nu_bf16', lambda: adamfx.adam(LR, nu_dtype=jnp.bfloat16),
+             lambda: optax.adam(LR), nu_dtype=jnp.bfloat16, rtol=2e-2, atol=2e-4),
+    Contract('adam8bit', lambda: adamfx.adam8bit(LR, min_8bit_size=_C8)),
+    Contract('adamw8bit', lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, **_WD)),
+    Contract('scale_by_adam8bit', lambda: adamfx.scale_by_adam8bit(min_8bit_size=_C8)),
+    Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR)),
+    Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
+             lambda: optax.adamw(LR, **_WD)),
+    Contract('pack_amsgrad', lambda: adamfx.pack_state(adamfx.amsgrad(LR)),
+             lambda: optax.amsgrad(LR)),
+    Contract('pack_adam8bit', lambda: adamfx.pack_state(adamfx.adam8bit(LR, min_8bit_size=_C8))),
+    Contract('inject_adam', lambda: _inject(adamfx.adam)(LR),
+             lambda: _oinject(optax.adam)(LR)),
+    Contract('inject_nadam', lambda: _inject(adamfx.nadam)(LR),
+             lambda: _oinject(optax.nadam)(LR)),
+    Contract('inject_amsgrad', lambda: _inject(adamfx.amsgrad)(LR),
+             lambda: _oinject(optax.amsgrad)(LR)),
+    Contract('inject_adamw', lambda: _inject(adamfx.adamw)(LR, **_WD),
+             lambda: _oinject(optax.adamw)(LR, **_WD)),
+    Contract('inject_nadamw', lambda: _inject(adamfx.nadamw)(LR, **_WD),
+             lambda: _oinject(optax.nadamw)(LR, **_WD)),
+    Contract('inject_adamax', lambda: _inject(adamfx.adamax)(LR),
+             lambda: _oinject(optax.adamax)(LR)),
+    Contract('inject_adam8bit', lambda: _inject(adamfx.adam8bit)(LR, min_8bit_size=_C8)),
+    Contract('inject_adamw8bit',
+             lambda: _inject(adamfx.adamw8bit)(LR, min_8bit_size=_C8, **_WD)),
+    Contract('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR)),
+    Contract('lazy_adam_catch_up', lambda: adamfx.lazy_adam(LR, catch_up=True),
+             lambda: optax.adam(LR)),
+    Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
+    Contract('torch_adam', lambda: adamfx.torch_adam(LR), lambda: optax.adam(LR)),
+    Contract('torch_adamw', lambda: adamfx.torch_adamw(LR, **_WD),
+             lambda: optax.adamw(LR, **_WD), param_rounded=True),
+    Contract('keras_adam', lambda: adamfx.keras_adam(LR)),
+    Contract('keras_adamw', lambda: adamfx.keras_adamw(LR, **_WD)),
+    Contract('ema_params', lambda: adamfx.ema_params(adamfx.adam(LR)), lambda: optax.adam(LR)),
 ]
-table = pytest.mark.parametrize('member', TABLE, ids=[m.name for m in TABLE])
-_BY_NAME = {m.name: m for m in TABLE}
+contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
+modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
+_BY_NAME = {c.name: c for c in CONTRACTS}
 
 
 def _params(dtype=jnp.float32, batch=(), small=False):
@@ -137,7 +189,7 @@ def _dtypes(tree):
 
 
 # ---------------------------------------------------------------------------
-# Contracts of every member.
+# Contracts of every c.
 
 
 @functools.cache
@@ -153,10 +205,10 @@ def _stepper(name):
   return tx, step
 
 
-@table
-def test_jit_does_not_recompile_on_the_second_step(member):
+@contracts
+def test_jit_does_not_recompile_on_the_second_step(c):
   """The state after a step has the avals of the state from init (no weak types)."""
-  tx, step = _stepper(member.name)
+  tx, step = _stepper(c.name)
   params = _params()
   state = tx.init(params)
   params, _, state = step(params, state, _grads(params, 0))  # compiles (or reuses)
@@ -182,9 +234,9 @@ def _mixed_params(x64, complex_ok=True):
   return tree
 
 
-@table
+@contracts
 @pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
-def test_dtypes_of_updates_and_state_are_preserved(member, x64):
+def test_dtypes_of_updates_and_state_are_preserved(c, x64):
   """Updates come back in each leaf's dtype; the state keeps its dtypes.
 
   Leaves of float16, bfloat16, float32, complex64 (and float64 under x64) in
@@ -195,11 +247,11 @@ def test_dtypes_of_updates_and_state_are_preserved(member, x64):
   mode (adamfx's eager fast path), jitted ones under x64 (the traced path).
   """
   with jax.enable_x64(x64):
-    params = _mixed_params(x64, complex_ok=member.mu_dtype is None)
+    params = _mixed_params(x64, complex_ok=c.mu_dtype is None)
     if x64:
-      tx, step = _stepper(member.name)
+      tx, step = _stepper(c.name)
     else:
-      tx = member.make()
+      tx = c.make()
       step = lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), u, s))(
           *tx.update(g, s, p))
     state0 = state = tx.init(params)
@@ -213,7 +265,7 @@ def test_dtypes_of_updates_and_state_are_preserved(member, x64):
     assert _dtypes(state) == _dtypes(state0)
     adam_state = _adam_states(state)[0]
     assert adam_state.count.dtype == jnp.int32
-    for name, pinned in (('mu', member.mu_dtype), ('nu', member.nu_dtype)):
+    for name, pinned in (('mu', c.mu_dtype), ('nu', c.nu_dtype)):
       want = {k: jnp.dtype(pinned) if pinned is not None else jnp.dtype(k) for k in params}
       assert _dtypes(getattr(adam_state, name)) == want
 
@@ -241,10 +293,10 @@ def _adam_states(state):
           if isinstance(s, (adamfx.AdamState, adamfx.LazyAdamState))]
 
 
-@table
-def test_none_leaves(member):
+@contracts
+def test_none_leaves(c):
   """A None in params and gradients stays None in updates and state."""
-  tx, step = _stepper(member.name)
+  tx, step = _stepper(c.name)
   params = {'w': jnp.ones((2, 3)), 'frozen': None, 'b': [jnp.zeros(3), None]}
   state = tx.init(params)
   grads = {'w': jnp.full((2, 3), 0.5), 'frozen': None, 'b': [jnp.ones(3), None]}
@@ -254,39 +306,39 @@ def test_none_leaves(member):
   assert params['frozen'] is None
   for s in _adam_states(state):
     assert s.mu['frozen'] is None and s.nu['b'][1] is None
-  ref = member.reference()
+  ref = c.reference()
   p0 = start = {'w': jnp.ones((2, 3)), 'frozen': None, 'b': [jnp.zeros(3), None]}
   with optax_promotion():
     rs = ref.init(p0)
     for _ in range(2):
       ru, rs = ref.update(grads, rs, p0)
       p0 = optax.apply_updates(p0, ru)
-  _assert_moved_alike(params, p0, start, member.rtol, member.atol)
+  _assert_moved_alike(params, p0, start, c.rtol, c.atol)
 
 
-@table
+@contracts
 @pytest.mark.parametrize('empty', [{}, [], ()], ids=['dict', 'list', 'tuple'])
-def test_empty_trees(member, empty):
-  tx = member.make()
+def test_empty_trees(c, empty):
+  tx = c.make()
   state = tx.init(empty)
   u, state = jax.jit(tx.update)(empty, state, empty)
   assert u == empty
   assert int(_adam_states(state)[0].count) == 1
 
 
-@table
-def test_vmap_over_a_batch_of_params_and_states(member):
+@contracts
+def test_vmap_over_a_batch_of_params_and_states(c):
   """vmap(init), vmap(update) over 4 param sets equal per-set optax runs."""
   params = _params(batch=(4,), small=True)
   grads = [_grads(params, i) for i in range(3)]
-  tx = member.make()
+  tx = c.make()
   state = jax.vmap(tx.init)(params)
   update = jax.jit(jax.vmap(tx.update))
   got = params
   for g in grads:
     u, state = update(g, state, got)
     got = optax.apply_updates(got, u)
-  ref = member.reference()
+  ref = c.reference()
   ctx = optax_promotion()
   for b in range(4):
     take = lambda tree, b=b: jax.tree.map(lambda x: x[b], tree)
@@ -296,13 +348,13 @@ def test_vmap_over_a_batch_of_params_and_states(member):
       for g in grads:
         u, s = ref.update(take(g), s, p)
         p = optax.apply_updates(p, u)
-    _assert_moved_alike(take(got), p, take(params), member.rtol, member.atol)
+    _assert_moved_alike(take(got), p, take(params), c.rtol, c.atol)
 
 
-@table
-def test_lax_scan_over_steps(member):
+@contracts
+def test_lax_scan_over_steps(c):
   """Ten steps inside lax.scan equal optax's ten steps in a Python loop."""
-  tx = member.make()
+  tx = c.make()
   params = _params(small=True)
   grads = [_grads(params, i) for i in range(10)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
@@ -313,24 +365,24 @@ def test_lax_scan_over_steps(member):
     return (optax.apply_updates(p, u), s), None
 
   (got, _), _ = jax.jit(lambda p: jax.lax.scan(body, (p, tx.init(p)), stacked))(params)
-  ref = member.reference()
+  ref = c.reference()
   ctx = optax_promotion()
   with ctx:
     p, s = params, ref.init(params)
     for g in grads:
       u, s = ref.update(g, s, p)
       p = optax.apply_updates(p, u)
-  _assert_moved_alike(got, p, params, member.rtol, member.atol)
+  _assert_moved_alike(got, p, params, c.rtol, c.atol)
 
 
-@table
-def test_count_saturates_at_int32_max(member):
+@contracts
+def test_count_saturates_at_int32_max(c):
   """From count = int32 max - 1, two steps: count stays at the maximum.
 
   optax increments with ``safe_increment`` too, so the updates at the
   saturated count equal optax's from the same state.
   """
-  tx, step = _stepper(member.name)
+  tx, step = _stepper(c.name)
   params = _params()
   top = jnp.iinfo(jnp.int32).max
   state = _set_counts(tx.init(params), top - 1)
@@ -342,12 +394,12 @@ def test_count_saturates_at_int32_max(member):
   for s in _adam_states(state):
     assert int(s.count) == top
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outs))
-  ref = member.reference()
+  ref = c.reference()
   with optax_promotion():
     rs = _set_counts(ref.init(params), top - 1)
     for i in range(2):
       ru, rs = ref.update(_grads(params, i), rs, params)
-  _assert_close(outs[-1], ru, member.rtol, member.atol * LR)
+  _assert_close(outs[-1], ru, c.rtol, c.atol * LR)
 
 
 # ---------------------------------------------------------------------------
@@ -557,85 +609,6 @@ def test_grad_through_unrolled_steps_with_eps_root():
   assert np.isnan(no_root(lr, p0)[2])
 
 
-# ---------------------------------------------------------------------------
-# The contract table: every public transformation, one line each.
-#
-# A new member joins with ONE ``Contract(...)`` line and gets every check
-# below: x32 and x64; eager, jit, vmap and lax.scan (eager == jit); no
-# recompilation (jit: second step; eager: new hyperparameter values); optax
-# parity where optax has the transformation; flax.nnx.Optimizer and an
-# Equinox loop for several steps; npz and orbax round trips; bad gradient
-# trees refused with a ValueError/TypeError. Its state only has to hold an
-# Adam-like NamedTuple (fields count, mu, nu) somewhere, as any optax state.
-
-
-class Contract(NamedTuple):
-  name: str
-  make: Callable[[], optax.GradientTransformation]
-  # optax's equivalent, for parity (None: optax has none).
-  reference: Callable[[], optax.GradientTransformation] | None = None
-  rtol: float = 2e-6
-  atol: float = 1e-6
-  # The update is ``new_p - p`` with ``new_p`` rounded to the params' dtype, as
-  # torch.optim.AdamW computes it (``p *= 1 - lr*wd`` first): exact differences
-  # of rounded params, so eager and jit (FMA or not) may differ by a param ulp.
-  param_rounded: bool = False
-
-
-_C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
-_MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
-_inject = adamfx.inject_hyperparams
-_oinject = optax.inject_hyperparams
-_WD = dict(weight_decay=0.1)
-
-CONTRACTS = [
-    Contract('adam', lambda: adamfx.adam(LR), lambda: optax.adam(LR)),
-    Contract('nadam', lambda: adamfx.nadam(LR), lambda: optax.nadam(LR)),
-    Contract('amsgrad', lambda: adamfx.amsgrad(LR), lambda: optax.amsgrad(LR)),
-    Contract('adamw', lambda: adamfx.adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
-    Contract('adamw_mask', lambda: adamfx.adamw(LR, mask=_MASK, **_WD),
-             lambda: optax.adamw(LR, mask=_MASK, **_WD)),
-    Contract('nadamw', lambda: adamfx.nadamw(LR, **_WD), lambda: optax.nadamw(LR, **_WD)),
-    Contract('adamax', lambda: adamfx.adamax(LR), lambda: optax.adamax(LR)),
-    Contract('scale_by_adam', adamfx.scale_by_adam, optax.scale_by_adam),
-    Contract('scale_by_adamax', adamfx.scale_by_adamax, optax.scale_by_adamax),
-    Contract('adam8bit', lambda: adamfx.adam8bit(LR, min_8bit_size=_C8)),
-    Contract('adamw8bit', lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, **_WD)),
-    Contract('scale_by_adam8bit', lambda: adamfx.scale_by_adam8bit(min_8bit_size=_C8)),
-    Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR)),
-    Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
-             lambda: optax.adamw(LR, **_WD)),
-    Contract('pack_amsgrad', lambda: adamfx.pack_state(adamfx.amsgrad(LR)),
-             lambda: optax.amsgrad(LR)),
-    Contract('pack_adam8bit', lambda: adamfx.pack_state(adamfx.adam8bit(LR, min_8bit_size=_C8))),
-    Contract('inject_adam', lambda: _inject(adamfx.adam)(LR),
-             lambda: _oinject(optax.adam)(LR)),
-    Contract('inject_nadam', lambda: _inject(adamfx.nadam)(LR),
-             lambda: _oinject(optax.nadam)(LR)),
-    Contract('inject_amsgrad', lambda: _inject(adamfx.amsgrad)(LR),
-             lambda: _oinject(optax.amsgrad)(LR)),
-    Contract('inject_adamw', lambda: _inject(adamfx.adamw)(LR, **_WD),
-             lambda: _oinject(optax.adamw)(LR, **_WD)),
-    Contract('inject_nadamw', lambda: _inject(adamfx.nadamw)(LR, **_WD),
-             lambda: _oinject(optax.nadamw)(LR, **_WD)),
-    Contract('inject_adamax', lambda: _inject(adamfx.adamax)(LR),
-             lambda: _oinject(optax.adamax)(LR)),
-    Contract('inject_adam8bit', lambda: _inject(adamfx.adam8bit)(LR, min_8bit_size=_C8)),
-    Contract('inject_adamw8bit',
-             lambda: _inject(adamfx.adamw8bit)(LR, min_8bit_size=_C8, **_WD)),
-    Contract('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR)),
-    Contract('lazy_adam_catch_up', lambda: adamfx.lazy_adam(LR, catch_up=True),
-             lambda: optax.adam(LR)),
-    Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
-    Contract('torch_adam', lambda: adamfx.torch_adam(LR), lambda: optax.adam(LR)),
-    Contract('torch_adamw', lambda: adamfx.torch_adamw(LR, **_WD),
-             lambda: optax.adamw(LR, **_WD), param_rounded=True),
-    Contract('keras_adam', lambda: adamfx.keras_adam(LR)),
-    Contract('keras_adamw', lambda: adamfx.keras_adamw(LR, **_WD)),
-    Contract('ema_params', lambda: adamfx.ema_params(adamfx.adam(LR)), lambda: optax.adam(LR)),
-]
-contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
-modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
 
 
 def _cparams(x64=False, scale=1.0):
