@@ -423,7 +423,6 @@ def test_vmap_over_a_batch_of_params_and_states(c):
     u, state = update(g, state, got)
     got = optax.apply_updates(got, u)
   ref = _reference_or_self(c)
-  ref_update = jax.jit(ref.update)
   ctx = optax_promotion()
   for b in range(4):
     take = lambda tree, b=b: jax.tree.map(lambda x: x[b], tree)
@@ -431,7 +430,7 @@ def test_vmap_over_a_batch_of_params_and_states(c):
     with ctx:
       s = ref.init(p)
       for g in grads:
-        u, s = ref_update(take(g), s, p)
+        u, s = ref.update(take(g), s, p)
         p = optax.apply_updates(p, u)
     _assert_moved_alike(take(got), p, take(params), c.rtol, c.atol)
 
