@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from adamfx._measure import describe as _describe_machine
 from adamfx._measure import machine as _machine
 from adamfx._measure import new_bytes as _new_bytes
 from adamfx._measure import stats as _stats
@@ -511,10 +512,7 @@ def format_table(result: dict[str, Any]) -> str:
   """A plain-text (Markdown) table of a :func:`bench` result."""
   m, bw = result['machine'], result['bandwidth']
   lines = [
-      f'adamfx bench --preset {result["preset"]}: {m.get("cpu_model", m["processor"])},'
-      f' {m["cpus"]} CPUs, {m["backend"]} ({m["device"]}), jax {m["jax"]}, optax {m["optax"]}'
-      + (f', torch {m["torch"]}' if 'torch' in m else '')
-      + (f'; load average {m["loadavg"][0]:.1f}' if 'loadavg' in m else ''),
+      f'adamfx bench --preset {result["preset"]}: {_describe_machine(m)}',
       f'bandwidth limit (axpy): {bw["limit_gbs"]:.1f} GB/s (jitted {bw["jax_axpy_gbs"]:.1f},'
       f' numpy {bw["numpy_axpy_gbs"]:.1f}); ms per step: median (min-max) of'
       f' {result["sizes"]["repeats"]} interleaved repeats',

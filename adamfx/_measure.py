@@ -52,3 +52,13 @@ def machine() -> dict[str, Any]:
   except ImportError:
     pass
   return info
+
+
+def describe(m: dict[str, Any]) -> str:
+  """One line naming the machine of :func:`machine`, for a table's heading."""
+  return (
+      f'{m.get("cpu_model", m["processor"])}, {m["cpus"]} CPUs, {m["backend"]} ({m["device"]}),'
+      f' jax {m["jax"]}, optax {m["optax"]}'
+      + (f', torch {m["torch"]}' if 'torch' in m else '')
+      + (f'; load average {m["loadavg"][0]:.1f}' if 'loadavg' in m else '')
+  )

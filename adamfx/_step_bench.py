@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from adamfx import _measure
+
 PRESETS = {
     # width, layers, heads, context, batch (sequences), repeats, steps per repeat
     'tiny': dict(d=32, layers=1, heads=2, context=16, batch=2, repeats=2, steps=2),
@@ -136,7 +138,6 @@ def bench(preset_name: str = 'default', dtypes=('float32', 'bfloat16'), repeats=
   import jax
   import jax.numpy as jnp
 
-  from adamfx import _measure
   from adamfx import _memory_bench
 
   preset = dict(PRESETS[preset_name])
@@ -191,10 +192,7 @@ def format_table(result: dict[str, Any]) -> str:
   m = result['machine']
   s = result['sizes']
   lines = [
-      f'adamfx bench --in-step --preset {result["preset"]}: {m.get("cpu_model", m["processor"])},'
-      f' {m["backend"]} ({m["device"]}), jax {m["jax"]}'
-      + (f', torch {m["torch"]}' if 'torch' in m else '')
-      + (f'; load average {m["loadavg"][0]:.1f}' if 'loadavg' in m else ''),
+      f'adamfx bench --in-step --preset {result["preset"]}: {_measure.describe(m)}',
       f'char transformer LM: width {s["d"]}, {s["layers"]} layers, context {s["context"]},'
       f' batch {s["batch"]}; ms: median (min-max) of {s["repeats"]} interleaved repeats of'
       f' {s["steps"]} steps. Marginal: step minus the SGD step, repeat by repeat.',
