@@ -28,6 +28,7 @@ from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
 from adamfx._inject import inject_hyperparams
+from adamfx._multisteps import MultiSteps
 from adamfx._quant import QuantizedArray
 from adamfx._quant import adam8bit
 from adamfx._quant import adamw8bit
@@ -56,6 +57,7 @@ __all__ = (
     "EmaParamsState",
     "FrameworkAdamState",
     "LazyAdamState",
+    "MultiSteps",
     "PackedState",
     "QuantizedArray",
     "RowSparse",
