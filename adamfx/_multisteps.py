@@ -64,20 +64,22 @@ def _safe_increment(x: jax.Array) -> jax.Array:
   return jnp.where(x < top, x + jnp.ones([], x.dtype), x)
 
 
+def _promote(*dtypes: Any) -> Any:
+  """The smallest dtype holding all ``dtypes`` (JAX's standard lattice, whatever
+  the promotion mode: this only picks a dtype to cast to)."""
+  with jax.numpy_dtype_promotion('standard'):
+    return jnp.dtype(jnp.result_type(*dtypes))
+
+
 def _acc_dtype_of(param_dtype: Any, acc_dtype: Any) -> Any:
   """The accumulator's dtype for a leaf: ``acc_dtype`` or >= float32."""
   if acc_dtype is not None:
     if jnp.issubdtype(param_dtype, jnp.complexfloating):
-      return jnp.promote_types(param_dtype, jnp.complex64)
+      return _promote(param_dtype, jnp.complex64)
     return jnp.dtype(acc_dtype)
   if jnp.issubdtype(param_dtype, jnp.inexact):
-    return jnp.promote_types(param_dtype, jnp.float32)
+    return _promote(param_dtype, jnp.float32)
   return jnp.dtype(jnp.float32)
-
-
-def _holds(acc_dtype: Any, update_dtype: Any) -> bool:
-  """Whether an accumulator of ``acc_dtype`` holds every ``update_dtype`` value."""
-  return jnp.promote_types(update_dtype, acc_dtype) == jnp.dtype(acc_dtype)
 
 
 class MultiSteps:
@@ -336,8 +338,7 @@ class MultiSteps:
     # update: the update is written over the mean (see the module's
     # docstring), so it needs no buffer of its own.
     def wide(a, g):
-      w = jnp.promote_types(jnp.promote_types(a.dtype, jnp.float32), g.dtype)
-      return w
+      return _promote(a.dtype, jnp.float32, g.dtype)
 
     probe = [None if a is None else jax.ShapeDtypeStruct(a.shape, wide(a, g))
              for a, g in zip(a_leaves, g_leaves)]
@@ -349,7 +350,7 @@ class MultiSteps:
       raise ValueError(
           'MultiSteps: the wrapped optimiser returns updates not shaped like the'
           " params; accumulate='optimizer' makes no assumption on them.")
-    dtypes = [None if a is None else jnp.promote_types(wide(a, g), u.dtype)
+    dtypes = [None if a is None else _promote(wide(a, g), u.dtype)
               for a, g, u in zip(a_leaves, g_leaves, u_leaves)]
 
     def mean(g, a, dt):
