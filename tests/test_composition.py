@@ -962,3 +962,26 @@ def test_contract_bad_gradient_trees_are_refused(c, jit):
     with pytest.raises((ValueError, TypeError)) as info:
       update(g, state, params)
     assert 'jax' not in type(info.value).__module__, (what, info.value)
+
+
+@contracts
+def test_contract_multisteps_matches_optax_multisteps(c):
+  """adamfx.MultiSteps and optax.MultiSteps around the same member: the same steps.
+
+  k = 2, 4 mini-steps (two updates), jitted. Both average with Welford's
+  mean in float32 and call the member once per update on it, so the sums of
+  updates agree to float32 rounding (``_same_steps``), and params stay put
+  between updates.
+  """
+  params = _cparams()
+  grads = _contract_grads(params, 4)
+  got_p, state, got = _run(adamfx.MultiSteps(c.make(), 2).gradient_transformation(), params,
+                           grads, jit=True)
+  with optax_promotion():
+    want_p, want_state, want = _run(optax.MultiSteps(c.make(), 2).gradient_transformation(),
+                                    params, grads, jit=True)
+  ulps = _param_ulps(params, 2) if c.param_rounded else 1e-9
+  _same_steps(got, want, atol=ulps)
+  assert int(state.gradient_step) == int(want_state.gradient_step) == 2
+  assert jax.tree.structure(state.inner_opt_state) == jax.tree.structure(
+      want_state.inner_opt_state)

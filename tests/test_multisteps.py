@@ -64,7 +64,7 @@ _CASES = {
 
 
 @pytest.mark.parametrize('case,jit', [(c, True) for c in _CASES] + [
-    ('k3', False), ('skip_nan', False)])
+    ('k3', False), pytest.param('skip_nan', False, marks=pytest.mark.slow)])
 def test_matches_optax_multisteps(case, jit):
   """Params, counts, has_updated and the inner state equal optax's, step by step.
 
@@ -232,8 +232,11 @@ def _step_bytes(tx, batch):
       m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
 
 
-@pytest.mark.parametrize('inner', ['adam', 'adam8bit'])
-def test_memory_no_step_temporaries_beyond_the_accumulator(inner):
+@pytest.mark.parametrize('inner,batch', [
+    ('adam', 8), pytest.param('adam', 512, marks=pytest.mark.slow),
+    pytest.param('adam8bit', 8, marks=pytest.mark.slow),
+    pytest.param('adam8bit', 512, marks=pytest.mark.slow)])
+def test_memory_no_step_temporaries_beyond_the_accumulator(inner, batch):
   """The donated step's peak: at most 0.5 B/param above the same step without
   accumulation plus the accumulator's bytes (float32, and optimizer
   accumulation, which has none); optax.MultiSteps misses that bound.
@@ -247,26 +250,25 @@ def test_memory_no_step_temporaries_beyond_the_accumulator(inner):
   make = {'adam': lambda: adamfx.adam(1e-3), 'adam8bit': lambda: adamfx.adam8bit(1e-3)}[inner]
   n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(_mlp()))
   slack = 0.5 * n
-  for batch in (8, 512):
-    args0, new0 = _step_bytes(make(), batch)
-    peak0 = args0 + new0
-    rows = {
-        'f32': adamfx.MultiSteps(make(), 4),
-        'bf16': adamfx.MultiSteps(make(), 4, acc_dtype=jnp.bfloat16),
-        'optimizer': adamfx.MultiSteps(make(), 4, accumulate='optimizer'),
-    }
-    for name, ms in rows.items():
-      args, new = _step_bytes(ms.gradient_transformation(), batch)
-      acc = {'f32': 4 * n, 'bf16': 2 * n, 'optimizer': 0}[name]
-      assert args - args0 == acc + 8, (name, args - args0)  # + mini_step, gradient_step
-      bound = peak0 + acc + slack
-      if name == 'bf16' and batch == 8:
-        bound = peak0 + 4 * n + slack
-      assert args + new <= bound, (name, batch, (args + new - peak0 - acc) / n)
-    if inner == 'adam':
-      with optax_promotion():
-        args, new = _step_bytes(optax.MultiSteps(make(), 4).gradient_transformation(), batch)
-      assert args + new > peak0 + 4 * n + slack  # the bound bites
+  args0, new0 = _step_bytes(make(), batch)
+  peak0 = args0 + new0
+  rows = {
+      'f32': adamfx.MultiSteps(make(), 4),
+      'bf16': adamfx.MultiSteps(make(), 4, acc_dtype=jnp.bfloat16),
+      'optimizer': adamfx.MultiSteps(make(), 4, accumulate='optimizer'),
+  }
+  for name, ms in rows.items():
+    args, new = _step_bytes(ms.gradient_transformation(), batch)
+    acc = {'f32': 4 * n, 'bf16': 2 * n, 'optimizer': 0}[name]
+    assert args - args0 == acc + 8, (name, args - args0)  # + mini_step, gradient_step
+    bound = peak0 + acc + slack
+    if name == 'bf16' and batch == 8:
+      bound = peak0 + 4 * n + slack
+    assert args + new <= bound, (name, batch, (args + new - peak0 - acc) / n)
+  if inner == 'adam':
+    with optax_promotion():
+      args, new = _step_bytes(optax.MultiSteps(make(), 4).gradient_transformation(), batch)
+    assert args + new > peak0 + 4 * n + slack  # the bound bites
 
 
 # ------------------------------------------------------- optimizer accumulation
