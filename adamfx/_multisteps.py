@@ -216,6 +216,10 @@ class MultiSteps:
     self._skip_fn = should_skip_update_fn
     self._acc_dtype = acc_dtype
     self._mode = accumulate
+    # Called eagerly, the update runs as one compiled call (its lax.cond's
+    # branches are new closures at every call, which eager dispatch would
+    # compile again each time).
+    self._eager = jax.jit(self._update)
 
   @property
   def inner_opt(self) -> optax.GradientTransformationExtraArgs:
@@ -283,6 +287,14 @@ class MultiSteps:
     Returns:
       ``(updates, state)``: zeros except at the k-th mini-step.
     """
+    leaves = jax.tree.leaves((updates, state, params, extra_args))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves) or not all(
+        isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, complex))
+        for x in jax.tree.leaves(extra_args)):
+      return self._update(updates, state, params, **extra_args)
+    return self._eager(updates, state, params, **extra_args)
+
+  def _update(self, updates, state, params=None, **extra_args):
     k = jnp.asarray(self._every_k_schedule(state.gradient_step)).astype(jnp.int32)
     skip, skip_state = self._skip(updates, state, params)
     emit, mini, gradient_step = self._counts(state, skip, k)

@@ -158,6 +158,11 @@ CONTRACTS = [
     Contract('keras_adamw', lambda: adamfx.keras_adamw(LR, **_WD), complex_params=False,
              wide_moments=True),
     Contract('ema_params', lambda: adamfx.ema_params(adamfx.adam(LR)), lambda: optax.adam(LR)),
+    # A wrapper: with k = 1 every mini-step updates, so it is held to plain adam
+    # (its k > 1 numbers: test_contract_multisteps_matches_optax_multisteps).
+    Contract('multisteps_adam',
+             lambda: adamfx.MultiSteps(adamfx.adam(LR), 1).gradient_transformation(),
+             lambda: optax.adam(LR)),
 ]
 contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
 modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
