@@ -159,6 +159,13 @@ class MultiSteps:
     >>> u, bool(ms.has_updated(state))
     (Array([-0.1, -0. ], dtype=float32), True)
 
+  .. warning::
+    After a mini-step that updated, ``state.acc_grads`` holds that update
+    (its buffer is reused for it, which is what keeps the step lean) where
+    optax's holds zeros; the next mini-step starts the mean from its own
+    gradient and never reads it. A ``should_skip_update_fn`` needs the whole
+    gradient before it decides, so every micro-gradient is live at once.
+
   References:
     Zhang et al., `Adam Accumulation to Reduce Memory Footprints of both
     Activations and Gradients for Large-scale DNN Training
