@@ -110,7 +110,7 @@ def _chain_learning_rate(
     eps_root: Any,
     *,
     decay: Optional[tuple[Any, Any]] = None,
-    stable: _stable.Options = _stable.Options(),
+    stable: _stable.Options = _stable.NONE,
     **flags: bool,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(scaling, [decay,] learning-rate scaling)``, one call when eager.
@@ -487,7 +487,7 @@ def _decoupled_decay_chain(
     weight_decay: ScalarOrSchedule,
     mask: Any,
     *,
-    stable: _stable.Options = _stable.Options(),
+    stable: _stable.Options = _stable.NONE,
     b2: Any = None,
     eps: Any = None,
 ) -> optax.GradientTransformationExtraArgs:

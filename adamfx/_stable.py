@@ -33,6 +33,7 @@ and the diagnostics see the same state with or without the options.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 from typing import NamedTuple
 from typing import Optional
@@ -59,6 +60,9 @@ class Options(NamedTuple):
   @property
   def active(self) -> bool:
     return self.update_clipping or self.cautious
+
+
+NONE = Options()  # no option: the member's plain chain
 
 
 def options(update_clipping: Any, cautious: Any) -> Options:
@@ -165,6 +169,9 @@ def _second_moments(state: Any, treedef: Any) -> tuple[Any, list[Any], bool, boo
   return state.count, leaves, nu_max is not None or adamax, adamax
 
 
+# The per-leaf functions are jitted: called eagerly, a step compiles each once
+# per leaf shape instead of each of their operations; under a trace they inline.
+@functools.partial(jax.jit, static_argnames=('corrected', 'squared', 'size'))
 def _rms_ratio(g: jax.Array, v: jax.Array, count: Any, b2: Any, eps: Any, *,
                corrected: bool, squared: bool, size: Optional[int] = None) -> jax.Array:
   r""":math:`\sqrt{\mathrm{sum}(|g|^2 / \max(\hat v, \varepsilon^2)) / n}`, real, >= float32.
@@ -200,6 +207,7 @@ def _cautious_scale(agree: jax.Array, count_valid: Any, rdt: Any) -> jax.Array:
   return 1 / jnp.maximum(frac, jnp.asarray(CAUTIOUS_FLOOR, rdt))
 
 
+@jax.jit
 def _mask_dense(u: jax.Array, g: jax.Array) -> jax.Array:
   agree = agreement(u, g)
   rdt = _real_dtype(u.dtype)
@@ -231,13 +239,19 @@ def _mask_sparse(u: Any, g: Any) -> Any:
   return type(u)(u.indices, values, u.num_rows)
 
 
-def _scale_leaf(u: Any, factor: jax.Array) -> Any:
+def _clip_leaf(u: Any, rms: jax.Array) -> Any:
+  """``u / max(1, rms)`` (a RowSparse leaf: its rows)."""
   if u is None:
     return None
   if _is_sparse(u):
-    return type(u)(u.indices, _scale_leaf(u.values, factor), u.num_rows)
+    return type(u)(u.indices, _clip_dense(u.values, rms), u.num_rows)
+  return _clip_dense(u, rms)
+
+
+@jax.jit
+def _clip_dense(u: jax.Array, rms: jax.Array) -> jax.Array:
   cdt = _numerics.compute_dtype(u.dtype)
-  return (u.astype(cdt) * factor.astype(cdt)).astype(u.dtype)
+  return (u.astype(cdt) * clip_factor(rms).astype(cdt)).astype(u.dtype)
 
 
 def cautious_mask(updates: Any, grads: Any) -> Any:
@@ -316,8 +330,8 @@ def chain(
       new_states.append(s1)
     if opts.update_clipping:
       rms = rms_ratios(grads, s0, b2, eps)
-      u = jax.tree.map(lambda x, r: _scale_leaf(x, clip_factor(r)) if r is not None else x,
-                       u, rms, is_leaf=_is_leaf)
+      u = jax.tree.map(lambda x, r: x if r is None else _clip_leaf(x, r), u, rms,
+                       is_leaf=_is_leaf)
     for link, s in tail:
       u, s = link.update(u, s, params)
       new_states.append(s)
@@ -337,20 +351,21 @@ def diagnostics(grads: Any, state: Any, b2: Any, eps: Any) -> dict[str, jax.Arra
   rms = [r for r in jax.tree.leaves(rms_ratios(grads, state, b2, eps)) if r is not None]
   g_leaves, treedef = jax.tree.flatten(grads, is_leaf=_is_leaf)
   m_leaves = treedef.flatten_up_to(_dequantized(state.mu))
+  dtype = _real_dtype(*[jnp.result_type(x) for x in rms]) if rms else jnp.float32
   agree, total = [], 0
   for g, m in zip(g_leaves, m_leaves):
     if g is None or m is None:
       continue
     if _is_sparse(g):
       g = g.todense()
-    agree.append(jnp.sum(agreement(jnp.asarray(m), jnp.asarray(g)), dtype=jnp.float32))
+    agree.append(jnp.sum(agreement(jnp.asarray(m), jnp.asarray(g)), dtype=dtype))
     total += int(jnp.size(m))
-  top = jnp.max(jnp.stack(rms)) if rms else jnp.zeros([], jnp.float32)
-  frac = sum(agree) / max(total, 1) if agree else jnp.zeros([], jnp.float32)
+  top = jnp.max(jnp.stack([r.astype(dtype) for r in rms])) if rms else jnp.zeros([], dtype)
+  frac = sum(agree) / max(total, 1) if agree else jnp.zeros([], dtype)
   return {
       'stable_rms_max': top,
       'clip_factor_min': clip_factor(top),
-      'cautious_fraction': jnp.asarray(frac, jnp.float32),
+      'cautious_fraction': jnp.asarray(frac, dtype),
   }
 
 
