@@ -181,7 +181,7 @@ def _rms_ratio(g: jax.Array, v: jax.Array, count: Any, b2: Any, eps: Any, *,
   rdt = _real_dtype(g.dtype, v.dtype)
   g = g.astype(_numerics.compute_dtype(g.dtype))
   g2 = jnp.real(g * jnp.conj(g)).astype(rdt)
-  v = v.astype(rdt)
+  v = jnp.real(v).astype(rdt)
   if squared:
     v = v * v
   if not corrected:
