@@ -8,6 +8,7 @@ from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
 from adamfx._adam import scale_by_adamax
+from adamfx._adam import stable_adamw
 from adamfx._averaging import EmaParamsState
 from adamfx._averaging import averaged_params
 from adamfx._averaging import ema_params
@@ -94,6 +95,7 @@ __all__ = (
     "scale_by_lazy_adam",
     "sparse_clip_by_global_norm",
     "sparse_global_norm",
+    "stable_adamw",
     "state_layout",
     "to_torch_state",
     "torch_adam",

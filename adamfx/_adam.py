@@ -22,6 +22,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _fast
+from adamfx import _stable
 from adamfx import _update
 from adamfx._update import AdaMaxState
 from adamfx._update import ScalarOrSchedule
@@ -109,6 +110,7 @@ def _chain_learning_rate(
     eps_root: Any,
     *,
     decay: Optional[tuple[Any, Any]] = None,
+    stable: _stable.Options = _stable.NONE,
     **flags: bool,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(scaling, [decay,] learning-rate scaling)``, one call when eager.
@@ -119,13 +121,16 @@ def _chain_learning_rate(
   the decay (a number or array, not a schedule) and the learning rate are
   applied inside the family's compiled calls, so a step is one dispatch per
   chunk of leaves and one or two passes less over memory, with the chain's
-  numbers.
+  numbers. With ``stable`` options (update clipping, cautious), the links
+  run through :func:`adamfx._stable.chain` (same state, no fused call).
   """
   links = _links(scaling, learning_rate, decay)
   chain = optax.chain(*links)
+  if stable.active:
+    chain = _stable.chain(scaling, links[1:], stable, b2=b2, eps=eps, decayed=decay is not None)
 
   def fused(updates, state, params):
-    if not (isinstance(state, tuple) and len(state) == len(links)):
+    if stable.active or not (isinstance(state, tuple) and len(state) == len(links)):
       return None
     if not _fast.eager(updates, state, params, (b1, b2, eps, eps_root)):
       return None
@@ -177,6 +182,8 @@ def scale_by_adam(
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
     amsgrad: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's bias-corrected moment ratio.
 
@@ -227,6 +234,13 @@ def scale_by_adam(
     nesterov: use Nesterov momentum (NAdam, Dozat 2016).
     amsgrad: keep the running maximum of the bias-corrected second moment
       (AMSGrad, Reddi et al. 2018), as ``optax.amsgrad`` does.
+    update_clipping: StableAdamW's update clipping (Wortsman et al. 2023):
+      each tensor's direction is divided by
+      ``max(1, sqrt(mean(g**2 / max(v_hat, eps**2))))`` on the new
+      bias-corrected second moment; see :func:`stable_adamw`.
+    cautious: cautious updates (Liang et al. 2024): the direction is zeroed
+      where its sign disagrees with the gradient's and the rest rescaled per
+      tensor by ``1 / max(mean(mask), 1e-3)``; the decay is not masked.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an :class:`AdamState`.
@@ -268,6 +282,7 @@ def scale_by_adam(
     ``amsgrad=True`` takes it over the raw moment and corrects afterwards.
   """
   mu_dtype, nu_dtype = _check_adam_args(b1, b2, eps, eps_root, mu_dtype, nu_dtype)
+  stable = _stable.options(update_clipping, cautious)
 
   def init_fn(params):
     return _update._family_init(params, mu_dtype, nu_dtype, amsgrad)
@@ -278,7 +293,10 @@ def scale_by_adam(
         updates, state, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad
     )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  plain = optax.GradientTransformation(init_fn, update_fn)
+  if stable.active:
+    return _stable.chain(plain, [], stable, b2=b2, eps=eps, decayed=False)
+  return plain
 
 
 def adam(
@@ -292,6 +310,8 @@ def adam(
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
     amsgrad: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam: a drop-in for ``optax.adam``, with sturdier numerics.
 
@@ -317,6 +337,13 @@ def adam(
     nu_dtype: storage dtype of the second moment; default: the params' dtype.
     nesterov: NAdam (``optax.nadam``).
     amsgrad: AMSGrad (``optax.amsgrad``).
+    update_clipping: StableAdamW's update clipping (Wortsman et al. 2023):
+      each tensor's learning rate (and its decay) is divided by
+      ``max(1, sqrt(mean(g**2 / max(v_hat, eps**2))))`` on the new
+      bias-corrected second moment; see :func:`stable_adamw`.
+    cautious: cautious updates (Liang et al. 2024): the direction is zeroed
+      where its sign disagrees with the gradient's and the rest rescaled per
+      tensor by ``1 / max(mean(mask), 1e-3)``; the decay is not masked.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is
@@ -350,6 +377,7 @@ def adam(
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
       learning_rate, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad,
+      stable=_stable.options(update_clipping, cautious),
   )
 
 
@@ -366,6 +394,10 @@ def adamw(
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
     amsgrad: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
+    decouple_lr: bool = False,
+    max_lr: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with decoupled weight decay, a drop-in for ``optax.adamw``.
 
@@ -393,13 +425,29 @@ def adamw(
     nu_dtype: storage dtype of the second moment; default: the params' dtype.
     nesterov: NAdamW (``optax.nadamw``).
     amsgrad: AMSGrad's maximum of the second moment.
+    update_clipping: StableAdamW's update clipping (Wortsman et al. 2023):
+      each tensor's learning rate (and its decay) is divided by
+      ``max(1, sqrt(mean(g**2 / max(v_hat, eps**2))))`` on the new
+      bias-corrected second moment; see :func:`stable_adamw`.
+    cautious: cautious updates (Liang et al. 2024): the direction is zeroed
+      where its sign disagrees with the gradient's and the rest rescaled per
+      tensor by ``1 / max(mean(mask), 1e-3)``; the decay is not masked.
+    decouple_lr: fully decoupled weight decay (optimi's ``decouple_lr``): the
+      decay is ``(lr_t / max_lr) * weight_decay * params``, not ``lr_t *
+      weight_decay * params``, so its strength does not change with the peak
+      learning rate (typical ``weight_decay`` then 1e-5 to 1e-4).
+    max_lr: the peak learning rate for ``decouple_lr``, > 0; default: the
+      learning rate (a number). Required with a schedule.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
   Raises:
     ValueError: for hyperparameters outside their ranges, including a
-      negative ``weight_decay``.
+      negative ``weight_decay``; with ``decouple_lr=True``, a schedule as
+      learning rate without ``max_lr`` or a ``max_lr`` <= 0; ``max_lr``
+      without ``decouple_lr``.
+    TypeError: for flags that are not Python bools.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -420,9 +468,17 @@ def adamw(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
-      learning_rate, b1, b2, eps, eps_root, decay=(weight_decay, mask),
-      nesterov=nesterov, amsgrad=amsgrad,
+      learning_rate, b1, b2, eps, eps_root,
+      decay=(_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask),
+      nesterov=nesterov, amsgrad=amsgrad, stable=_stable.options(update_clipping, cautious),
   )
+
+
+def _decay(weight_decay: Any, learning_rate: Any, decouple_lr: Any, max_lr: Any) -> Any:
+  """``weight_decay``, checked, and divided by ``max_lr`` with ``decouple_lr``."""
+  if not callable(weight_decay):
+    _checks.check_non_negative('weight_decay', weight_decay)
+  return _stable.decoupled_weight_decay(weight_decay, learning_rate, decouple_lr, max_lr)
 
 
 def _decoupled_decay_chain(
@@ -430,11 +486,18 @@ def _decoupled_decay_chain(
     learning_rate: ScalarOrSchedule,
     weight_decay: ScalarOrSchedule,
     mask: Any,
+    *,
+    stable: _stable.Options = _stable.NONE,
+    b2: Any = None,
+    eps: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """``scaling``, then AdamW's decoupled decay, then the learning rate."""
+  """``scaling``, then AdamW's decoupled decay, then the learning rate (with
+  ``stable``'s options: :func:`adamfx._stable.chain`)."""
 
   links = _links(scaling, learning_rate, (weight_decay, mask))
   chain = optax.chain(*links)
+  if stable.active:
+    chain = _stable.chain(scaling, links[1:], stable, b2=b2, eps=eps, decayed=True)
 
   def update_fn(updates, state, params=None, **extra_args):
     _checks.check_chain_state(state, len(links))
@@ -515,6 +578,9 @@ def adamax(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaMax, a drop-in for ``optax.adamax``.
 
@@ -527,6 +593,10 @@ def adamax(
     b1: decay of the first moment, in [0, 1); default 0.9.
     b2: decay of the infinity norm, in [0, 1); default 0.999.
     eps: added to ``|g|``, >= 0; default 1e-8.
+    update_clipping: see :func:`adam`, with :math:`\hat v_t = u_t^2`; since
+      :math:`u_t \ge |g_t|`, the RMS is at most 1 and the clip never acts
+      (accepted so that every member takes the same flags).
+    cautious: see :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -548,7 +618,8 @@ def adamax(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, section 7.1.
   """
   return _chain_learning_rate(
-      scale_by_adamax(b1, b2, eps), learning_rate, b1, b2, eps, 0.0, infinity_norm=True
+      scale_by_adamax(b1, b2, eps), learning_rate, b1, b2, eps, 0.0, infinity_norm=True,
+      stable=_stable.options(update_clipping, cautious),
   )
 
 
@@ -565,6 +636,9 @@ def amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
+    *,
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: :func:`adam` with ``amsgrad=True`` (``optax.amsgrad``'s defaults).
 
@@ -575,12 +649,114 @@ def amsgrad(
     eps: added to the root of the second moment, >= 0.
     eps_root: added inside the root, >= 0.
     mu_dtype: storage dtype of the first moment.
+    update_clipping: see :func:`adam`; the RMS is taken against the running
+      maximum of the second moment, the denominator AMSGrad uses.
+    cautious: see :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True)
+  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True,
+              update_clipping=update_clipping, cautious=cautious)
 
 
 # Arguments that change what the state is or how it is laid out, not a value
 # of the update: kept static by :func:`inject_hyperparams` without being named.
+
+
+def stable_adamw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    eps: float = 1e-6,
+    weight_decay: ScalarOrSchedule = 1e-2,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    *,
+    eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+    cautious: bool = False,
+    decouple_lr: bool = False,
+    max_lr: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""StableAdamW: AdamW with per-tensor update clipping (optimi's ``StableAdamW``).
+
+  Loss spikes follow steps where the second moment underestimates the
+  squared gradient (after a calm phase the gradient's scale jumps, and
+  :math:`\hat v_t` lags for a few steps at large :math:`\beta_2`): Adam's
+  step then grows to several times the learning rate. StableAdamW divides
+  each tensor's learning rate by the RMS of :math:`g_t^2 / \hat v_t` when it
+  exceeds 1, which keeps the step within the learning rate without global
+  gradient clipping (Wortsman et al. 2023, Algorithm 1, with AdaFactor's
+  update clipping).
+
+  .. math::
+
+    \begin{align*}
+      \mathrm{RMS}_t &= \sqrt{\mathrm{mean}\left(g_t^2 /
+        \max(\hat v_t, \varepsilon^2)\right)} \quad \text{(per tensor)} \\
+      \alpha'_t &= \alpha_t / \max(1, \mathrm{RMS}_t) \\
+      \theta_t &\leftarrow \theta_{t-1} - \alpha'_t \left(\hat m_t /
+        (\sqrt{\hat v_t + \bar\varepsilon} + \varepsilon) + \lambda
+        \theta_{t-1}\right)
+    \end{align*}
+
+  with :math:`\hat m_t, \hat v_t` Adam's bias-corrected moments (optimi keeps
+  them debiased in its state; equal in exact arithmetic), :math:`\lambda`
+  the ``weight_decay`` (with ``decouple_lr=True``: :math:`\lambda /
+  \alpha_{\max}`). This is :func:`adamw` with ``update_clipping=True`` and
+  optimi's defaults (``b2=0.99``, ``eps=1e-6``, ``weight_decay=1e-2``); every
+  member takes ``update_clipping=True`` too.
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the second moment, in [0, 1); default 0.99.
+    eps: added to the root of the second moment, and squared, the floor of
+      :math:`\hat v_t` in the RMS, >= 0; default 1e-6.
+    weight_decay: :math:`\lambda` >= 0, or a schedule; default 1e-2.
+    mask: a tree of booleans (or a function of the params) selecting the
+      leaves to decay, as in ``optax.add_decayed_weights``.
+    eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params' dtype.
+    nu_dtype: storage dtype of the second moment; default: the params' dtype.
+    cautious: cautious updates as well (see :func:`adam`).
+    decouple_lr: fully decoupled weight decay, ``(lr_t / max_lr) * wd * p``
+      scaled by the clip factor too (optimi's ``decouple_lr``).
+    max_lr: the peak learning rate for ``decouple_lr``, > 0; default: the
+      learning rate (a number); required with a schedule.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+    Its state is :func:`adamw`'s.
+
+  Raises:
+    ValueError: as :func:`adamw`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> params = {'w': jnp.ones(4)}
+    >>> tx = adamfx.stable_adamw(1e-2, weight_decay=0.0)
+    >>> state = tx.init(params)
+    >>> calm = {'w': jnp.full(4, 1e-3)}
+    >>> for _ in range(50):
+    ...   _, state = tx.update(calm, state, params)
+    >>> spike = {'w': jnp.full(4, 1.0)}  # a gradient 1000x the calm one
+    >>> updates, state = tx.update(spike, state, params)
+    >>> bool(jnp.all(jnp.abs(updates['w']) <= 1e-2))  # within the learning rate
+    True
+
+  References:
+    Wortsman, Dettmers, Zettlemoyer, Morcos, Farhadi & Schmidt, `Stable and
+    low-precision training for large-scale vision-language models
+    <https://arxiv.org/abs/2304.13013>`_, NeurIPS 2023.
+
+    Shazeer & Stern, `Adafactor: Adaptive Learning Rates with Sublinear
+    Memory Cost <https://arxiv.org/abs/1804.04235>`_, ICML 2018.
+  """
+  return adamw(
+      learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
+      nu_dtype=nu_dtype, update_clipping=True, cautious=cautious,
+      decouple_lr=decouple_lr, max_lr=max_lr,
+  )

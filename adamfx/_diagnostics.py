@@ -24,6 +24,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _quant
+from adamfx import _stable
 from adamfx._update import AdaMaxState
 from adamfx._update import AdamState
 
@@ -197,6 +198,7 @@ def adam_diagnostics(
     b2: float = 0.999,
     eps: float = 1e-8,
     quantiles: Sequence[float] = (0.5, 0.9),
+    grads: Optional[optax.Updates] = None,
 ) -> dict[str, jax.Array]:
   r"""Scalars describing an Adam state (and step), for logging from a train step.
 
@@ -233,6 +235,18 @@ def adam_diagnostics(
     fraction of coordinates whose step exceeds the approximate bound (by more
     than a relative 1e-5, float32 rounding).
 
+  * Only with ``updates`` and ``learning_rate``: ``update_rms``, the RMS of
+    :math:`\Delta_t / \alpha` over all coordinates (about 1 for Adam; a
+    jump announces a spike).
+  * Only with ``grads`` (the gradient of the same step): ``stable_rms_max``,
+    the largest per-tensor :math:`\sqrt{\mathrm{mean}(g_t^2 / \max(\hat
+    v_t, \varepsilon^2))}` (StableAdamW's RMS: above 1, the second moment
+    underestimates the gradient, the precursor of a spike);
+    ``clip_factor_min``, :math:`1 / \max(1, \cdot)` of it, the smallest
+    factor ``update_clipping=True`` puts on a tensor's learning rate; and
+    ``cautious_fraction``, the fraction of coordinates with :math:`m_t g_t
+    > 0`, those ``cautious=True`` keeps.
+
   With AMSGrad (``state.nu_max`` present) :math:`\hat v_t` is the running
   maximum ``nu_max``, the denominator the update actually used.
 
@@ -250,6 +264,8 @@ def adam_diagnostics(
     eps: the ``eps`` the state was built with; default 1e-8.
     quantiles: SNR quantiles to report, in [0, 1]. Each needs a sort of all
       coordinates; pass ``()`` for large models.
+    grads: the gradient of the same step (optional), for the update-clipping
+      and cautious statistics.
 
   Returns:
     A dict of scalar arrays (float32, or float64 for float64 states; ``count``
@@ -314,4 +330,7 @@ def adam_diagnostics(
     # 1e-5 relative slack: a first step of exactly lr reads 1 + rounding.
     over = step > approx * (1 + 1e-5)
     out['step_over_approx_bound_fraction'] = jnp.sum(over).astype(dtype) / n
+    out['update_rms'] = jnp.sqrt(jnp.sum(step * step) / n)
+  if grads is not None:
+    out.update(_stable.diagnostics(grads, adam_state, b2, eps))
   return out

@@ -40,6 +40,7 @@ from adamfx import _adam
 from adamfx import _checks
 from adamfx import _codec8
 from adamfx import _numerics
+from adamfx import _stable
 from adamfx import _update
 
 
@@ -765,6 +766,8 @@ def adam8bit(
     nesterov: bool = False,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
 
@@ -782,6 +785,9 @@ def adam8bit(
     nesterov: NAdam's momentum.
     block_size: elements per quantization block; default 256.
     min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    update_clipping: StableAdamW's per-tensor update clipping, on the
+      dequantized new second moment (see :func:`adamfx.adam`).
+    cautious: cautious updates (see :func:`adamfx.adam`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -810,15 +816,17 @@ def adam8bit(
     Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
-  chain = optax.chain(
-      scale_by_adam8bit(
-          b1, b2, eps, eps_root,
-          nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
-      ),
-      _adam._scale_by_learning_rate(learning_rate),
+  scaling = scale_by_adam8bit(
+      b1, b2, eps, eps_root,
+      nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
   )
+  lr_link = _adam._scale_by_learning_rate(learning_rate)
+  chain = optax.chain(scaling, lr_link)
+  stable = _stable.options(update_clipping, cautious)
   fused = None
-  if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+  if stable.active:
+    chain = _stable.chain(scaling, [lr_link], stable, b2=b2, eps=eps, decayed=False)
+  elif isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
     # A number: the chain's numbers and state, with the learning rate applied
     # inside the 8-bit step (one pass over the updates less).
     fused = _scale_by_adam8bit(
@@ -848,6 +856,10 @@ def adamw8bit(
     nesterov: bool = False,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    update_clipping: bool = False,
+    cautious: bool = False,
+    decouple_lr: bool = False,
+    max_lr: Optional[Any] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
 
@@ -869,6 +881,13 @@ def adamw8bit(
     nesterov: NAdamW's momentum.
     block_size: elements per quantization block; default 256.
     min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    update_clipping: StableAdamW's per-tensor update clipping, on the
+      dequantized new second moment (see :func:`adamfx.adam`).
+    cautious: cautious updates (see :func:`adamfx.adam`).
+    decouple_lr: fully decoupled weight decay, ``(lr_t / max_lr) * wd * p``
+      (see :func:`adamfx.adamw`).
+    max_lr: the peak learning rate for ``decouple_lr``; default: the
+      learning rate (a number); required with a schedule.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -894,5 +913,6 @@ def adamw8bit(
           b1, b2, eps, eps_root,
           nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
       ),
-      learning_rate, weight_decay, mask,
+      learning_rate, _adam._decay(weight_decay, learning_rate, decouple_lr, max_lr), mask,
+      stable=_stable.options(update_clipping, cautious), b2=b2, eps=eps,
   )

@@ -27,6 +27,7 @@ from adamfx import _checks
 from adamfx import _fast
 from adamfx import _numerics
 from adamfx import _rounding
+from adamfx import _stable
 from adamfx import _update
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
@@ -541,6 +542,8 @@ def lazy_adam(
     eps_root: float = 0.0,
     *,
     catch_up: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Lazy Adam: Adam that updates only the rows a :class:`RowSparse` gradient touches.
 
@@ -567,6 +570,11 @@ def lazy_adam(
     eps_root: added inside the root, >= 0; default 0.
     catch_up: decay a row's moments over the steps it missed when it is next
       touched (see :func:`scale_by_lazy_adam`).
+    update_clipping: StableAdamW's per-tensor update clipping (see
+      :func:`adamfx.adam`); for a :class:`RowSparse` leaf the untouched rows
+      count as zero gradient, as dense Adam on the same gradient would.
+    cautious: cautious updates (see :func:`adamfx.adam`); for a
+      :class:`RowSparse` leaf the mask's mean is over the touched rows.
 
   Returns:
     An ``optax.GradientTransformation``; its state is ``(LazyAdamState,
@@ -601,10 +609,14 @@ def lazy_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
-  return optax.chain(
+  links = [
       scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
       _sparse_learning_rate(learning_rate),
-  )
+  ]
+  stable = _stable.options(update_clipping, cautious)
+  if stable.active:
+    return _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=False)
+  return optax.chain(*links)
 
 
 def lazy_adamw(
@@ -617,6 +629,10 @@ def lazy_adamw(
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
     catch_up: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
+    decouple_lr: bool = False,
+    max_lr: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Lazy AdamW: :func:`lazy_adam` with AdamW's decoupled decay on the touched rows.
 
@@ -635,6 +651,12 @@ def lazy_adamw(
     mask: a tree of booleans (or a function of the params returning one)
       selecting the leaves to decay, as in ``optax.add_decayed_weights``.
     catch_up: see :func:`scale_by_lazy_adam`.
+    update_clipping: see :func:`lazy_adam`.
+    cautious: see :func:`lazy_adam`.
+    decouple_lr: fully decoupled weight decay, ``(lr_t / max_lr) * wd * p``
+      (see :func:`adamfx.adamw`).
+    max_lr: the peak learning rate for ``decouple_lr``; default: the
+      learning rate (a number); required with a schedule.
 
   Returns:
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -659,8 +681,17 @@ def lazy_adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  return optax.chain(
+  if callable(weight_decay):
+    _sparse_decay(weight_decay, mask)  # refuses it, naming lazy_adamw
+  _checks.check_non_negative('weight_decay', weight_decay)
+  links = [
       scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
-      _sparse_decay(weight_decay, mask),
+      _sparse_decay(
+          _stable.decoupled_weight_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask
+      ),
       _sparse_learning_rate(learning_rate),
-  )
+  ]
+  stable = _stable.options(update_clipping, cautious)
+  if stable.active:
+    return _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=True)
+  return optax.chain(*links)

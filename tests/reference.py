@@ -202,3 +202,62 @@ def quantize8(
   if not signed:
     codes = np.where((xn > 0) & (codes == 0), 1, codes)
   return codes.reshape(-1)[:n], scale, xn.reshape(-1)[:n]
+
+
+class Stable(Adam):
+  """:class:`Adam` with StableAdamW's update clipping and cautious updates.
+
+  - Update clipping, Wortsman et al. (2023) Algorithm 1 (optimi's
+    ``StableAdamW``): per tensor, ``rms = sqrt(mean(g**2 / max(v_hat,
+    eps**2)))`` on the new bias-corrected second moment (AMSGrad: its running
+    maximum), and the learning rate of the step *and* of the decay is
+    ``lr / max(1, rms)``.
+  - Cautious updates, the reference code of Liang et al. (2024) (C-AdamW,
+    ``c_adamw.py``): ``mask = (exp_avg * grad > 0)``, normalised per tensor
+    (here by ``1 / max(mean(mask), 1e-3)``, the floor the issue and timm use),
+    multiplied into the Adam direction; the decay is not masked. Two
+    transcription choices follow adamfx's (optax's) conventions rather than
+    that code's: ``eps`` is added to ``sqrt(v_hat)`` (Algorithm 1; the code
+    adds it to ``sqrt(v)``), and the decay uses the param before the step
+    (the code decays the already-stepped param). For NAdam the mask is taken
+    on the direction applied (the Nesterov one), the paper's ``u_t``.
+  - ``decouple_lr``: the decay is ``(lr / max_lr) * wd * param`` (optimi).
+  """
+
+  def __init__(self, *args, clip=False, cautious=False, decouple_lr=False, max_lr=None,
+               **kwargs):
+    super().__init__(*args, **kwargs)
+    self.clip, self.cautious = clip, cautious
+    self.decouple_lr, self.max_lr = decouple_lr, max_lr
+    self.last_rms = []
+    self.last_fraction = []
+
+  def step(self, grads: Sequence[Any], params: Sequence[Any]) -> list[np.ndarray]:
+    count = self.t
+    scaled = self.scaled(grads)
+    t = self.t
+    lr = _value(self.learning_rate, count)
+    wd = _value(self.weight_decay, count)
+    if self.decouple_lr:
+      max_lr = self.max_lr if self.max_lr is not None else lr
+      wd = wd / max_lr
+    out = []
+    self.last_rms, self.last_fraction = [], []
+    for i, (u, p, g) in enumerate(zip(scaled, params, grads)):
+      g = _f64(g)
+      if self.cautious:
+        direction = u if self.nesterov else self.m[i]
+        mask = (np.real(direction * np.conj(g)) > 0).astype(np.float64)
+        self.last_fraction.append(mask.mean() if mask.size else 0.0)
+        mask = mask / max(mask.mean() if mask.size else 0.0, 1e-3)
+        u = u * mask
+      step_lr = lr
+      if self.clip:
+        v_hat = self.v_max[i] if self.amsgrad else self.v[i] / (1 - self.b2**t)
+        rms = np.sqrt(np.mean(_abs_sq(g) / np.maximum(v_hat, self.eps**2))) if g.size else 0.0
+        self.last_rms.append(rms)
+        step_lr = lr / max(1.0, rms)
+      if wd and (self.decay_mask is None or self.decay_mask[i]):
+        u = u + wd * _f64(p)
+      out.append(-step_lr * u)
+    return out

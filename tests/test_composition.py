@@ -163,6 +163,27 @@ CONTRACTS = [
     Contract('multisteps_adam',
              lambda: adamfx.MultiSteps(adamfx.adam(LR), 1).gradient_transformation(),
              lambda: optax.adam(LR)),
+    # Issue 23's options (adamfx/_stable.py); optax has none of them, so their
+    # numbers are held to optimi and a float64 transcription in
+    # tests/test_stable.py. decouple_lr is AdamW with weight_decay / max_lr:
+    # optax.adamw with that decay is its reference here.
+    Contract('stable_adamw', lambda: adamfx.stable_adamw(LR, **_WD)),
+    Contract('adam_cautious', lambda: adamfx.adam(LR, cautious=True)),
+    Contract('adamw_clip', lambda: adamfx.adamw(LR, update_clipping=True, **_WD)),
+    Contract('adamw_decouple_lr', lambda: adamfx.adamw(LR, weight_decay=1e-3, decouple_lr=True),
+             lambda: optax.adamw(LR, weight_decay=1e-3 / LR)),
+    Contract('nadamw_stable', lambda: adamfx.nadamw(LR, update_clipping=True, cautious=True,
+                                                    decouple_lr=True, max_lr=LR, **_WD)),
+    Contract('amsgrad_stable',
+             lambda: adamfx.amsgrad(LR, update_clipping=True, cautious=True)),
+    Contract('scale_by_adam_stable',
+             lambda: adamfx.scale_by_adam(update_clipping=True, cautious=True)),
+    Contract('adamw8bit_stable',
+             lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, update_clipping=True, cautious=True,
+                                      decouple_lr=True, **_WD), eight_bit=True),
+    Contract('lazy_adamw_stable',
+             lambda: adamfx.lazy_adamw(LR, update_clipping=True, cautious=True, **_WD)),
+    Contract('inject_stable_adamw', lambda: _inject(adamfx.stable_adamw)(LR, **_WD)),
 ]
 contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
 modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])

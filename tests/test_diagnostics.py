@@ -50,12 +50,25 @@ def test_hand_computed_values():
       'step_max': 3.5,
       'step_mean': 6.5 / 4,
       'step_over_approx_bound_fraction': 0.5,
+      'update_rms': math.sqrt((4 + 1 + 0 + 3.5**2) / 4),
   }
   assert set(d) == set(expected)
   for key, value in expected.items():
     assert d[key].shape == (), key
     # float32 arithmetic on exact inputs: a few ulps.
     np.testing.assert_allclose(float(d[key]), value, rtol=1e-6, err_msg=key)
+
+
+def test_hand_computed_stable_values():
+  # grads: a = [2, -1] vs v_hat_a = [1, 1]: RMS_a = sqrt((4 + 1) / 2); b = [0, 1e-9] vs
+  # v_hat_b = [0, 1e-18] floored at eps**2 = 1e-16: RMS_b = sqrt(0.01 / 2). m * g > 0 at
+  # a (both) and b[1]: 3 of 4.
+  grads = {'a': jnp.array([2.0, -1.0]), 'b': jnp.array([0.0, 1e-9])}
+  d = adamfx.adam_diagnostics(_hand_state(), b1=0.5, b2=0.75, eps=1e-8, quantiles=(),
+                              grads=grads)
+  np.testing.assert_allclose(float(d['stable_rms_max']), math.sqrt(2.5), rtol=1e-6)
+  np.testing.assert_allclose(float(d['clip_factor_min']), 1 / math.sqrt(2.5), rtol=1e-6)
+  np.testing.assert_allclose(float(d['cautious_fraction']), 0.75, rtol=1e-6)
 
 
 def test_without_updates_has_no_step_keys_and_quantiles_optional():

@@ -21,7 +21,7 @@ import pytest
 CONFIGS = (
     'adam', 'nadam', 'adamw', 'nadamw', 'amsgrad', 'adamax', 'scale_by_adam',
     'adam_mu_bf16', 'adam_nu_bf16', 'adam_amsgrad_mu_bf16_nu_f16', 'inject_hyperparams',
-    'adam8bit',
+    'adam8bit', 'stable_adamw_cautious',
 )
 MESHES = ('auto', 'explicit')
 EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
@@ -29,7 +29,7 @@ EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
 # so a subset that still covers nesterov, weight decay, amsgrad, adamax, the
 # state dtypes with 16-bit stochastic rounding, and injected hyperparameters).
 TRAINED = ('adam', 'nadamw', 'amsgrad', 'adamax', 'adam_amsgrad_mu_bf16_nu_f16',
-           'inject_hyperparams', 'adam8bit')
+           'inject_hyperparams', 'adam8bit', 'stable_adamw_cautious')
 EAGER_UPDATE = 'adam_amsgrad_mu_bf16_nu_f16'
 
 
@@ -58,6 +58,9 @@ def _make_tx(name):
       # The memory-lean state: uint8 codes shaped like the param, and one
       # float32 scale per block of 4 along the last axis (the param's layout).
       'adam8bit': lambda: adamfx.adam8bit(lr, min_8bit_size=4, block_size=4),
+      # Per-tensor reductions (update clipping's RMS, the cautious mask's mean)
+      # over sharded leaves: all-reduced by XLA, the one-device numbers.
+      'stable_adamw_cautious': lambda: adamfx.stable_adamw(lr, cautious=True),
   }[name]()
 
 
