@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from adamfx import _bench
-from adamfx import _cli
+from adamfx.cli import bench as _bench
+from adamfx.cli import main as _cli
 
 
 def _positive(x):
@@ -103,7 +103,7 @@ def test_registered_cases_rows_and_registry_is_open():
 
 
 def test_in_step_bench_reports_marginal_costs():
-  from adamfx import _step_bench
+  from adamfx.cli import step_bench as _step_bench
 
   result = _step_bench.bench('tiny', dtypes=('float32',), repeats=1, torch_cols=False,
                              names=('optax.adam', 'adamfx.adam8bit'))

@@ -1,4 +1,4 @@
-"""Tests of ``adamfx demo`` (adamfx/_demo.py): short runs of the real command."""
+"""Tests of ``adamfx demo`` (adamfx/cli/demo.py): short runs of the real command."""
 
 import os
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 
 import adamfx
-from adamfx import _cli
-from adamfx import _demo
+from adamfx.cli import demo as _demo
+from adamfx.cli import main as _cli
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -95,3 +95,11 @@ def test_top_level_help_is_plain_text(capsys):
     _cli.main(['--help'])
   text = capsys.readouterr().out
   assert '``' not in text and 'adamfx demo' in text
+
+
+@pytest.mark.parametrize('command', ['demo', 'bench', 'memory'])
+def test_every_tool_is_a_subcommand(command, capsys):
+  with pytest.raises(SystemExit) as e:
+    _cli.main([command, '--help'])
+  assert e.value.code == 0
+  assert capsys.readouterr().out.startswith(f'usage: adamfx {command}')

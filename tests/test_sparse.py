@@ -609,7 +609,7 @@ def test_todense_coalesce_and_norm_against_numpy():
 
 
 def test_sparse_bench_case_runs():
-  from adamfx import _bench_sparse
+  from adamfx.cli import bench_sparse as _bench_sparse
 
   r = _bench_sparse.bench_sparse('tiny', repeats=1, steps=1)
   for name in ('dense', 'lazy'):
