@@ -143,9 +143,6 @@ def _all_cases() -> tuple[str, ...]:
   return TREE_CASES + tuple(CASE_REGISTRY) + (SPARSE_CASE,)
 
 
-CASES = TREE_CASES  # the tree rows of earlier versions (and their default)
-
-
 def _positive_int(text: str) -> int:
   try:
     value = int(text)
