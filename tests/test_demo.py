@@ -13,6 +13,7 @@ from adamfx.cli import main as _cli
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_demo_short_run_prints_table_checks_parity_and_writes_png(tmp_path, capsys):
   out = tmp_path / 'out'
   rc = _cli.main(['demo', '--steps', '30', '--seed', '1', '--out', str(out)])
@@ -28,6 +29,7 @@ def test_demo_short_run_prints_table_checks_parity_and_writes_png(tmp_path, caps
   assert f'loss curves: {png}' in text.replace('\n', '')
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_demo_learns(tmp_path):
   # Independent of the printing: a few hundred steps of the logistic
   # regression on digits reach well above chance (10%) on the test set.
@@ -38,6 +40,7 @@ def test_demo_learns(tmp_path):
   assert r.ms_per_step > 0
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_parity_check_fails_loudly(tmp_path, capsys, monkeypatch):
   # Make "adamfx" secretly a different Adam (b2 = 0.99): the check must fail.
   real = _demo._make_optimizer
@@ -70,6 +73,7 @@ def test_bad_arguments(argv, message, tmp_path):
     _cli.main(['demo', '--out', str(tmp_path)] + argv)
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_python_dash_m_adamfx_demo(tmp_path):
   env = dict(os.environ, COLUMNS='120')
   proc = subprocess.run(

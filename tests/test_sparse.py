@@ -626,6 +626,7 @@ def test_todense_coalesce_and_norm_against_numpy():
   check()
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_sparse_bench_case_runs():
   from adamfx.cli import bench_sparse as _bench_sparse
 
