@@ -1,7 +1,7 @@
-"""``python -m adamfx demo`` / ``python -m adamfx bench``."""
+"""``python -m adamfx demo|bench|memory``: the ``adamfx`` command."""
 
 import sys
 
-from adamfx._cli import main
+from adamfx.cli.main import main
 
 sys.exit(main())

@@ -29,7 +29,7 @@
 #
 # By default it runs a small version in seconds (as CI does); set `FULL = True` (or the
 # environment variable `ADAMFX_MEMORY_FULL=1`) for the memory guide's numbers, or run
-# `python -m adamfx._memory_bench`.
+# `adamfx memory` in a shell.
 
 # %%
 # In Colab, install adamfx from its repository; anywhere else this cell does
@@ -52,9 +52,11 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
+from IPython.display import Markdown
+from IPython.display import display
 
 import adamfx
-from adamfx import _memory_bench as mb
+from adamfx.cli import memory as mb  # the tables of `adamfx memory`
 
 FULL = os.environ.get('ADAMFX_MEMORY_FULL') == '1'  # True: the memory guide's numbers (slow: 10-25 min on 2 cores)
 key = jax.random.PRNGKey(0)
@@ -76,7 +78,7 @@ models = {
     'GPT-style, d=512, 2 layers': mb.gpt_block_shapes(),
 }
 rows = mb.bytes_table(models)
-print(mb._fmt_bytes(rows))
+display(Markdown(mb.format_bytes(rows)))
 for row in rows:
   # + 4 bytes of step count per state, i.e. < 1e-4 per parameter here
   assert abs(row['float32 (adamfx.adam)'] - 8) < 1e-3
@@ -117,7 +119,7 @@ names = None if FULL else ['bf16 mu + nu (stochastic nu)', '8-bit (adamfx.adam8b
 parity = []
 for task in ([digits, lm] if FULL else [digits]):
   parity += mb.parity_table(task, seeds, steps, names)
-print(mb._fmt_parity(parity, seeds, steps))
+display(Markdown(mb.format_parity(parity, seeds, steps)))
 for row in parity:
   if 'naive' not in row['optimizer']:
     assert row['within'], row
@@ -131,6 +133,6 @@ for row in parity:
 
 # %%
 if FULL:
-  print(mb._fmt_times(mb.step_times()))
+  display(Markdown(mb.format_times(mb.step_times())))
 else:
   print('skipped (FULL = False)')

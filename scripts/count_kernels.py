@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import adamfx
-from adamfx import _bench
+from adamfx.cli import bench as _bench
 
 
 def entry_ops(compiled) -> collections.Counter:

@@ -4,9 +4,14 @@ Strict dtype promotion is on for the whole suite, so an accidental implicit
 promotion inside adamfx fails a test. optax's own code is not written for it
 (``decay**count`` mixes a Python float and an int32 count; schedules do the
 same), so run optax references inside ``optax_promotion()``.
+
+The peer references (torch, torch-optimi, torchao, keras) are optional: without
+them their tests skip. With ``ADAMFX_REQUIRE_PEERS=1`` (set by .ci/run) a missing
+peer fails the session at its start, and a test that skips because of a peer fails.
 """
 
 import contextlib
+import importlib.util
 import os
 
 import jax
@@ -29,6 +34,51 @@ try:
   settings.load_profile('adamfx')
 except ImportError:  # pragma: no cover
   pass
+
+
+# The import name of each peer reference, and the words a skip for it contains.
+PEERS = {'torch': 'torch', 'optimi': 'torch-optimi', 'torchao': 'torchao', 'keras': 'keras'}
+_REQUIRE_PEERS = os.environ.get('ADAMFX_REQUIRE_PEERS') == '1'
+
+
+def _peer_in(text: str) -> str | None:
+  return next((p for p in PEERS if f"'{p}'" in text or p in text.split()), None) if text else None
+
+
+def pytest_sessionstart(session):
+  del session
+  if not _REQUIRE_PEERS:
+    return
+  # Found, not imported: keras picks its backend once, on import (tests set it).
+  missing = [package for module, package in PEERS.items()
+             if importlib.util.find_spec(module) is None]
+  if missing:
+    raise pytest.UsageError(f'ADAMFX_REQUIRE_PEERS=1 but peers are missing: {missing}')
+
+
+def _fail_peer_skip(report):
+  """With ADAMFX_REQUIRE_PEERS=1, a skip that names a peer becomes a failure."""
+  if not (_REQUIRE_PEERS and report.skipped) or hasattr(report, 'wasxfail'):
+    return
+  reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+  peer = _peer_in(reason)
+  if peer:
+    report.outcome = 'failed'
+    report.longrepr = f'skipped for want of {PEERS[peer]}, required by ADAMFX_REQUIRE_PEERS=1: {reason}'
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  del item, call
+  outcome = yield
+  _fail_peer_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  del collector
+  outcome = yield
+  _fail_peer_skip(outcome.get_result())
 
 
 def optax_promotion():

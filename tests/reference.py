@@ -260,4 +260,100 @@ class Stable(Adam):
       if wd and (self.decay_mask is None or self.decay_mask[i]):
         u = u + wd * _f64(p)
       out.append(-step_lr * u)
+
+
+def dynamic_map8(signed: bool) -> np.ndarray:
+  """The 256 values of the 8-bit dynamic map, float64, sorted (Dettmers et al. 2022).
+
+  bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``:
+  for each exponent ``e = 0 .. 6``, the centres of ``2**e`` (signed; each with
+  both signs) or ``2**(e + 1)`` (unsigned) equal parts of [0.1, 1], times
+  ``10**(e - 6)``; plus 0 and 1.
+  """
+  values = [0.0, 1.0]
+  for e in range(7):
+    parts = 2**e if signed else 2 ** (e + 1)
+    for j in range(parts):
+      centre = (0.1 + 0.9 * (j + 0.5) / parts) * 10.0 ** (e - 6)
+      values += [centre, -centre] if signed else [centre]
+  out = np.sort(np.asarray(values, np.float64))
+  assert out.shape == (256,)
+  return out
+
+
+class Adam8bit(Adam):
+  """:class:`Adam` whose moments are stored blockwise in 8 bits between steps.
+
+  The documented algorithm of ``adamfx.scale_by_adam8bit``: each step takes
+  Adam's float step from the stored (dequantized) moments, computes the update
+  from the new moments as they are, then stores each moment quantized
+  (:func:`quantize8`, signed map for ``m``, unsigned for ``v``) and dequantized
+  again: ``map[code] * block scale``. A group of at least ``min_size`` elements
+  is quantized, smaller ones keep float64 moments. A group is one leaf, or
+  (``groups``, as ``adamfx.pack_state``) several leaves' moments concatenated in
+  leaf order into one buffer. Blocks of ``block_size`` consecutive elements of
+  the flattened (row-major) buffer, the last one padded with zeros: for a leaf
+  whose last axis is a multiple of ``block_size``, that is blocks along the
+  last axis.
+  """
+
+  def __init__(self, *args: Any, block_size: int = 256, min_size: int = 4096,
+               groups: Sequence[Sequence[int]] | None = None, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    assert not self.amsgrad and self.mu_dtype is None
+    self.block_size, self.min_size, self.groups = block_size, min_size, groups
+
+  def _stored(self, moments: list[np.ndarray], signed: bool) -> list[np.ndarray]:
+    groups = self.groups if self.groups is not None else [[i] for i in range(len(moments))]
+    out = list(moments)
+    for group in groups:
+      flat = np.concatenate([moments[i].reshape(-1) for i in group])
+      if flat.size < self.min_size:
+        continue
+      code_map = dynamic_map8(signed)
+      codes, scale, _ = quantize8(flat, code_map, self.block_size, signed)
+      per_element = np.repeat(scale, self.block_size)[:flat.size]
+      flat = code_map[codes] * per_element
+      start = 0
+      for i in group:
+        out[i] = flat[start:start + moments[i].size].reshape(moments[i].shape)
+        start += moments[i].size
+    return out
+
+  def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
+    out = super().scaled(grads)
+    self.m = self._stored(self.m, signed=True)
+    self.v = self._stored(self.v, signed=False)
+    return out
+
+
+class KerasAdam:
+  """Keras 3's ``Adam.update_step`` (and ``AdamW``'s decay first), in float64.
+
+  Transcribed from keras/src/optimizers/adam.py: ``alpha = lr * sqrt(1 - b2**t)
+  / (1 - b1**t)``; ``m += (g - m) * (1 - b1)``; ``v += (g**2 - v) * (1 - b2)``;
+  ``p -= alpha * m / (sqrt(v) + epsilon)``. ``AdamW`` first applies
+  ``p -= p * weight_decay * lr`` (keras/src/optimizers/base_optimizer.py,
+  ``_apply_weight_decay``), so the step is the sum of both.
+  """
+
+  def __init__(self, learning_rate: float, beta_1: float = 0.9, beta_2: float = 0.999,
+               epsilon: float = 1e-7, weight_decay: float = 0.0):
+    self.lr, self.b1, self.b2, self.eps, self.wd = learning_rate, beta_1, beta_2, epsilon, weight_decay
+
+  def init(self, params: Sequence[Any]) -> None:
+    self.t = 0
+    self.m = [np.zeros(np.shape(p), np.float64) for p in params]
+    self.v = [np.zeros(np.shape(p), np.float64) for p in params]
+
+  def step(self, grads: Sequence[Any], params: Sequence[Any]) -> list[np.ndarray]:
+    self.t += 1
+    alpha = self.lr * np.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+    out = []
+    for i, (g, p) in enumerate(zip(grads, params)):
+      g, p = _f64(g), _f64(p)
+      decayed = p - p * self.wd * self.lr
+      self.m[i] = self.m[i] + (g - self.m[i]) * (1 - self.b1)
+      self.v[i] = self.v[i] + (g * g - self.v[i]) * (1 - self.b2)
+      out.append(decayed - alpha * self.m[i] / (np.sqrt(self.v[i]) + self.eps) - p)
     return out

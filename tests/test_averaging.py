@@ -104,12 +104,27 @@ def test_composition_jit_and_traced_decay():
   )
   state = tx.init(params)
   step = jax.jit(tx.update)
+  # The same inner optimizer on the masked leaf alone: the updates ema_params passes on.
+  alone = {'w': params['w']}
+  alone_state = inner.init(alone)
+  trajectory = [np.asarray(params['w'], np.float64)]
   with no_recompile(step):
     for _ in range(3):
       u, state = step(g, state, params)
+      want, alone_state = inner.update({'w': g['w']}, alone_state, alone)
+      # torch_adamw's update is new_p - p of rounded params: jitted here, eager there,
+      # they may differ by a param ulp (|w| <= 1.01: 2**-23).
+      np.testing.assert_allclose(u['w'], want['w'], rtol=0, atol=2.0**-23)
+      np.testing.assert_array_equal(u['skip'], g['skip'])  # masked out: passed through
       params = optax.apply_updates(params, u)
+      alone = optax.apply_updates(alone, want)
+      trajectory.append(np.asarray(params['w'], np.float64))
   avg = adamfx.averaged_params(state)
   assert set(avg) == {'w', 'skip'}
+  assert isinstance(avg['skip'], optax.MaskedNode)
+  # float32 params and average: a few float32 ulps of |w| ~ 1.
+  np.testing.assert_allclose(avg['w'], closed_form(np.stack(trajectory), 0.9, True),
+                             rtol=0, atol=1e-6)
   assert jax.tree.leaves(state[0].inner_state)[0].dtype == jnp.int32  # count first
   # Traced decay: the same numbers as the Python number.
   def run(decay):
@@ -171,6 +186,7 @@ _SHARDED = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 def test_sharded_like_params():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')

@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from adamfx import _bench
-from adamfx import _cli
+from adamfx.cli import bench as _bench
+from adamfx.cli import main as _cli
 
 
 def _positive(x):
@@ -24,6 +24,7 @@ def result():
   )
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_bench_rows_have_every_figure(result):
   rows = result['rows']
   # large, mixed: 2 modes each; tiny: 2 modes, each with a flat row, and a
@@ -50,6 +51,7 @@ def test_bench_rows_have_every_figure(result):
   assert result['machine']['cpus'] >= 1
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_bench_torch_columns_when_torch_is_installed(result):
   pytest.importorskip('torch')
   donated = [r for r in result['rows'] if r['mode'] == 'jit+donate' and r['variant'] == 'tree']
@@ -58,6 +60,7 @@ def test_bench_torch_columns_when_torch_is_installed(result):
     assert _positive(r['torch_fused']['ms']['median'])
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_bench_table_and_json(result):
   table = _bench.format_table(result)
   assert '| case | mode |' in table and 'tiny (adamfx flat)' in table
@@ -66,6 +69,7 @@ def test_bench_table_and_json(result):
   assert json.loads(json.dumps(result))['preset'] == 'tiny'
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_cli_bench_json(capsys):
   code = _cli.main(['bench', '--preset', 'tiny', '--cases', 'large', '--modes', 'eager',
                     '--repeats', '1', '--no-torch', '--json'])
@@ -74,6 +78,7 @@ def test_cli_bench_json(capsys):
   assert [r['case'] for r in out['rows']] == ['large']
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_registered_cases_rows_and_registry_is_open():
   import jax.numpy as jnp
   import optax
@@ -102,8 +107,9 @@ def test_registered_cases_rows_and_registry_is_open():
   assert '8bit (optax column: adamfx.adam (f32 state))' in table
 
 
+@pytest.mark.slow  # a bench run: .ci/run
 def test_in_step_bench_reports_marginal_costs():
-  from adamfx import _step_bench
+  from adamfx.cli import step_bench as _step_bench
 
   result = _step_bench.bench('tiny', dtypes=('float32',), repeats=1, torch_cols=False,
                              names=('optax.adam', 'adamfx.adam8bit'))

@@ -318,6 +318,7 @@ def _run_worker(mode, out_dir):
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 
+@pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 def test_resume_in_new_process_is_bit_exact(tmp_path):
   _run_worker('full', tmp_path)
   _run_worker('resume', tmp_path)

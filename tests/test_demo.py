@@ -1,4 +1,4 @@
-"""Tests of ``adamfx demo`` (adamfx/_demo.py): short runs of the real command."""
+"""Tests of ``adamfx demo`` (adamfx/cli/demo.py): short runs of the real command."""
 
 import os
 import subprocess
@@ -7,12 +7,13 @@ import sys
 import pytest
 
 import adamfx
-from adamfx import _cli
-from adamfx import _demo
+from adamfx.cli import demo as _demo
+from adamfx.cli import main as _cli
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_demo_short_run_prints_table_checks_parity_and_writes_png(tmp_path, capsys):
   out = tmp_path / 'out'
   rc = _cli.main(['demo', '--steps', '30', '--seed', '1', '--out', str(out)])
@@ -28,6 +29,7 @@ def test_demo_short_run_prints_table_checks_parity_and_writes_png(tmp_path, caps
   assert f'loss curves: {png}' in text.replace('\n', '')
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_demo_learns(tmp_path):
   # Independent of the printing: a few hundred steps of the logistic
   # regression on digits reach well above chance (10%) on the test set.
@@ -38,6 +40,7 @@ def test_demo_learns(tmp_path):
   assert r.ms_per_step > 0
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_parity_check_fails_loudly(tmp_path, capsys, monkeypatch):
   # Make "adamfx" secretly a different Adam (b2 = 0.99): the check must fail.
   real = _demo._make_optimizer
@@ -70,6 +73,7 @@ def test_bad_arguments(argv, message, tmp_path):
     _cli.main(['demo', '--out', str(tmp_path)] + argv)
 
 
+@pytest.mark.slow  # a demo run: .ci/run
 def test_python_dash_m_adamfx_demo(tmp_path):
   env = dict(os.environ, COLUMNS='120')
   proc = subprocess.run(
@@ -95,3 +99,11 @@ def test_top_level_help_is_plain_text(capsys):
     _cli.main(['--help'])
   text = capsys.readouterr().out
   assert '``' not in text and 'adamfx demo' in text
+
+
+@pytest.mark.parametrize('command', ['demo', 'bench', 'memory'])
+def test_every_tool_is_a_subcommand(command, capsys):
+  with pytest.raises(SystemExit) as e:
+    _cli.main([command, '--help'])
+  assert e.value.code == 0
+  assert capsys.readouterr().out.startswith(f'usage: adamfx {command}')

@@ -22,6 +22,9 @@ import time
 import numpy as np
 import pytest
 
+# Two processes and a 1-process reference: out of the default run, in .ci/run.
+pytestmark = pytest.mark.slow
+
 STEPS = 6
 BATCH = 16
 TIMEOUT_S = 120  # the whole 2-process run; it takes a few seconds.

@@ -393,7 +393,9 @@ def test_python_number_leaves():
   updates, _, _ = run(adamfx.adam(1e-2), params, grads)
   o_updates, _, _ = run(optax.adam(1e-2), params, grads, promotion=optax_promotion)
   for u, o in zip(updates, o_updates):
-    np.testing.assert_allclose(f64(u['a']), f64(o['a']), rtol=1e-6)
+    assert set(u) == set(o) == {'a', 'b'}
+    for k in ('a', 'b'):
+      np.testing.assert_allclose(f64(u[k]), f64(o[k]), rtol=1e-6, err_msg=k)
 
 
 # ----------------------------------------------------------------------------

@@ -32,6 +32,9 @@ TRAINED = ('adam', 'nadamw', 'amsgrad', 'adamax', 'adam_amsgrad_mu_bf16_nu_f16',
            'inject_hyperparams', 'adam8bit', 'stable_adamw_cautious')
 EAGER_UPDATE = 'adam_amsgrad_mu_bf16_nu_f16'
 
+# Every test reads the one 8-device subprocess's results (a module fixture): one worker.
+pytestmark = pytest.mark.xdist_group('devices8')
+
 
 # ------------------------------------------------------------------ worker
 
@@ -474,8 +477,10 @@ def test_jit_init_zeros_are_exact_for_inf_and_nan_params():
 
 
 def test_optax_jit_init_lands_on_one_device(results):
-  """Documents the optax behaviour adamfx fixes (optax issue 548)."""
-  print('optax:', results['optax'])
+  """The optax behaviour the scaling guide says adamfx fixes (optax issue 548): under
+  jit, optax.adam's init puts every moment on device 0 (adamfx's follow the params:
+  test_state_follows_param_shardings). If optax changes, the guide's claim must too."""
+  assert results['optax']['jit_init_devices'] == ['[0]'], results['optax']
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """What every bench measures alike: timings' statistics, the bytes a compiled
-step allocates, and the machine it ran on (:mod:`adamfx._bench`,
-:mod:`adamfx._bench_sparse`, :mod:`adamfx._step_bench`)."""
+step allocates, and the machine it ran on (:mod:`adamfx.cli.bench`,
+:mod:`adamfx.cli.bench_sparse`, :mod:`adamfx.cli.step_bench`)."""
 
 from __future__ import annotations
 

@@ -36,8 +36,8 @@ def _jax_runner(name, tx, table, ids, values, sparse):
   import jax.numpy as jnp
   import optax
 
-  from adamfx._measure import new_bytes as _new_bytes
-  from adamfx._sparse import RowSparse
+  from adamfx import RowSparse
+  from adamfx.cli.measure import new_bytes as _new_bytes
 
   num_rows = table.shape[0]
 

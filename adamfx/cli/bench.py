@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from adamfx._measure import describe as _describe_machine
-from adamfx._measure import machine as _machine
-from adamfx._measure import new_bytes as _new_bytes
-from adamfx._measure import stats as _stats
+from adamfx.cli.measure import describe as _describe_machine
+from adamfx.cli.measure import machine as _machine
+from adamfx.cli.measure import new_bytes as _new_bytes
+from adamfx.cli.measure import stats as _stats
 
 PRESETS = {
     # name: large leaf size, transformer (layers, width, vocab), tiny leaves
@@ -136,14 +136,11 @@ register_case(Case(
     'one large float32 leaf: adamfx.adam8bit vs adamfx.adam'))
 
 
-SPARSE_CASE = 'sparse'  # the embedding-table case, its own columns: adamfx._bench_sparse
+SPARSE_CASE = 'sparse'  # the embedding-table case, its own columns: adamfx.cli.bench_sparse
 
 
 def _all_cases() -> tuple[str, ...]:
   return TREE_CASES + tuple(CASE_REGISTRY) + (SPARSE_CASE,)
-
-
-CASES = TREE_CASES  # the tree rows of earlier versions (and their default)
 
 
 def _positive_int(text: str) -> int:
@@ -167,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 for c in CASE_REGISTRY.values()))
   parser.add_argument('--in-step', action='store_true',
                       help='time jitted training steps of a small transformer LM instead: the'
-                           ' optimiser\'s marginal cost over plain SGD (see adamfx._step_bench)')
+                           ' optimiser\'s marginal cost over plain SGD (see adamfx.cli.step_bench)')
   parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
   parser.add_argument('--repeats', type=_positive_int, default=None,
                       help='interleaved repeats, >= 1 (default: the preset\'s)')
@@ -492,7 +489,7 @@ def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
     del runners
   sparse = None
   if SPARSE_CASE in cases:  # the embedding-table case: its own columns
-    from adamfx import _bench_sparse
+    from adamfx.cli import bench_sparse as _bench_sparse
     sparse = _bench_sparse.bench_sparse(preset_name, preset['repeats'], preset['steps'], torch_cols)
   tick(total, total, 'done')
   return {
@@ -547,7 +544,7 @@ def format_table(result: dict[str, Any]) -> str:
         f' {", ".join(other)} |'
     )
   if result.get('sparse'):
-    from adamfx import _bench_sparse
+    from adamfx.cli import bench_sparse as _bench_sparse
     lines.append(_bench_sparse.format_sparse(result['sparse']))
   lines.append('')
   lines.append(f'peak RSS {result["peak_rss_mib"]:.0f} MiB. "new MiB": bytes a compiled step'
@@ -557,7 +554,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
   if getattr(args, 'in_step', False):
-    from adamfx import _step_bench  # noqa: PLC0415 (only when asked)
+    from adamfx.cli import step_bench as _step_bench  # only when asked
 
     return _step_bench.run(args)
   progress_cm = None

@@ -5,7 +5,7 @@ where nothing else runs; users feel it inside a step that also runs the
 forward and backward passes, which share the memory bandwidth and may hide
 or expose the update's passes. This times a jitted, donated training step
 (forward, backward, update, ``apply_updates``) of a small character
-transformer language model (:func:`adamfx._memory_bench.lm_task`), with its
+transformer language model (:func:`adamfx.cli.memory.lm_task`), with its
 params in float32 and in bfloat16, for each optimiser and for plain SGD, all
 interleaved repeat by repeat, and reports each optimiser's *marginal cost*:
 its step's time minus the SGD step's (median, with the min and max of the
@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from adamfx import _measure
+from adamfx.cli import measure as _measure
 
 PRESETS = {
     # width, layers, heads, context, batch (sequences), repeats, steps per repeat
@@ -138,7 +138,7 @@ def bench(preset_name: str = 'default', dtypes=('float32', 'bfloat16'), repeats=
   import jax
   import jax.numpy as jnp
 
-  from adamfx import _memory_bench
+  from adamfx.cli import memory as _memory_bench
 
   preset = dict(PRESETS[preset_name])
   if repeats:

@@ -1,7 +1,7 @@
 """Evidence for adamfx's low-memory Adam state: bytes, training parity, step time.
 
-Run ``python -m adamfx._memory_bench`` (a few minutes on 2 CPU cores; add
-``--quick`` for a smoke run). It prints Markdown tables:
+Run ``adamfx memory`` (a few minutes on 2 CPU cores; add ``--quick`` for a
+smoke run). It prints Markdown tables:
 
 * state bytes per parameter, measured from the state pytree (``nbytes`` of
   every leaf of ``tx.init(params)``, via ``jax.eval_shape``: nothing is
@@ -441,7 +441,8 @@ def step_times(trials: int = 15, lm_steps: int = 10) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------- main
 
 
-def _fmt_bytes(rows):
+def format_bytes(rows):
+  """The bytes table of :func:`bytes_table`'s rows, as Markdown."""
   names = [k for k in rows[0] if k not in ('model', 'params')]
   out = ['| model | params | ' + ' | '.join(names) + ' |', '|---|---:|' + '---:|' * len(names)]
   for r in rows:
@@ -449,7 +450,8 @@ def _fmt_bytes(rows):
   return '\n'.join(out)
 
 
-def _fmt_parity(rows, seeds, steps):
+def format_parity(rows, seeds, steps):
+  """The parity table of :func:`parity_table`'s rows, as Markdown."""
   out = [f'| task ({steps} steps, seeds {seeds}) | optimizer | final loss per seed | mean | vs float32 | threshold | within |',
          '|---|---|---|---:|---:|---:|:-:|']
   for r in rows:
@@ -459,7 +461,8 @@ def _fmt_parity(rows, seeds, steps):
   return '\n'.join(out)
 
 
-def _fmt_times(rows):
+def format_times(rows):
+  """The step-time table of :func:`step_times`'s rows, as Markdown."""
   r0 = rows[0]
   out = [f"| optimizer | update, {r0['update_params'] / 1e6:.1f}M params: CPU ms (wall ms) | vs float32, CPU (wall) | "
          f"LM train step, {r0['lm_params'] / 1e3:.0f}k params: CPU ms (wall ms) | vs float32, CPU (wall) |",
@@ -488,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
         f'load average {os.getloadavg()[0]:.1f}')
   if args.only_time:
     print('\n### Step time (median of interleaved trials)\n')
-    print(_fmt_times(step_times(trials=3 if args.quick else 15, lm_steps=2 if args.quick else 10)))
+    print(format_times(step_times(trials=3 if args.quick else 15, lm_steps=2 if args.quick else 10)))
     print(f'\nload average at the end {os.getloadavg()[0]:.1f}')
     return 0
   digits, lm = digits_task(), lm_task()
@@ -499,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
       'GPT-style, d=512, 2 layers': gpt_block_shapes(),
   }
   print('\n### State bytes per parameter\n')
-  print(_fmt_bytes(bytes_table(models)))
+  print(format_bytes(bytes_table(models)))
   print('\n### bf16 second moment after |g| drops 100x (1500 steps)\n')
   for k, v in stall_summary(stall_trajectories(200 if args.quick else 1500)).items():
     print(f'- {k}: {v:.4g} x the true nu')
@@ -507,19 +510,9 @@ def run(args: argparse.Namespace) -> int:
   rows = []
   for task in (digits, lm):
     rows += parity_table(task, seeds, steps)
-  print(_fmt_parity(rows, seeds, steps))
+  print(format_parity(rows, seeds, steps))
   if not args.skip_time:
     print('\n### Step time (median of interleaved trials)\n')
-    print(_fmt_times(step_times(trials=3 if args.quick else 15, lm_steps=2 if args.quick else 10)))
+    print(format_times(step_times(trials=3 if args.quick else 15, lm_steps=2 if args.quick else 10)))
   print(f'\nload average at the end {os.getloadavg()[0]:.1f}')
   return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m adamfx._memory_bench', description=__doc__)
-  add_arguments(parser)
-  return run(parser.parse_args(argv))
-
-
-if __name__ == '__main__':
-  raise SystemExit(main())
