@@ -1,0 +1,190 @@
+"""Issue 18: RowSparse in compositions -- no silent wrong rows.
+
+References independent of adamfx's sparse code: ``adamfx.lazy_adam`` with the
+schedule in its own ``learning_rate`` (itself checked against
+``torch.optim.SparseAdam`` and a float64 NumPy transcription in
+test_sparse.py), NumPy scatter-adds of the ids, and "which rows moved" sets
+computed with NumPy from the ids given.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import adamfx
+from adamfx import RowSparse
+
+V, D = 40, 3
+
+
+def _moved(before, after):
+  """Rows where ``after`` differs from ``before`` (NaN counts as moved)."""
+  a, b = np.asarray(after, np.float64), np.asarray(before, np.float64)
+  return set(np.flatnonzero(((a != b) | np.isnan(a)).any(axis=tuple(range(1, a.ndim)))).tolist())
+
+
+def _finite_moves_outside(before, after, touched):
+  """Rows outside ``touched`` that got a finite, changed value."""
+  a, b = np.asarray(after, np.float64), np.asarray(before, np.float64)
+  bad = (np.isfinite(a) & (a != b)).any(axis=tuple(range(1, a.ndim)))
+  return set(np.flatnonzero(bad).tolist()) - set(touched)
+
+
+_SCHED = optax.linear_schedule(0.1, 0.02, 3)
+_WARMUP = optax.warmup_cosine_decay_schedule(0.0, 0.1, 2, 10, 0.01)  # lr 0 at step 0
+
+
+@pytest.mark.parametrize('tail, sched, jit', [
+    ('scale_by_learning_rate', _WARMUP, True),
+    ('scale_by_learning_rate', _SCHED, False),
+    ('scale_by_schedule', _SCHED, True),
+    ('scale', None, False),
+], ids=['lr_warmup_from_0_jit', 'lr_linear_eager', 'scale_by_schedule_jit', 'scale_eager'])
+def test_schedule_after_scale_by_lazy_adam_moves_the_right_rows(tail, sched, jit):
+  """Defect 1: the ids survive optax's per-leaf scalings; the update equals
+  lazy_adam(schedule)'s, and only the touched rows move (2-D and 3-D rows)."""
+  if tail == 'scale':
+    sched = lambda count: jnp.float32(0.05)
+    make_tail = lambda: optax.scale(-0.05)
+  elif tail == 'scale_by_schedule':
+    make_tail = lambda: optax.scale_by_schedule(lambda c: -sched(c))
+  else:
+    make_tail = lambda: optax.scale_by_learning_rate(sched)
+  rng = np.random.default_rng(3)
+  params = {'t': jnp.asarray(rng.normal(size=(V, D, 2)), jnp.float32),
+            'w': jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+  tx = optax.chain(adamfx.scale_by_lazy_adam(), make_tail())
+  ref = adamfx.lazy_adam(sched)
+  update = jax.jit(tx.update) if jit else tx.update
+  s, rs, p = tx.init(params), ref.init(params), params
+  for ids in ([3, 5, 3], [V - 1, 0, 17, 5], [22]):
+    g = {'t': RowSparse(jnp.asarray(ids, jnp.int32),
+                        jnp.asarray(rng.normal(size=(len(ids), D, 2)), jnp.float32), V),
+         'w': jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    with jax.numpy_dtype_promotion('standard'):  # optax's schedules mix int and float
+      u, s = update(g, s, p)
+      ru, rs = ref.update(g, rs, p)
+    new = optax.apply_updates(p, u)
+    want = optax.apply_updates(p, ru)
+    np.testing.assert_allclose(new['t'], want['t'], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(new['w'], want['w'], rtol=1e-6, atol=1e-7)
+    assert _moved(p['t'], new['t']) <= set(ids)
+    np.testing.assert_array_equal(u['t'].indices.shape, (len(ids),))
+    p = new
+  first = {3, 5} if float(sched(0)) else set()  # a warmup from 0 moves nothing at step 0
+  assert _moved(params['t'], p['t']) == first | {5, V - 1, 0, 17, 22}
+
+
+def _pair(ids1, ids2, seed=0):
+  rng = np.random.default_rng(seed)
+  make = lambda ids: RowSparse(jnp.asarray(ids, jnp.int32),
+                               jnp.asarray(rng.normal(size=(len(ids), D)), jnp.float32), V)
+  return make(ids1), make(ids2)
+
+
+_DIFFERENT = [([1, 2], [3, 4]), ([0, 0], [7, 9]), ([5, 6, 7], [5, 6, 8]), ([38, 2], [2, 38])]
+_MAPS = {
+    'add': lambda a, b: jax.tree.map(jnp.add, a, b),
+    'mean': lambda a, b: jax.tree.map(lambda x, y: (x + y) / 2, a, b),
+    'ema': lambda a, b: jax.tree.map(lambda x, y: 0.9 * x + 0.1 * y, a, b),
+    'sub': lambda a, b: jax.tree.map(jnp.subtract, a, b),
+    'mul': lambda a, b: jax.tree.map(jnp.multiply, a, b),
+}
+
+
+@pytest.mark.parametrize('ids1, ids2', _DIFFERENT, ids=[str(i) for i in range(len(_DIFFERENT))])
+@pytest.mark.parametrize('op', sorted(_MAPS))
+def test_tree_arithmetic_over_different_ids_never_moves_a_wrong_row(op, ids1, ids2):
+  """Defect 2: tree maps that combine two RowSparse with different ids are
+  refused eagerly; under jit, lazy_adam + apply_updates never give a finite
+  change to a row that neither gradient touched."""
+  g1, g2 = _pair(ids1, ids2)
+  with pytest.raises(ValueError, match='ids were treated as numbers'):
+    _MAPS[op](g1, g2)
+  table = jnp.asarray(np.random.default_rng(1).normal(size=(V, D)), jnp.float32)
+  tx = adamfx.lazy_adam(0.1)
+
+  @jax.jit
+  def step(table, state, g1, g2):
+    u, state = tx.update(_MAPS[op](g1, g2), state, table)
+    return optax.apply_updates(table, u)
+
+  new = step(table, tx.init(table), g1, g2)
+  assert not _finite_moves_outside(table, new, set(ids1) | set(ids2))
+  assert not np.isfinite(np.asarray(new)).all() or _moved(table, new) == set()
+
+
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+def test_tree_arithmetic_that_keeps_the_ids_is_exact(jit):
+  """``2 * g``, ``-g``, a sum of gradients with the same ids (micro-batches
+  over one batch of ids) and ``g1 + g2`` (concatenation) all give NumPy's
+  dense sums."""
+  g1, g2 = _pair([4, 9, 4, 0], [4, 9, 4, 0], seed=1)
+  h1, h2 = _pair([1, 2], [3, 1], seed=2)
+  f = jax.jit if jit else (lambda fn: fn)
+  dense = lambda g: f(lambda g: g.todense())(g)
+  np_dense = lambda g: _np_dense(np.asarray(g.indices), np.asarray(g.values))
+  np.testing.assert_allclose(dense(f(lambda g: jax.tree.map(lambda x: 2 * x, g))(g1)),
+                             2 * np_dense(g1), rtol=1e-6)
+  np.testing.assert_allclose(dense(f(lambda g: jax.tree.map(jnp.negative, g))(g1)),
+                             -np_dense(g1), rtol=1e-6)
+  np.testing.assert_allclose(dense(f(lambda a, b: jax.tree.map(jnp.add, a, b))(g1, g2)),
+                             np_dense(g1) + np_dense(g2), rtol=1e-6)
+  np.testing.assert_allclose(dense(f(lambda a, b: a + b)(h1, h2)),
+                             np_dense(h1) + np_dense(h2), rtol=1e-6)
+  np.testing.assert_allclose(dense(f(lambda g: -0.5 * g)(h1)), -0.5 * np_dense(h1), rtol=1e-6)
+
+
+def _np_dense(ids, vals, n=V):
+  out = np.zeros((n,) + vals.shape[1:], np.float64)
+  for i, v in zip(ids, vals):
+    if 0 <= i < n:
+      out[i] += v
+  return out
+
+
+@pytest.mark.parametrize('what', ['cast', 'clip', 'sign', 'add_noise'])
+def test_per_element_maps_over_a_row_sparse_are_refused(what):
+  """Other per-leaf maps that treat the ids as numbers: refused eagerly, and
+  under jit no finite change to an untouched row."""
+  g, _ = _pair([6, 11, 6], [0])
+  maps = {
+      'cast': lambda g: jax.tree.map(lambda x: x.astype(jnp.bfloat16), g),
+      'clip': lambda g: jax.tree.map(lambda x: jnp.clip(x, -1.0, 1.0), g),
+      'sign': lambda g: jax.tree.map(jnp.sign, g),
+      'add_noise': lambda g: jax.tree.map(lambda x: x + 1e-3, g),
+  }
+  with pytest.raises(ValueError, match='ids were treated as numbers'):
+    maps[what](g)
+  table = jnp.zeros((V, D))
+  new = jax.jit(lambda t, g: t + maps[what](g))(table, g)
+  assert not _finite_moves_outside(table, new, {6, 11})
+
+
+@pytest.mark.usefixtures('x64')
+@pytest.mark.parametrize('dtype', ['uint64', 'int64', 'uint32'])
+def test_x64_wide_ids_are_out_of_range_under_jit(dtype):
+  """Defect 7: ids beyond int32 are out of range before any cast, under jit
+  too: they touch no row in lazy_adam, todense, sparse_global_norm and the
+  row gather of value_and_row_sparse_grad."""
+  wide = {'uint64': [2**32 + 3, 2**33 + 1, 3], 'int64': [2**32 + 3, -2**40 + 5, 3],
+          'uint32': [2**31 + 3, 2**32 - 1, 3]}[dtype]
+  ids = jnp.asarray(np.array(wide, dtype=dtype))
+  vals = jnp.ones((3, D), jnp.float32)
+  g = RowSparse(ids, vals, V)
+  table = jnp.zeros((V, D), jnp.float32)
+  tx = adamfx.lazy_adam(0.1)
+  u, _ = jax.jit(tx.update)(g, tx.init(table), table)
+  assert _moved(table, optax.apply_updates(table, u)) == {3}
+  want = _np_dense(np.array(wide, dtype=object), np.ones((3, D)))
+  np.testing.assert_array_equal(jax.jit(lambda g: g.todense())(g), want)
+  np.testing.assert_allclose(jax.jit(adamfx.sparse_global_norm)(g), np.sqrt(D), rtol=1e-6)
+  with pytest.raises(ValueError, match='outside'):
+    tx.update(g, tx.init(table), table)
+  vg = adamfx.value_and_row_sparse_grad(lambda p: jnp.sum(p['t'] ** 2), where=lambda p: p['t'])
+  value, _ = jax.jit(vg)({'t': jnp.ones((V, D), jnp.float32)}, ids)
+  assert float(value) == pytest.approx(D)  # only row 3 gathered; the wide ids gather zeros
