@@ -731,7 +731,9 @@ def _sparse_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
   if callable(weight_decay):
     raise TypeError(
         '`weight_decay` of lazy_adamw must be a number or an array, got a'
-        ' callable; for a schedule, use adamfx.inject_hyperparams(lazy_adamw).'
+        ' callable: for a schedule of the weight decay, wrap the builder,'
+        ' adamfx.inject_hyperparams(adamfx.lazy_adamw)(learning_rate,'
+        ' weight_decay=schedule), which passes the schedule\'s value at each step.'
     )
   _checks.check_non_negative('weight_decay', weight_decay)
 
