@@ -356,6 +356,40 @@ def safe_ids(indices: jax.Array, num_rows: int) -> jax.Array:
   return jnp.where(valid, ids.astype(jnp.int32), jnp.int32(num_rows))
 
 
+def gather_rows(x: Any, ids: jax.Array) -> jax.Array:
+  """``x[ids]`` for safe ids (see :func:`safe_ids`): zeros where an id is ``num_rows``.
+
+  On an Explicit mesh (``jax.make_mesh(..., axis_types=Explicit)``) JAX
+  needs the gather's output sharding spelled out: the gathered rows are
+  replicated along the rows (any shard may hold them), the other dimensions
+  keep ``x``'s spec.
+  """
+  x = jnp.asarray(x)
+  out = None
+  sharding = _explicit_sharding(x)
+  if sharding is not None:
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(tuple(sharding.spec)))
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec[1:]))
+  return x.at[ids].get(mode='fill', fill_value=0, out_sharding=out)
+
+
+def scatter_rows(x: Any, ids: jax.Array, values: Any, op: str = 'set') -> jax.Array:
+  """``x.at[ids].set(values)`` (or ``add``), dropping ids equal to ``num_rows``;
+  on an Explicit mesh the result keeps ``x``'s sharding."""
+  x = jnp.asarray(x)
+  return getattr(x.at[ids], op)(values, mode='drop', out_sharding=_explicit_sharding(x))
+
+
+def _explicit_sharding(x: Any) -> Any:
+  """``x``'s NamedSharding when its mesh has Explicit axes, else None."""
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is not None and not mesh.empty and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return sharding
+  return None
+
+
 def rows_of(update: RowSparse) -> tuple[jax.Array, Any]:
   """``(ids, values)`` to scatter or gather: int32 ids with every id outside
   ``[0, num_rows)`` set to ``num_rows`` (dropped by ``mode='drop'``).
@@ -398,7 +432,7 @@ def _scatter_add(dense: Any, update: RowSparse) -> jax.Array:
     )
   ids, values = rows_of(update)
   values = jnp.asarray(values).astype(dense.dtype)
-  return dense.at[ids].add(values, mode='drop')
+  return scatter_rows(dense, ids, values, 'add')
 
 
 def coalesce(update: RowSparse) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -516,27 +550,27 @@ def _store(m_new, v_new, m, v, count, i):
 def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   """Lazy Adam on the rows of one leaf that ``g`` touches."""
   ids, g_rows, valid = coalesce(g)
-  m_rows = m.at[ids].get(mode='fill', fill_value=0)
-  v_rows = v.at[ids].get(mode='fill', fill_value=0)
+  m_rows = gather_rows(m, ids)
+  v_rows = gather_rows(v, ids)
   if last is not None:
     # Rows untouched since step s decay as dense Adam's would have over the
     # steps s+1 .. t-1, where their gradient was 0: by b**(t-1-s).
-    gap = (count - 1) - last.at[ids].get(mode='fill', fill_value=0)
+    gap = (count - 1) - gather_rows(last, ids)
     cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
     shape = (ids.shape[0],) + (1,) * (m_rows.ndim - 1)
     d1 = jax.lax.pow(jnp.asarray(b1, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
     d2 = jax.lax.pow(jnp.asarray(b2, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
     m_rows = (m_rows.astype(cdt) * d1).astype(m.dtype)
     v_rows = (v_rows.astype(cdt) * d2).astype(v.dtype)
-    last = last.at[ids].set(count, mode='drop')
+    last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
   u, m_new, v_new, _ = _update._moment_step(
       g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
       nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
   )
   m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
-  m = m.at[ids].set(m_new, mode='drop')
-  v = v.at[ids].set(v_new, mode='drop')
+  m = scatter_rows(m, ids, m_new)
+  v = scatter_rows(v, ids, v_new)
   return RowSparse(ids, u, g.num_rows), m, v, last
 
 
@@ -751,7 +785,7 @@ def _sparse_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
           out.append(u)
         elif _is_sparse(u):
           ids, values = rows_of(u)
-          rows = jnp.asarray(p).at[ids].get(mode='fill', fill_value=0)
+          rows = gather_rows(p, ids)
           out.append(u.with_values((values + weight_decay * rows).astype(values.dtype)))
         else:
           out.append((u + weight_decay * p).astype(u.dtype))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from adamfx._sparse import RowSparse
+from adamfx._sparse import gather_rows
 from adamfx._sparse import safe_ids
 
 
@@ -129,7 +130,7 @@ def value_and_row_sparse_grad(
     start = []
     for j in diff:
       if j in table_ids:
-        start.append(leaves[j].at[table_ids[j][1]].get(mode='fill', fill_value=0))
+        start.append(gather_rows(leaves[j], table_ids[j][1]))
       else:
         start.append(leaves[j])
 

@@ -82,6 +82,9 @@ class Contract(NamedTuple):
   # reason is on the row); the dtype check asserts that refusal, and runs the
   # real leaves alone.
   complex_params: bool = True
+  # True: the member takes RowSparse gradients (lazy Adam); the composition
+  # checks also feed it one (for the (4, 64) leaf).
+  sparse: bool = False
 
 
 _C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
@@ -142,10 +145,11 @@ CONTRACTS = [
              eight_bit=True),
     Contract('inject_adamw8bit',
              lambda: _inject(adamfx.adamw8bit)(LR, min_8bit_size=_C8, **_WD), eight_bit=True),
-    Contract('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR)),
+    Contract('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR), sparse=True),
     Contract('lazy_adam_catch_up', lambda: adamfx.lazy_adam(LR, catch_up=True),
-             lambda: optax.adam(LR)),
-    Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
+             lambda: optax.adam(LR), sparse=True),
+    Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD),
+             sparse=True),
     # The framework-exact builders take real params only, as torch and keras
     # (complex_params=False), and keep 16-bit params' moments in float32.
     Contract('torch_adam', lambda: adamfx.torch_adam(LR), lambda: optax.adam(LR),
