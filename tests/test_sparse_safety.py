@@ -188,3 +188,75 @@ def test_x64_wide_ids_are_out_of_range_under_jit(dtype):
   vg = adamfx.value_and_row_sparse_grad(lambda p: jnp.sum(p['t'] ** 2), where=lambda p: p['t'])
   value, _ = jax.jit(vg)({'t': jnp.ones((V, D), jnp.float32)}, ids)
   assert float(value) == pytest.approx(D)  # only row 3 gathered; the wide ids gather zeros
+
+
+# ------------------------------------------------- model helpers (3, 4)
+
+
+def _skipgram_dense(table, centre, context):
+  """The ordinary model: one table looked up twice (centre and context words)."""
+  score = jnp.sum(table[centre] * table[context], axis=-1)
+  return -jnp.sum(jax.nn.log_sigmoid(score))
+
+
+@pytest.mark.parametrize('picks', [2, 3])
+@pytest.mark.parametrize('dtypes', [('int32', 'int32'), ('int32', 'uint8')], ids=['same', 'mixed'])
+def test_one_table_picked_several_times_keeps_every_id_set(picks, dtypes):
+  """Defect 3: ``where=lambda p: (p['emb'], p['emb'])`` keeps both id arrays;
+  the RowSparse sums to jax.grad of the ordinary model (jit and eager)."""
+  rng = np.random.default_rng(picks)
+  table = jnp.asarray(rng.normal(size=(V, D)), jnp.float32)
+  sets = [np.array([3, 7, 3, 39]), np.array([7, 0, 12, 3]), np.array([5, 5, 1, 3])][:picks]
+  id_arrays = tuple(jnp.asarray(a, dtypes[min(n, 1)]) for n, a in enumerate(sets))
+  k = len(sets[0])
+
+  def loss(p):  # rows of id array n start at position n * k
+    rows = p['emb']
+    return sum(-jnp.sum(jax.nn.log_sigmoid(jnp.sum(rows[:k] * rows[n * k:(n + 1) * k], -1)))
+               for n in range(1, picks))
+
+  def dense(t):
+    return sum(_skipgram_dense(t, sets[0], sets[n]) for n in range(1, picks))
+
+  want_v, want_g = jax.value_and_grad(dense)(table)
+  vg = adamfx.value_and_row_sparse_grad(loss, where=lambda p: (p['emb'],) * picks)
+  for f in (vg, jax.jit(vg)):
+    value, grads = f({'emb': table}, id_arrays)
+    np.testing.assert_allclose(value, want_v, rtol=1e-6)
+    np.testing.assert_allclose(grads['emb'].todense(), want_g, rtol=1e-5, atol=1e-6)
+    assert grads['emb'].values.shape == (picks * k, D)
+
+
+def _tied_losses():
+  labels = jnp.array([1, 2, 39])
+
+  def matmul(p, pos):
+    h = p['emb'][pos]
+    return -jnp.mean(jax.nn.log_softmax(h @ p['emb'].T)[jnp.arange(3), labels])
+
+  def einsum(p, pos):
+    h = jnp.tanh(p['emb'][pos] @ p['w'])
+    return jnp.sum(jnp.einsum('bd,vd->bv', h, p['emb'].astype(jnp.float32)) ** 2)
+
+  def dot(p, pos):
+    return jnp.sum(jnp.dot(p['emb'][pos], p['emb'].reshape(-1, D).T))
+
+  return {'matmul': matmul, 'einsum': einsum, 'dot': dot}
+
+
+@pytest.mark.parametrize('form', sorted(_tied_losses()))
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+def test_tied_table_is_refused_and_says_how_to_write_it(form, jit):
+  """Defect 4: a table used by the lookup and as ``h @ table.T`` is refused
+  (it would get k rows instead of the vocabulary); a product over the
+  gathered rows indexed first is not."""
+  params = {'emb': jnp.ones((V, D)), 'w': jnp.eye(D)}
+  vg = adamfx.value_and_row_sparse_grad(_tied_losses()[form], where=lambda p: p['emb'])
+  vg = jax.jit(vg) if jit else vg
+  with pytest.raises(ValueError, match=r'tied to an output projection.*jax.value_and_grad'):
+    vg(params, jnp.array([3, 7, 3]), jnp.arange(3))
+  sampled = lambda p, pos: jnp.sum(p['emb'][pos] @ p['emb'][pos[:2]].T)
+  ok = adamfx.value_and_row_sparse_grad(sampled, where=lambda p: p['emb'])
+  value, grads = ok(params, jnp.array([3, 7, 3]), jnp.arange(3))
+  assert float(value) == pytest.approx(6 * D)
+  assert grads['emb'].values.shape == (3, D)
