@@ -128,21 +128,24 @@ def check_non_negative(name: str, value: Any) -> None:
     raise ValueError(f'`{name}` must be >= 0, got {value!r}.')
 
 
-def check_learning_rate(value: Any) -> None:
-  """Checks a learning rate: a finite number >= 0, an array, or a schedule."""
+def check_learning_rate(value: Any, name: str = 'learning_rate') -> None:
+  """Checks a learning rate: a finite number >= 0, an array, or a schedule.
+
+  ``name``: the argument's name in the caller's API (torch's ``lr``).
+  """
   if callable(value) and not _is_numeric_like(value):
     return  # A schedule, evaluated on the step count.
-  _check_numeric('learning_rate', value, schedule_ok=True)
+  _check_numeric(name, value, schedule_ok=True)
   x = _concrete_number(value)
   if x is None:
     return
   if math.isnan(x) or math.isinf(x):
     raise ValueError(
-        f'`learning_rate` must be a finite number >= 0, got {value!r}.'
+        f'`{name}` must be a finite number >= 0, got {value!r}.'
     )
   if x < 0:
     raise ValueError(
-        f'`learning_rate` must be >= 0, got {value!r}: Adam already steps'
+        f'`{name}` must be >= 0, got {value!r}: Adam already steps'
         ' against the gradient, a negative rate would ascend.'
     )
 

@@ -555,7 +555,9 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   if last is not None:
     # Rows untouched since step s decay as dense Adam's would have over the
     # steps s+1 .. t-1, where their gradient was 0: by b**(t-1-s).
-    gap = (count - 1) - gather_rows(last, ids)
+    # Once the int32 count saturates, count - 1 - last would be -1 (a
+    # growth by 1 / b): no catch-up there, the step's own decay only.
+    gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
     cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
     shape = (ids.shape[0],) + (1,) * (m_rows.ndim - 1)
     d1 = jax.lax.pow(jnp.asarray(b1, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
@@ -647,6 +649,8 @@ def scale_by_lazy_adam(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
+  if not isinstance(catch_up, bool):  # as torch_adam(amsgrad=1): flags are bools
+    raise TypeError(f'`catch_up` must be True or False, got {catch_up!r}.')
 
   def init_fn(params):
     base = _update._family_init(params, None, None, False)

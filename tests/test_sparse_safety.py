@@ -260,3 +260,44 @@ def test_tied_table_is_refused_and_says_how_to_write_it(form, jit):
   value, grads = ok(params, jnp.array([3, 7, 3]), jnp.arange(3))
   assert float(value) == pytest.approx(6 * D)
   assert grads['emb'].values.shape == (3, D)
+
+
+# ------------------------------------------------------ small defects
+
+
+@pytest.mark.parametrize('rows', [[3], [0, 3, V - 1]])
+def test_catch_up_keeps_decaying_once_the_count_saturates(rows):
+  """Defect 16: at the saturated int32 count a touched row's moments decay
+  by b1, b2 a step (NumPy float64 Adam moments), not grow by 1 / b."""
+  b1, b2 = 0.9, 0.999
+  tx = adamfx.scale_by_lazy_adam(b1, b2, catch_up=True)
+  table = jnp.zeros((V, D))
+  state = tx.init(table)
+  top = np.iinfo(np.int32).max
+  state = state._replace(count=jnp.asarray(top - 1, jnp.int32))
+  rng = np.random.default_rng(0)
+  m = np.zeros((len(rows), D))
+  v = np.zeros((len(rows), D))
+  for _ in range(3):  # the last two steps at the saturated count
+    g = rng.normal(size=(len(rows), D))
+    _, state = jax.jit(tx.update)(RowSparse(jnp.asarray(rows), jnp.asarray(g, jnp.float32), V),
+                                  state, table)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+  assert int(state.count) == top
+  np.testing.assert_allclose(np.asarray(state.mu)[rows], m, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(state.nu)[rows], v, rtol=1e-5, atol=1e-9)
+
+
+def test_flags_are_bools_and_torch_names_lr():
+  """Cosmetic: ``catch_up=1`` is a TypeError like ``amsgrad=1``; torch_adam's
+  learning-rate errors say ``lr``."""
+  with pytest.raises(TypeError, match='`catch_up` must be True or False, got 1'):
+    adamfx.lazy_adam(0.1, catch_up=1)
+  with pytest.raises(TypeError, match='`catch_up`'):
+    adamfx.scale_by_lazy_adam(catch_up='yes')
+  for build in (adamfx.torch_adam, adamfx.torch_adamw):
+    with pytest.raises(ValueError, match=r'^`lr` must be >= 0, got -1'):
+      build(lr=-1)
+  with pytest.raises(ValueError, match=r'^`learning_rate` must be >= 0'):
+    adamfx.keras_adam(learning_rate=-1)
