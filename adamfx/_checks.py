@@ -222,6 +222,24 @@ def tree_difference(got: list[str], want: list[str], got_def: Any, want_def: Any
   return '; '.join(detail) or f'updates {got_def} vs {short or what} {want_def}'
 
 
+def _is_row_sparse(x: Any) -> bool:
+  return type(x).__name__ == 'RowSparse' and hasattr(x, 'todense')  # no import cycle
+
+
+def refuse_row_sparse(updates: Any, who: str = 'this optimiser') -> None:
+  """A TypeError naming the first :class:`adamfx.RowSparse` leaf, and the fix."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=lambda x: x is None or _is_row_sparse(x))[0]
+  for path, x in leaves:
+    if _is_row_sparse(x):
+      raise TypeError(
+          f'Gradient leaf {_leaf_name(path)} is an adamfx.RowSparse (a row-sparse'
+          f' embedding gradient); {who} takes dense gradients. Use'
+          ' adamfx.lazy_adam or adamfx.lazy_adamw, which step only the touched'
+          ' rows (or pass g.todense() for dense Adam on the table).'
+      )
+
+
 def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -> None:
   """Checks that ``updates`` has the structure and leaf shapes of ``reference``.
 
@@ -238,6 +256,7 @@ def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -
       for u, r in zip(up_flat, ref_flat)
   ):
     return
+  refuse_row_sparse(updates)
   up_leaves, up_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
   if up_def != ref_def:

@@ -316,6 +316,7 @@ def check_like_params(updates: Any, signature: Any, what: str, structure: bool =
   sliced into the wrong leaves. Errors name the user's leaf path.
   """
   ref_def, ref = signature
+  _checks.refuse_row_sparse(updates, 'pack_state')
   got_def, got = _signature(updates)
   name = lambda path: f'`{jax.tree_util.keystr(tuple(path)) or "<root>"}`'
   if not structure and len(got) != len(ref):

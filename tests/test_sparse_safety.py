@@ -301,3 +301,49 @@ def test_flags_are_bools_and_torch_names_lr():
       build(lr=-1)
   with pytest.raises(ValueError, match=r'^`learning_rate` must be >= 0'):
     adamfx.keras_adam(learning_rate=-1)
+
+
+def _dense_members():
+  from test_composition import CONTRACTS
+
+  return [c for c in CONTRACTS if not c.sparse]
+
+
+@pytest.mark.parametrize('c', _dense_members(), ids=lambda c: c.name)
+def test_row_sparse_given_to_a_dense_member_says_use_lazy_adam(c):
+  """Defect 13: every dense member (adam, adam8bit, torch_adam, pack_state,
+  injected, wrapped ...) refuses a RowSparse gradient naming the leaf and
+  lazy_adam, not 'missing from the updates'."""
+  p = {'emb': jnp.zeros((10, 2)), 'b': jnp.zeros(2)}
+  g = {'emb': RowSparse(jnp.array([1]), jnp.ones((1, 2)), 10), 'b': jnp.ones(2)}
+  tx = c.make()
+  with pytest.raises(TypeError, match=r"leaf `\['emb'\]` is an adamfx.RowSparse.*lazy_adam"):
+    tx.update(g, tx.init(p), p)
+
+
+def test_lazy_adam_then_add_decayed_weights_points_to_lazy_adamw():
+  """Defect 13: optax.add_decayed_weights after scale_by_lazy_adam fails in
+  JAX's tree code; the message now names lazy_adamw."""
+  p = {'emb': jnp.zeros((10, 2))}
+  g = {'emb': RowSparse(jnp.array([1]), jnp.ones((1, 2)), 10)}
+  tx = optax.chain(adamfx.scale_by_lazy_adam(), optax.add_decayed_weights(0.1))
+  with pytest.raises(ValueError, match='adamfx.lazy_adamw'):
+    tx.update(g, tx.init(p), p)
+
+
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+def test_adam_diagnostics_of_a_lazy_step(jit):
+  """Defect 13: adam_diagnostics(state, lazy updates, lr) reads the RowSparse
+  as its dense array: step_max / step_mean from NumPy over the dense update."""
+  rng = np.random.default_rng(0)
+  p = {'emb': jnp.asarray(rng.normal(size=(10, 2)), jnp.float32), 'b': jnp.zeros(2)}
+  g = {'emb': RowSparse(jnp.array([1, 4, 1]), jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+                        10), 'b': jnp.ones(2)}
+  tx = adamfx.lazy_adam(0.1)
+  u, state = tx.update(g, tx.init(p), p)
+  diag = jax.jit(adamfx.adam_diagnostics) if jit else adamfx.adam_diagnostics
+  d = diag(state, u, 0.1)
+  dense = np.concatenate([np.abs(np.asarray(u['emb'].todense())).ravel(),
+                          np.abs(np.asarray(u['b']))]) / 0.1
+  np.testing.assert_allclose(d['step_max'], dense.max(), rtol=1e-6)
+  np.testing.assert_allclose(d['step_mean'], dense.mean(), rtol=1e-6)
