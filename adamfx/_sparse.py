@@ -538,12 +538,27 @@ def _row_zeros(p: Any) -> jax.Array:
   return z
 
 
-def _store(m_new, v_new, m, v, count, i):
-  """Stores moments as :func:`adamfx._update._family_update` does."""
+def _element_index(ids: jax.Array, rows: jax.Array) -> jax.Array:
+  """uint32 ``[k, row_size]``: the flat position in the leaf of each gathered element."""
+  row = int(np.prod(rows.shape[1:], dtype=np.int64))
+  return (ids.astype(jnp.uint32)[:, None] * jnp.uint32(row)
+          + jax.lax.iota(jnp.uint32, row)[None, :])
+
+
+def _store(m_new, v_new, m, v, count, i, ids=None):
+  """Stores moments as :func:`adamfx._update._family_update` does.
+
+  ``ids``: the rows gathered; a 16-bit ``nu`` is then stochastically rounded
+  with the bits the dense leaf draws for those rows' elements, so a lazy
+  step that touches every row is dense Adam's, bit for bit (issue 18: the
+  bits of gathered row ``j`` were those of table row ``j``).
+  """
   if _update._in_place(m_new.dtype, m.dtype, v.dtype):
     return m_new, v_new
   m_out = _numerics.saturate(m_new, m.dtype)
-  v_out = _numerics.keep_positive(_rounding.store_second_moment(v_new, v.dtype, count, i), v_new)
+  index = None if ids is None else _element_index(ids, v_new)
+  v_out = _numerics.keep_positive(
+      _rounding.store_second_moment(v_new, v.dtype, count, i, index), v_new)
   return m_out, v_out
 
 
@@ -565,11 +580,23 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
     m_rows = (m_rows.astype(cdt) * d1).astype(m.dtype)
     v_rows = (v_rows.astype(cdt) * d2).astype(v.dtype)
     last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
-  u, m_new, v_new, _ = _update._moment_step(
-      g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
-      nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
-  )
-  m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i)
+  cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
+  if _update._in_place_narrow(cdt, m.dtype, v.dtype):
+    # bfloat16 moments: dense Adam's own step for them (gradient clipped at
+    # 2**63, update read off the stored moments, nu's rounding bits those of
+    # the rows' elements), so that touching every row is dense Adam bit for
+    # bit (issue 18: |g| > 2**63 and the rounding differed).
+    _checks.check_decay_in_dtype('b1', b1, cdt)
+    _checks.check_decay_in_dtype('b2', b2, cdt)
+    k = _update._leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, False)
+    u, m_new, v_new = _update._in_place_narrow_step(
+        g_rows, m_rows, v_rows, k, count, i, nesterov=False, index=_element_index(ids, v_rows))
+  else:
+    u, m_new, v_new, _ = _update._moment_step(
+        g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
+        nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
+    )
+    m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i, ids)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
   m = scatter_rows(m, ids, m_new)
   v = scatter_rows(v, ids, v_new)

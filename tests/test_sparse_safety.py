@@ -347,3 +347,42 @@ def test_adam_diagnostics_of_a_lazy_step(jit):
                           np.abs(np.asarray(u['b']))]) / 0.1
   np.testing.assert_allclose(d['step_max'], dense.max(), rtol=1e-6)
   np.testing.assert_allclose(d['step_mean'], dense.mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16', 'float32'])
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+def test_every_row_touched_is_dense_adam_with_huge_and_16_bit_gradients(dtype, jit):
+  """Defect 14: with every row touched each step (ids shuffled, one duplicate
+  pair split in two), lazy Adam's table and moments are adamfx.adam's bit for
+  bit on 16-bit tables too, with gradients up to 2**100 (beyond 2**63,
+  where squares overflow float32) -- the 16-bit nu's stochastic rounding
+  draws the dense leaf's bits."""
+  rng = np.random.default_rng(5)
+  n = 6
+  table = jnp.asarray(rng.normal(size=(n, D)), dtype)
+  dense, lazy = adamfx.adam(0.01), adamfx.lazy_adam(0.01)
+  ds, ls, dp, lp = dense.init(table), lazy.init(table), table, table
+  dstep = jax.jit(dense.update) if jit else dense.update
+  lstep = jax.jit(lazy.update) if jit else lazy.update
+  big = float(jnp.finfo(dtype).max) if dtype == 'float16' else 2.0**100
+  for t in range(3):
+    g = rng.normal(size=(n, D)) * np.where(rng.random((n, D)) < 0.3, big / (1 + t), 1.0)
+    g = jnp.asarray(g, dtype)
+    order = rng.permutation(n)
+    ids = np.concatenate([order, [order[0]]])
+    half = g[order[0]].astype(jnp.float32) / 2
+    vals = jnp.concatenate([g[order].at[0].set(half.astype(dtype)), half.astype(dtype)[None]])
+    if not np.array_equal(np.asarray((half.astype(dtype).astype(jnp.float32) * 2).astype(dtype),
+                                     np.float32), np.asarray(g[order[0]], np.float32)):
+      ids, vals = order, g[order]  # the halves do not sum back exactly: no split
+    du, ds = dstep(g, ds, dp)
+    lu, ls = lstep(RowSparse(jnp.asarray(ids), vals, n), ls, lp)
+    dp, lp = optax.apply_updates(dp, du), optax.apply_updates(lp, lu)
+    np.testing.assert_array_equal(np.asarray(lp, np.float32), np.asarray(dp, np.float32))
+  # float32 moments: XLA may fuse b1 * m + (1 - b1) * g into a multiply-add for
+  # the table and not for the gathered rows (the sparse guide): an ulp or two
+  # a step, 8 ulps over the 3 steps.
+  rtol = 0 if dtype != 'float32' else 8 * 2.0**-24
+  for k in ('mu', 'nu'):
+    np.testing.assert_allclose(np.asarray(getattr(ls[0], k), np.float32),
+                               np.asarray(getattr(ds[0], k), np.float32), rtol=rtol, atol=0)
