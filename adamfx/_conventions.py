@@ -278,7 +278,7 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
 
 
 def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maximize):
-  _checks.check_learning_rate(learning_rate)
+  _checks.check_learning_rate(learning_rate, 'lr' if convention == 'torch' else 'learning_rate')
   _checks.check_decay('beta1' if convention == 'torch' else 'beta_1', b1)
   _checks.check_decay('beta2' if convention == 'torch' else 'beta_2', b2)
   _checks.check_non_negative('eps' if convention == 'torch' else 'epsilon', eps)
