@@ -116,7 +116,8 @@ def _chain_learning_rate(
   """``optax.chain(scaling, [decay,] learning-rate scaling)``, one call when eager.
 
   ``scaling`` is :func:`scale_by_adam` or :func:`scale_by_adamax` with these
-  hyperparameters and ``flags``; ``decay``, AdamW's ``(weight_decay, mask)``.
+  hyperparameters and ``flags`` (``fmt``: the moments' storage format, None
+  for dense); ``decay``, AdamW's ``(weight_decay, mask)``.
   The state and, under a trace, the update are the chain's. Called eagerly,
   the decay (a number or array, not a schedule) and the learning rate are
   applied inside the family's compiled calls, so a step is one dispatch per
@@ -126,11 +127,20 @@ def _chain_learning_rate(
   links = _links(scaling, learning_rate, decay)
   chain = optax.chain(*links)
 
+  fmt = flags.get('fmt')
+
   def fused(updates, state, params):
     if not (isinstance(state, tuple) and len(state) == len(links)):
       return None
     if not _fast.eager(updates, state, params, (b1, b2, eps, eps_root)):
-      return None
+      if fmt is None or decay is not None or not _checks._python_number(learning_rate):
+        return None
+      # Traced, a stored format takes a number learning rate inside its step
+      # (an 8-bit leaf: inside its chunk loop), with the chain's numbers.
+      hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+      tail = _update.Tail(lr_static=-1 * learning_rate, lr_kind='number')
+      updates, inner = _update.tree_update(updates, state[0], hps, tail=tail, **flags)
+      return updates, (inner, *state[1:])
     plan = _fast.learning_rate_plan(learning_rate, state[-1])
     if plan is None:
       return None
@@ -195,11 +205,9 @@ def _storage(moments: Any, mu_dtype: Any, nu_dtype: Any) -> tuple[Any, Any, Any]
 
 def _scale_by_format(
     b1: Any, b2: Any, eps: Any, eps_root: Any, *, fmt: Any, nesterov: bool, amsgrad: bool,
-    step_size: Optional[float] = None,
 ) -> optax.GradientTransformation:
   """:func:`scale_by_adam` with moments stored in ``fmt`` (not dense)."""
   _checks.check_adam_args(b1, b2, eps, eps_root)
-  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
 
   def init_fn(params):
     _checks.check_param_leaves(params)
@@ -212,41 +220,10 @@ def _scale_by_format(
 
   def update_fn(updates, state, params=None):
     del params
-    return _fast.format_update(  # compiled when eager
-        updates, state, hps, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, step_size=step_size)
+    return _fast.family_update(  # compiled when eager
+        updates, state, b1, b2, eps, eps_root, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad)
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _format_chain(
-    b1: Any, b2: Any, eps: Any, eps_root: Any, learning_rate: Any, *, fmt: Any,
-    nesterov: bool, amsgrad: bool, decay: Optional[tuple[Any, Any]] = None,
-) -> optax.GradientTransformationExtraArgs:
-  """``chain(scale_by_adam(moments=fmt), [decay,] learning rate)`` for a stored format.
-
-  A Python-number learning rate without decay is applied inside the step
-  (for a chunked 8-bit leaf, inside its loop): the chain's numbers and
-  state, one pass over the updates less.
-  """
-  scaling = _scale_by_format(b1, b2, eps, eps_root, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad)
-  if decay is not None:
-    return _decoupled_decay_chain(scaling, learning_rate, *decay)
-  chain = optax.chain(scaling, _scale_by_learning_rate(learning_rate))
-  fused = None
-  if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
-    fused = _scale_by_format(
-        b1, b2, eps, eps_root, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad,
-        step_size=-learning_rate,
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    _checks.check_chain_state(state, 2)
-    if fused is None:
-      return chain.update(updates, state, params, **extra_args)
-    updates, inner = fused.update(updates, state[0], params)
-    return updates, (inner, *state[1:])
-
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
 
 
 def scale_by_adam(
@@ -438,15 +415,12 @@ def adam(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
   fmt, _, _ = _storage(moments, mu_dtype, nu_dtype)
-  if fmt is not None:
-    return _format_chain(
-        b1, b2, eps, eps_root, learning_rate, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad)
   return _chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad, moments=moments,
       ),
-      learning_rate, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad,
+      learning_rate, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad, fmt=fmt,
   )
 
 
@@ -516,37 +490,14 @@ def adamw(
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
   fmt, _, _ = _storage(moments, mu_dtype, nu_dtype)
-  if fmt is not None:
-    return _format_chain(
-        b1, b2, eps, eps_root, learning_rate, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad,
-        decay=(weight_decay, mask))
   return _chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad, moments=moments,
       ),
       learning_rate, b1, b2, eps, eps_root, decay=(weight_decay, mask),
-      nesterov=nesterov, amsgrad=amsgrad,
+      nesterov=nesterov, amsgrad=amsgrad, fmt=fmt,
   )
-
-
-def _decoupled_decay_chain(
-    scaling: optax.GradientTransformation,
-    learning_rate: ScalarOrSchedule,
-    weight_decay: ScalarOrSchedule,
-    mask: Any,
-) -> optax.GradientTransformationExtraArgs:
-  """``scaling``, then AdamW's decoupled decay, then the learning rate."""
-
-  links = _links(scaling, learning_rate, (weight_decay, mask))
-  chain = optax.chain(*links)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    _checks.check_chain_state(state, len(links))
-    _checks.check_mask(mask, updates, params)
-    return chain.update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(_init_checking_mask(chain, mask), update_fn)
 
 
 def _init_checking_mask(chain: Any, mask: Any) -> Callable[[Any], Any]:

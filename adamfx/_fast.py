@@ -68,28 +68,23 @@ def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
 
 @functools.partial(
     jax.jit,
-    static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static', 'lr_kind',
-                     'decay_static', 'decay_mask'),
+    static_argnames=('static', 'fmt', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static',
+                     'lr_kind', 'decay_static', 'decay_mask'),
 )
 def _leaf_update(
     g, m, v, vm, count, dynamic, lr_size=None, p=None, decay_size=None, *,
-    static, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
+    static, fmt=None, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
     decay_static=None, decay_mask=None,
 ):
-
+  """The core's tree driver on a list of leaves, its tail fused in."""
   hps = [s if d is None else d for s, d in zip(static, dynamic)]
-  state = _update.AdamState(count, m, v, vm)
-  u, state = _update._family_update(
-      g, state, *hps, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm
+  tail = None
+  if lr_kind is not None or decay_mask is not None:
+    tail = _update.Tail(lr_static, lr_size, lr_kind, decay_static, decay_size, decay_mask, p)
+  return _update.tree_update(
+      g, _update.AdamState(count, m, v, vm), dict(zip(('b1', 'b2', 'eps', 'eps_root'), hps)),
+      fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm, tail=tail,
   )
-  if decay_mask is not None:  # AdamW's decoupled decay, in the same call
-    size = decay_static if decay_static is not None else decay_size
-    u = [x if x is None or not on else _decay_one(x, q, size)
-         for x, q, on in zip(u, p, decay_mask)]
-  if lr_kind is not None:  # the learning-rate scaling, in the same call
-    u = [None if x is None else _scale_one(x, lr_size, lr_static, lr_kind == 'schedule')
-         for x in u]
-  return u, state
 
 
 CHUNK = 8  # leaves per compiled eager call: fewer dispatches, short compiles
@@ -134,8 +129,9 @@ def family_update(
     infinity_norm: bool = False,
     lr: Any = None,
     decay: Any = None,
+    fmt: Any = None,
 ) -> tuple[Any, Any]:
-  """``_update._family_update``, compiled leaf by leaf when called eagerly.
+  """``_update.tree_update``, compiled chunk by chunk of leaves when called eagerly.
 
   Args:
     updates: the gradient tree.
@@ -151,6 +147,7 @@ def family_update(
       calls (eager only; the caller checks :func:`eager`), or None.
     decay: a :class:`_Decay` (AdamW's decoupled decay, applied before ``lr``),
       or None.
+    fmt: the moments' storage format (None: dense arrays).
 
   Returns:
     ``(updates, state)`` exactly as ``_update._family_update`` returns them
@@ -160,15 +157,24 @@ def family_update(
   flags = dict(nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm)
   hps = (b1, b2, eps, eps_root)
   _checks.adam_like_state(state, 'scale_by_adamax' if infinity_norm else 'scale_by_adam')
-  if jax.config.jax_disable_jit or not all(
-      map(_concrete, jax.tree.leaves((updates, state, hps)))
-  ):
-    return _update._family_update(updates, state, *hps, **flags)
+  traced = lambda: _update.tree_update(
+      updates, state, dict(zip(('b1', 'b2', 'eps', 'eps_root'), hps)),
+      **{**flags, 'fmt': fmt})
+  if not eager(updates, state, hps):
+    return traced()
 
   updates = jax.tree.map(
       lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), updates
   )
-  _checks.check_matching_trees(updates, state.mu)
+  if fmt is None:
+    _checks.check_matching_trees(updates, state.mu)
+  else:
+    state = state._replace(
+        mu=fmt.prepare(state.mu, True, 'mu'), nu=fmt.prepare(state.nu, False, 'nu'),
+        nu_max=fmt.prepare(state.nu_max, False, 'nu_max') if amsgrad else None)
+    _checks.check_matching_trees(updates, jax.tree.map(
+        fmt.param_like, state.mu, is_leaf=lambda x: x is None or fmt.is_stored(x)))
+  flags['fmt'] = fmt
   g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
@@ -187,7 +193,9 @@ def family_update(
   else:
     p_leaves = decay_on = [None] * len(g_leaves)
     decay_size = None
-  narrow = [g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)]
+  # A 16-bit nu's stochastic rounding hashes the leaf's position in the tree.
+  narrow = [g is not None and fmt is None and _narrow(v.dtype)
+            for g, v in zip(g_leaves, v_leaves)]
   outs = [(None, None, None, None)] * len(g_leaves)
   count = None
   if any(narrow):
@@ -206,10 +214,10 @@ def family_update(
     outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
   rest = [i for i, g in enumerate(g_leaves) if g is not None and not narrow[i]]
   def signature(i):  # shapes agree (checked above): the gradient's, and dtypes
-    g, vm, q = g_leaves[i], vm_leaves[i], p_leaves[i]
-    return (g.shape, g.dtype, g.weak_type, m_leaves[i].dtype, v_leaves[i].dtype,
-            None if vm is None else vm.dtype, decay_on[i],
-            None if q is None else (q.dtype, getattr(q, 'weak_type', False)))
+    g, q = g_leaves[i], p_leaves[i]
+    stored = jax.tree.map(lambda x: (x.shape, x.dtype), (m_leaves[i], v_leaves[i], vm_leaves[i]))
+    return (g.shape, g.dtype, g.weak_type, jax.tree.structure(stored), tuple(jax.tree.leaves(stored)),
+            decay_on[i], None if q is None else (q.dtype, getattr(q, 'weak_type', False)))
 
   for chunk in _chunks(rest, signature, lambda i: g_leaves[i].size):
     take = lambda xs: [xs[i] for i in chunk]
@@ -224,32 +232,12 @@ def family_update(
       outs[i] = (u[j], sub.mu[j], sub.nu[j], sub.nu_max[j] if amsgrad else None)
   if count is None:  # no leaf to update
     assert lr is None and decay is None or not any(x is not None for x in g_leaves)
-    return _update._family_update(updates, state, *hps, **flags)
+    return traced()
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
   )
   state_type = _update.AdaMaxState if infinity_norm else _update.AdamState
   return u, state_type(count, mu, nu, nu_max if amsgrad else None)
-
-
-def _scale_one(u, size, static, as_schedule):
-  """One leaf of ``_keep_dtypes(optax.scale_by_learning_rate(...))``.
-
-  optax.scale: ``step_size * g``; optax.scale_by_schedule:
-  ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
-  update's dtype (standard promotion).
-  """
-  with jax.numpy_dtype_promotion('standard'):
-    if static is not None:
-      return (static * u).astype(u.dtype)
-    size = size.astype(u.dtype) if as_schedule else size
-    return (size * u).astype(u.dtype)
-
-
-def _decay_one(u, p, size):
-  """One leaf of ``_keep_dtypes(optax.add_decayed_weights(size))``: ``u + size * p``."""
-  with jax.numpy_dtype_promotion('standard'):
-    return (u + size * p).astype(u.dtype)
 
 
 class _Decay(NamedTuple):
@@ -280,9 +268,11 @@ def decay_plan(weight_decay: Any, mask: Any, updates: Any, params: Any) -> Optio
   if mask is None:
     on = [True] * len(g_leaves)
   else:
-    # As optax.masked: a mask function is called on the updates; the mask
-    # may be a prefix of the tree, each of its leaves covering a subtree.
-    mask_tree = mask(updates) if callable(mask) else mask
+    # One mask semantics for every member (lazy Adam's too): a mask function
+    # is called on the params (optax.masked calls it on the params at init
+    # and on the updates, of the same structure, at update); the mask may be
+    # a prefix of the tree, each of its leaves covering a subtree.
+    mask_tree = mask(params) if callable(mask) else mask
     try:
       on = jax.tree.leaves(jax.tree.map(
           lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, updates
@@ -298,11 +288,12 @@ def decay_plan(weight_decay: Any, mask: Any, updates: Any, params: Any) -> Optio
   return _Decay(weight_decay, None, p_leaves, on)
 
 
-@functools.partial(jax.jit, static_argnames=('static', 'as_schedule'))
-def _scale_leaf(u, step, *, static, as_schedule):
-  # ``as_schedule`` is static: a traced flag cannot choose a Python branch.
+@functools.partial(jax.jit, static_argnames=('static', 'kind'))
+def _scale_leaf(u, step, *, static, kind):
+  # ``kind`` is static: a traced flag cannot choose a Python branch.
   # ``u`` is a list of leaves (one compiled call per chunk of leaves).
-  return [_scale_one(x, step, static, as_schedule) for x in u]
+  tail = _update.Tail(lr_static=static, lr_size=step, lr_kind=kind)
+  return [_update.apply_tail(x, 0, tail, False) for x in u]
 
 
 class _LearningRate(NamedTuple):
@@ -377,7 +368,7 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
     for chunk in _chunks(present, signature, lambda i: leaves[i].size):
       scaled = _scale_leaf(
           [leaves[i] for i in chunk], plan.size,
-          static=plan.static, as_schedule=plan.kind == 'schedule',
+          static=plan.static, kind=plan.kind,
       )
       for i, u in zip(chunk, scaled):
         out[i] = u
@@ -386,40 +377,3 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
 
   return optax.GradientTransformation(traced.init, update_fn)
 
-
-def format_update(
-    updates: Any,
-    state: Any,
-    hps: dict[str, Any],
-    *,
-    fmt: Any,
-    nesterov: bool = False,
-    amsgrad: bool = False,
-    step_size: Any = None,
-) -> tuple[Any, Any]:
-  """``_update.format_update``, compiled once per configuration when eager.
-
-  The compiled call is shared by every transformation of one configuration
-  (array hyperparameters are its arguments, the format is hashed), so
-  rebuilding the transformation with new values (``inject_hyperparams``)
-  does not recompile. Under a trace or ``jax_disable_jit``: the traced
-  driver itself.
-  """
-  static, arrays = [], {}
-  for k, v in hps.items():
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-      static.append((k, v))
-    else:
-      arrays[k] = v
-  flags = dict(fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, step_size=step_size)
-  if not eager(updates, state, arrays):
-    return _update.format_update(updates, state, hps, **flags)
-  return _eager_format(updates, state, arrays, static=tuple(static), **flags)
-
-
-@functools.partial(
-    jax.jit, static_argnames=('static', 'fmt', 'nesterov', 'amsgrad', 'step_size'))
-def _eager_format(updates, state, arrays, *, static, fmt, nesterov, amsgrad, step_size):
-  return _update.format_update(
-      updates, state, {**dict(static), **arrays},
-      fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, step_size=step_size)
