@@ -3,12 +3,14 @@
 Called outside ``jit`` (in a notebook, say), the family update would run as
 dozens of separate array operations per leaf, each a dispatch and a pass over
 memory. :func:`family_update` instead runs every leaf through one compiled
-call of the same :func:`adamfx._update._family_update`, leaves of one shape
-and dtype in chunks of up to ``CHUNK``, so an eager step costs about one
-dispatch per chunk; :func:`adamfx.adam` (and ``nadam``, ``amsgrad``,
-``adamax``, ``adamw``) applies its learning rate, and AdamW its decoupled
-decay, in those same calls (:func:`learning_rate_plan`, :func:`decay_plan`). Under a trace (``jit``, ``vmap``, ``grad``,
-``scan``) it is ``_family_update`` itself, so compiled code is unchanged.
+call of the same :func:`adamfx._update.tree_update` (whatever the moments'
+storage format), leaves of one shape, dtype and storage in chunks of up to
+``CHUNK``, so an eager step costs about one dispatch per chunk; every
+member applies its learning rate, and AdamW its decoupled decay, in those
+same calls (the core's :class:`adamfx._update.Tail`, planned by
+:func:`learning_rate_plan` and :func:`decay_plan`). Under a trace (``jit``,
+``vmap``, ``grad``, ``scan``) or ``jax_disable_jit`` it is ``tree_update``
+itself, so compiled code is unchanged.
 
 The compiled function lives at module level and takes Python-number
 hyperparameters as static arguments (the traced path folds them as Python

@@ -1,16 +1,21 @@
-r"""The update math of the Adam family: its state and its two formulations.
+r"""The Adam core: its state, its per-leaf math and the one tree driver.
 
-Every member of the family -- Adam, NAdam (``nesterov=True``), AMSGrad
-(``amsgrad=True``), AdamW's Adam part and AdaMax (``infinity_norm=True``) --
-goes through :func:`family_update`, which steps every leaf with one of two
-formulations:
+Every member -- Adam, NAdam (``nesterov=True``), AMSGrad (``amsgrad=True``),
+AdamW's Adam part, AdaMax (``infinity_norm=True``), lazy Adam's dense leaves,
+the 8-bit aliases and the torch/Keras builders -- runs through
+:func:`tree_update`, which owns flattening, None leaves, the count, the
+checks, the NaN guard for invalid traced hyperparameters, the casts and the
+fused tail ``-lr * (u + wd * p)`` (:class:`Tail`). Per leaf it runs the
+storage's step: :func:`dense_step` for arrays, which uses one of two
+formulations,
 
 - :func:`_in_place_step` (float32 and wider moments, and 16-bit moments of
   16-bit or float32 params through :func:`_in_place_narrow_step`): the moments
   update in place and the update is read off the stored moments;
 - :func:`_moment_step`, the general path (float16 moments, complex params,
-  AMSGrad, AdaMax): rescaled arithmetic that neither overflows nor underflows.
+  AMSGrad, AdaMax): rescaled arithmetic that neither overflows nor underflows;
 
+or a storage format's step (:mod:`adamfx._formats`) around :class:`LeafMath`.
 The variants are parameters of these, not copies of them. The constructors
 (:mod:`adamfx._adam`) and the compiled eager path (:mod:`adamfx._fast`) build
 on this module; it imports neither.
@@ -604,6 +609,7 @@ def tree_update(
     infinity_norm: bool = False,
     tail: Optional[Tail] = None,
     who: Optional[str] = None,
+    state_type: Optional[type] = None,
 ) -> tuple[optax.Updates, AdamState]:
   """The one tree driver of the Adam family.
 
@@ -613,7 +619,8 @@ def tree_update(
   update to its gradient's dtype and the fused tail (:class:`Tail`). Per
   leaf it runs the storage's step: :func:`dense_step` (``fmt`` None: arrays
   of any floating dtype), ``fmt.step(g, m, v, vm, leaf_index, math)`` or
-  :func:`default_step`, with the core's :class:`LeafMath`.
+  :func:`default_step`, with the core's :class:`LeafMath` (the torch/Keras
+  builders' own arithmetic is such a step, their state ``state_type``).
   """
   b1, b2, eps, eps_root = (hps[k] for k in ('b1', 'b2', 'eps', 'eps_root'))
   state = _checks.adam_like_state(
@@ -652,7 +659,7 @@ def tree_update(
     outs.append((u, m_s, v_s, vm_s))
   u, mu, nu, nu_max = (jax.tree.unflatten(treedef, list(c)) for c in zip(*outs)) if outs else (
       (jax.tree.unflatten(treedef, []),) * 4)
-  new_state = (AdaMaxState if infinity_norm else AdamState)(
+  new_state = (state_type or (AdaMaxState if infinity_norm else AdamState))(
       count=count, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None)
   return u, new_state
 

@@ -10,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,7 +43,8 @@ class Blockwise8bit:
     ValueError: for a ``block_size`` < 1 or a negative ``min_size``.
 
   Examples:
-    >>> import jax.numpy as jnp
+    >>> import jax
+import jax.numpy as jnp
     >>> import adamfx
     >>> tx = adamfx.adamw(1e-3, moments=adamfx.Blockwise8bit(min_size=256))
     >>> state = tx.init({'w': jnp.zeros((4, 256)), 'b': jnp.zeros(4)})
@@ -105,8 +107,25 @@ class Blockwise8bit:
 
   def prepare(self, tree: Any, signed: bool, what: str) -> Any:
     """Moments handed back by a container (Flax NNX mappings) as QuantizedArrays;
-    a state quantized with another block size is refused."""
-    return _quant._as_quantized(tree, signed, self.block_size, what)
+    a state quantized with another block size, or made by a float-moment
+    optimiser (a large leaf with float moments), is refused."""
+    tree = _quant._as_quantized(tree, signed, self.block_size, what)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=self._is_leaf)[0]:
+      if x is None or self.is_stored(x) or not jnp.issubdtype(x.dtype, jnp.floating):
+        continue
+      size = math.prod(np.shape(x))
+      if size >= max(self.min_size, 1):
+        raise TypeError(
+            f'state.{what} leaf {jax.tree_util.keystr(tuple(path)) or "<root>"} holds'
+            f' {jnp.dtype(x.dtype).name} moments of {size} elements, but {self!r}'
+            ' keeps this leaf in 8 bits (min_8bit_size): the state was made by another'
+            ' optimiser (adamfx.adam?). Update it with the optimiser that made it, or'
+            ' init this one.'
+        )
+    return tree
+
+  def _is_leaf(self, x: Any) -> bool:
+    return x is None or self.is_stored(x)
 
   def step(self, g, m, v, vm, leaf_index, math):
     """The fused 8-bit step of one leaf (see :func:`adamfx._quant.leaf_step`)."""
