@@ -219,6 +219,31 @@ def tree_difference(got: list[str], want: list[str], got_def: Any, want_def: Any
   return '; '.join(detail) or f'updates {got_def} vs {short or what} {want_def}'
 
 
+def _is_8bit(x: Any) -> bool:
+  # adamfx.QuantizedArray, by name: _quant imports this module.
+  return type(x).__name__ == 'QuantizedArray' and hasattr(x, 'codes')
+
+
+def refuse_8bit_moments(moments: Any, what: str = 'state.mu') -> None:
+  """TypeError if ``moments`` holds 8-bit leaves: the state is adam8bit's.
+
+  Called where a float-moment member's trees do not match (so it costs
+  nothing in a working step): the mismatch is then the state's type, not
+  the gradients, and the error says so.
+  """
+  found = [
+      path for path, x in jax.tree_util.tree_flatten_with_path(moments, is_leaf=_is_8bit)[0]
+      if _is_8bit(x)
+  ]
+  if found:
+    raise TypeError(
+        f'{what} holds 8-bit moments (adamfx.QuantizedArray at {_leaf_name(found[0])}'
+        f'{f" and {len(found) - 1} more" if len(found) > 1 else ""}): the state was made by'
+        ' adamfx.adam8bit/adamw8bit, and this optimiser keeps float moments. Update'
+        ' it with the optimiser that made it, or init this one.'
+    )
+
+
 def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -> None:
   """Checks that ``updates`` has the structure and leaf shapes of ``reference``.
 
@@ -235,6 +260,7 @@ def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -
       for u, r in zip(up_flat, ref_flat)
   ):
     return
+  refuse_8bit_moments(reference, what)
   up_leaves, up_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
   if up_def != ref_def:

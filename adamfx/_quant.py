@@ -499,6 +499,8 @@ def _scale_by_adam8bit(
     count = optax.safe_increment(state.count)
     invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
     g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_update._is_none)
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(
+        updates, is_leaf=_update._is_none)[0]]
     m_leaves = treedef.flatten_up_to(state.mu)
     v_leaves = treedef.flatten_up_to(state.nu)
     out_u, out_m, out_v = [], [], []
@@ -513,6 +515,18 @@ def _scale_by_adam8bit(
           nesterov=nesterov, amsgrad=False, infinity_norm=False,
       )
       if not _is_quantized(m):
+        # A leaf this optimiser stores in 8 bits, with float moments: the
+        # state was made by another optimiser (adamfx.adam, say), whose float32
+        # moments would otherwise be kept silently.
+        size = math.prod(np.shape(m))
+        if size >= max(min_8bit_size, 1) and jnp.issubdtype(g.dtype, jnp.floating):
+          raise TypeError(
+              f'state.mu leaf {_checks._leaf_name(paths[len(out_u)])} holds'
+              f' {jnp.dtype(m.dtype).name} moments of {size} elements, but'
+              f' scale_by_adam8bit (min_8bit_size={min_8bit_size}) keeps this leaf in 8'
+              ' bits: the state was made by another optimiser (adamfx.adam?). Update'
+              ' it with the optimiser that made it, or init this one.'
+          )
         u, m_new, v_new, _ = step(g, m, v, None)
         out_m.append(_numerics.saturate(m_new, m.dtype))
         out_v.append(_numerics.saturate(v_new, v.dtype))

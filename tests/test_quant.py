@@ -416,3 +416,16 @@ def test_adam8bit_learning_rate_inside_the_step_is_the_chain(dtype, monkeypatch)
   u3, _ = fused.update(g, s1, params)
   u4, _ = chain.update(g, s2, params)
   np.testing.assert_array_equal(np.asarray(u3['w']), np.asarray(u4['w']))
+
+
+def test_states_of_the_other_storage_are_refused_by_name():
+  """An adam8bit state given to adam blamed the gradient tree; an adam state
+  given to adam8bit was accepted and kept float32 moments."""
+  params = {'w': jnp.ones((64, 128)), 'b': jnp.ones(3)}
+  with pytest.raises(TypeError, match=r'state.mu holds 8-bit moments .* at `\[.w.\]`'):
+    adamfx.adam(1e-3).update(params, adamfx.adam8bit(1e-3).init(params), params)
+  with pytest.raises(TypeError, match=r'state.mu holds 8-bit moments'):
+    jax.jit(adamfx.adamw(1e-3).update)(params, adamfx.adamw8bit(1e-3).init(params), params)
+  for update in (adamfx.adam8bit(1e-3).update, jax.jit(adamfx.adam8bit(1e-3).update)):
+    with pytest.raises(TypeError, match=r"leaf `\['w'\]` holds float32 moments of 8192"):
+      update(params, adamfx.adam(1e-3).init(params), params)
