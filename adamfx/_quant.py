@@ -425,14 +425,41 @@ def _materialized_step(g, m_new, v_new, bad, count, hps, *, nesterov):
   return m_new, v_new, jnp.where(bad, np.float32(np.nan), u)
 
 
-def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
-  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(
-        f'`block_size` must be a positive int, got {block_size!r}; 256 (the'
-        ' default) costs 0.03 bytes of scales per parameter and moment.'
-    )
-  if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-    raise ValueError(f'`min_8bit_size` must be an int >= 0, got {min_8bit_size!r}.')
+_BLOCK_SIZE, _MIN_8BIT_SIZE = 256, 4096  # the defaults (None in the signatures)
+
+
+def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> tuple[int, int]:
+  """``(block_size, min_8bit_size)`` as Python ints, None giving the defaults.
+
+  The signatures default to None, not to the numbers: ``optax.inject_hyperparams``
+  turns every number it is given (defaults included) into an array it feeds
+  back traced, and these two are structural (they shape the state). A
+  concrete integer array (that wrapper's ``init``) is read as its int.
+  """
+  out = []
+  for name, value, default, low in (
+      ('block_size', block_size, _BLOCK_SIZE, 1), ('min_8bit_size', min_8bit_size, _MIN_8BIT_SIZE, 0)):
+    if value is None:
+      value = default
+    elif isinstance(value, jax.core.Tracer):
+      raise TypeError(
+          f'`{name}` must be a Python int, got a traced {value!r}: it sets the state\'s'
+          ' shapes, so it cannot be a hyperparameter. With optax.inject_hyperparams pass'
+          f" static_args=('{name}',) (or leave it at its default, None), or use"
+          ' adamfx.inject_hyperparams, which keeps it static by itself.'
+      )
+    elif (isinstance(value, (jax.Array, np.ndarray, np.integer)) and np.ndim(value) == 0
+          and jnp.issubdtype(np.result_type(value), jnp.integer)):
+      value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      if name == 'block_size':
+        raise ValueError(
+            f'`block_size` must be a positive int, got {value!r}; 256 (the'
+            ' default) costs 0.03 bytes of scales per parameter and moment.'
+        )
+      raise ValueError(f'`min_8bit_size` must be an int >= 0, got {value!r}.')
+    out.append(value)
+  return out[0], out[1]
 
 
 def _scale_by_adam8bit(
@@ -454,7 +481,7 @@ def _scale_by_adam8bit(
   :func:`_chunked`), inside its loop, sparing a pass over the updates.
   """
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
-  _check_8bit_args(block_size, min_8bit_size)
+  block_size, min_8bit_size = _check_8bit_args(block_size, min_8bit_size)
 
   def init_fn(params):
     _checks.check_param_leaves(params)
@@ -623,8 +650,8 @@ def scale_by_adam8bit(
     eps_root: float = 0.0,
     *,
     nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r""":func:`adamfx.scale_by_adam` with its moments stored in 8 bits per element.
 
@@ -664,7 +691,8 @@ def scale_by_adam8bit(
       a positive int; default 256 (Dettmers et al. use 2048 on GPUs; smaller
       blocks isolate outliers better for 1.5 % more memory).
     min_8bit_size: leaves with fewer elements keep float32 moments; default
-      4096, as bitsandbytes.
+      4096, as bitsandbytes. Both default to None (meaning these numbers), so
+      that ``optax.inject_hyperparams`` does not make them arrays.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -777,8 +805,8 @@ def adam8bit(
     eps_root: float = 0.0,
     *,
     nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
 
@@ -794,8 +822,11 @@ def adam8bit(
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
     nesterov: NAdam's momentum.
-    block_size: elements per quantization block; default 256.
-    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    block_size: elements per quantization block; default (None) 256.
+    min_8bit_size: leaves with fewer elements keep float32 moments; default
+      (None) 4096. Both are static: None defaults keep them out of
+      ``optax.inject_hyperparams``' arrays (set either there with
+      ``static_args``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -860,8 +891,8 @@ def adamw8bit(
     mask: Optional[Any] = None,
     *,
     nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
 
@@ -881,8 +912,11 @@ def adamw8bit(
     mask: a tree of booleans (or a function of the params returning one)
       selecting the leaves to decay.
     nesterov: NAdamW's momentum.
-    block_size: elements per quantization block; default 256.
-    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    block_size: elements per quantization block; default (None) 256.
+    min_8bit_size: leaves with fewer elements keep float32 moments; default
+      (None) 4096. Both are static: None defaults keep them out of
+      ``optax.inject_hyperparams``' arrays (set either there with
+      ``static_args``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
