@@ -481,7 +481,7 @@ def _family_update(
         nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
         scalars=scalars,
     )
-    out_u.append(nan_where(invalid, u).astype(g.dtype))
+    out_u.append(u.astype(g.dtype))
     if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
       # Stored as computed: the in-place formulation's moments always fit,
       # and a clamp here would keep XLA from updating m and v in place.
@@ -498,6 +498,10 @@ def _family_update(
         _rounding.store_second_moment(v_new, v.dtype, count, i), v_new))
     out_vm.append(None if vm is None else _numerics.keep_positive(
         _numerics.saturate(vm_new, vm.dtype), vm_new))
+  # The guard for invalid traced hyperparameters, once for every leaf and
+  # every formulation (the bfloat16 in-place one skipped it: b2 = 1 gave a
+  # finite step there).
+  out_u = [None if u is None else nan_where(invalid, u) for u in out_u]
   unflatten = functools.partial(jax.tree.unflatten, treedef)
   new_state = (AdaMaxState if infinity_norm else AdamState)(
       count=count,
