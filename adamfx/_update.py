@@ -452,6 +452,9 @@ def _family_update(
   count = optax.safe_increment(state.count)
   invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
   g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+  # Each leaf's index for stochastic rounding: its place among the params,
+  # optax.MaskedNode places (other multi_transform partitions) counted.
+  positions = _rounding.leaf_positions(updates)
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
   if amsgrad:
@@ -460,7 +463,7 @@ def _family_update(
     vm_leaves = [None] * len(g_leaves)
   out_u, out_m, out_v, out_vm = [], [], [], []
   scalars = {}
-  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
+  for i, g, m, v, vm in zip(positions, g_leaves, m_leaves, v_leaves, vm_leaves):
     if g is None:
       for out in (out_u, out_m, out_v, out_vm):
         out.append(None)
