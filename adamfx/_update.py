@@ -538,6 +538,8 @@ def _family_init(
   zeros = lambda dtype: jax.tree.map(
       lambda p: _numerics.zeros_like(p, dtype), params
   )
+  nu = zeros(nu_dtype)
+  _checks.warn_float16_second_moment(nu)  # where float16 stops being safe
   return AdamState(
       count=jnp.zeros([], jnp.int32),
       # mu_dtype names a precision: complex params keep a complex mu (a real
@@ -545,6 +547,6 @@ def _family_init(
       mu=jax.tree.map(
           lambda p: _numerics.zeros_like(p, _mu_dtype(p.dtype, mu_dtype)), params
       ),
-      nu=zeros(nu_dtype),
+      nu=nu,
       nu_max=zeros(nu_dtype) if amsgrad else None,
   )

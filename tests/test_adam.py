@@ -425,3 +425,28 @@ def test_invalid_traced_hyperparameters_give_nan_for_every_storage(storage):
     updates = step(jnp.float32(value))
     assert bool(jnp.isnan(updates).all()), (name, value, updates[:3])
     assert bool(jnp.isfinite(step(jnp.float32(0.5 if name[0] == 'b' else 0.0))).all())
+
+
+def test_float16_second_moment_warns_and_bfloat16_stays_within_a_percent():
+  """float16 params under a sustained |g| ~ 1e4: the update was 1.10x, 0.88x,
+  0.83x, 1.32x float32 Adam's (float16 nu saturates at 65504). The code warns
+  where nu is float16; the advised nu_dtype=bfloat16 keeps the median ratio
+  to float32 Adam within 1 %."""
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(0, 1e4, 64).astype(np.float32) for _ in range(50)]
+  params16 = jnp.zeros(64, jnp.float16)
+  with pytest.warns(UserWarning, match=r'`nu` is stored in float16 .* nu_dtype=jnp.bfloat16'):
+    adamfx.adam(1e-3).init(params16)
+
+  def run(params, tx):
+    state, out = tx.init(params), []
+    step = jax.jit(tx.update)
+    for g in grads:
+      updates, state = step(jnp.asarray(g).astype(params.dtype), state, params)
+      out.append(np.asarray(updates, np.float64))
+    return np.array(out)
+
+  want = run(jnp.zeros(64, jnp.float32), adamfx.adam(1e-3))
+  got = run(params16, adamfx.adam(1e-3, nu_dtype=jnp.bfloat16))
+  for t in (2, 5, 10, 50):
+    assert abs(np.median(got[t - 1] / want[t - 1]) - 1) < 0.01, t
