@@ -719,8 +719,8 @@ def scale_by_adam8bit(
     eps_root: float = 0.0,
     *,
     nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r""":func:`adamfx.scale_by_adam` with its moments stored in 8 bits per element.
 
@@ -760,7 +760,8 @@ def scale_by_adam8bit(
       a positive int; default 256 (Dettmers et al. use 2048 on GPUs; smaller
       blocks isolate outliers better for 1.5 % more memory).
     min_8bit_size: leaves with fewer elements keep float32 moments; default
-      4096, as bitsandbytes.
+      4096, as bitsandbytes. Both default to None (meaning these numbers), so
+      that ``optax.inject_hyperparams`` does not make them arrays.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is an
@@ -806,8 +807,8 @@ def adam8bit(
     eps_root: float = 0.0,
     *,
     nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
 
@@ -823,8 +824,11 @@ def adam8bit(
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
     nesterov: NAdam's momentum.
-    block_size: elements per quantization block; default 256.
-    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    block_size: elements per quantization block; default (None) 256.
+    min_8bit_size: leaves with fewer elements keep float32 moments; default
+      (None) 4096. Both are static: None defaults keep them out of
+      ``optax.inject_hyperparams``' arrays (set either there with
+      ``static_args``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -870,8 +874,8 @@ def adamw8bit(
     mask: Optional[Any] = None,
     *,
     nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
+    block_size: Optional[int] = None,
+    min_8bit_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
 
@@ -893,8 +897,11 @@ def adamw8bit(
     mask: a tree of booleans (or a function of the params returning one)
       selecting the leaves to decay.
     nesterov: NAdamW's momentum.
-    block_size: elements per quantization block; default 256.
-    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    block_size: elements per quantization block; default (None) 256.
+    min_8bit_size: leaves with fewer elements keep float32 moments; default
+      (None) 4096. Both are static: None defaults keep them out of
+      ``optax.inject_hyperparams``' arrays (set either there with
+      ``static_args``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.

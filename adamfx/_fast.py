@@ -36,8 +36,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from adamfx import _checks
+from adamfx import _rounding
 from adamfx import _update
 
 
@@ -203,8 +205,18 @@ def family_update(
   if any(narrow):
     # Stochastic rounding of a 16-bit nu hashes the leaf's position in the
     # tree: these leaves go through one compiled call over the whole list,
-    # the other leaves replaced by None, so that every position is kept.
-    pick = lambda xs: [x if k else None for x, k in zip(xs, narrow)]
+    # the other leaves replaced by None and the places of other
+    # multi_transform partitions by optax.MaskedNode (see
+    # _rounding.leaf_positions), so that every position is kept.
+    places = _rounding.leaf_positions(updates)
+    slots = max(places, default=-1) + 1
+
+    def pick(xs):
+      out = [optax.MaskedNode()] * slots
+      for j, (x, k) in enumerate(zip(xs, narrow)):
+        out[places[j]] = x if k else None
+      return out
+
     u, sub = _leaf_update(  # the same function; traced once per tree structure
         pick(g_leaves), pick(m_leaves), pick(v_leaves),
         pick(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
@@ -213,7 +225,8 @@ def family_update(
     )
     count = sub.count
     columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
-    outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
+    outs = [o if not k else tuple(c[places[j]] for c in columns)
+            for j, (o, k) in enumerate(zip(outs, narrow))]
   rest = [i for i, g in enumerate(g_leaves) if g is not None and not narrow[i]]
   def signature(i):  # shapes agree (checked above): the gradient's, and dtypes
     g, q = g_leaves[i], p_leaves[i]

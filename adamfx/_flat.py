@@ -196,6 +196,12 @@ def pack_state(
     try:
       state = inner.init(flat)
     except (ValueError, TypeError, KeyError) as e:
+      # An error about a leaf (an int32 param, say) must name the user's
+      # leaf, not the buffer `['int32']`: the tree-shaped init names it.
+      try:
+        jax.eval_shape(inner.init, params)
+      except (ValueError, TypeError, KeyError) as tree_error:
+        raise tree_error from e
       raise ValueError(_MASK_HINT.format(what='`inner.init` failed on them') + f' ({e})') from e
     if _has_mask(state):
       raise ValueError(_MASK_HINT.format(what='a mask or labels in `inner` would see them'))

@@ -423,14 +423,41 @@ def _materialized_step(g, m_new, v_new, bad, count, hps, *, nesterov):
   return m_new, v_new, jnp.where(bad, np.float32(np.nan), u)
 
 
-def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
-  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(
-        f'`block_size` must be a positive int, got {block_size!r}; 256 (the'
-        ' default) costs 0.03 bytes of scales per parameter and moment.'
-    )
-  if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
-    raise ValueError(f'`min_8bit_size` must be an int >= 0, got {min_8bit_size!r}.')
+_BLOCK_SIZE, _MIN_8BIT_SIZE = 256, 4096  # the defaults (None in the signatures)
+
+
+def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> tuple[int, int]:
+  """``(block_size, min_8bit_size)`` as Python ints, None giving the defaults.
+
+  The signatures default to None, not to the numbers: ``optax.inject_hyperparams``
+  turns every number it is given (defaults included) into an array it feeds
+  back traced, and these two are structural (they shape the state). A
+  concrete integer array (that wrapper's ``init``) is read as its int.
+  """
+  out = []
+  for name, value, default, low in (
+      ('block_size', block_size, _BLOCK_SIZE, 1), ('min_8bit_size', min_8bit_size, _MIN_8BIT_SIZE, 0)):
+    if value is None:
+      value = default
+    elif isinstance(value, jax.core.Tracer):
+      raise TypeError(
+          f'`{name}` must be a Python int, got a traced {value!r}: it sets the state\'s'
+          ' shapes, so it cannot be a hyperparameter. With optax.inject_hyperparams pass'
+          f" static_args=('{name}',) (or leave it at its default, None), or use"
+          ' adamfx.inject_hyperparams, which keeps it static by itself.'
+      )
+    elif (isinstance(value, (jax.Array, np.ndarray, np.integer)) and np.ndim(value) == 0
+          and jnp.issubdtype(np.asarray(value).dtype, jnp.integer)):
+      value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      if name == 'block_size':
+        raise ValueError(
+            f'`block_size` must be a positive int, got {value!r}; 256 (the'
+            ' default) costs 0.03 bytes of scales per parameter and moment.'
+        )
+      raise ValueError(f'`min_8bit_size` must be an int >= 0, got {value!r}.')
+    out.append(value)
+  return out[0], out[1]
 
 
 def init_moment(p: Any, signed: bool, block_size: int, min_size: int) -> Any:

@@ -460,6 +460,8 @@ def _family_init(
   zeros = lambda dtype: jax.tree.map(
       lambda p: _numerics.zeros_like(p, dtype), params
   )
+  nu = zeros(nu_dtype)
+  _checks.warn_float16_second_moment(nu)  # where float16 stops being safe
   return AdamState(
       count=jnp.zeros([], jnp.int32),
       # mu_dtype names a precision: complex params keep a complex mu (a real
@@ -467,7 +469,7 @@ def _family_init(
       mu=jax.tree.map(
           lambda p: _numerics.zeros_like(p, _mu_dtype(p.dtype, mu_dtype)), params
       ),
-      nu=zeros(nu_dtype),
+      nu=nu,
       nu_max=zeros(nu_dtype) if amsgrad else None,
   )
 
@@ -648,9 +650,13 @@ def tree_update(
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
   vm_leaves = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
+  # Each leaf's index (stochastic rounding, the tail's per-leaf lists): its
+  # place among the params, optax.MaskedNode places (other multi_transform
+  # partitions, or the eager path's other leaves) counted.
+  positions = _rounding.leaf_positions(updates)
   math = LeafMath(count, hps, nesterov, amsgrad, infinity_norm, None, {})
   outs = []
-  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
+  for i, g, m, v, vm in zip(positions, g_leaves, m_leaves, v_leaves, vm_leaves):
     if g is None:
       outs.append((None,) * 4)
       continue

@@ -112,3 +112,10 @@ def test_pack_state_refuses_a_state_it_did_not_make():
   tx = adamfx.pack_state(adamfx.adam(1e-2))
   with pytest.raises(TypeError, match='PackedState'):
     tx.update(PARAMS, adamfx.adam(1e-2).init(PARAMS), PARAMS)
+
+
+def test_pack_state_names_the_users_leaf_not_the_buffer():
+  """An int32 param leaf was reported as buffer `['int32']`."""
+  params = {'w': jnp.ones((4, 4)), 'step': jnp.zeros(3, jnp.int32)}
+  with pytest.raises(TypeError, match=r"params leaf `\['step'\]` has dtype int32"):
+    adamfx.pack_state(adamfx.adam(1e-3)).init(params)

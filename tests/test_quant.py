@@ -417,3 +417,43 @@ def test_adam8bit_learning_rate_inside_the_step_is_the_chain(dtype, monkeypatch)
   u3, _ = fused.update(g, s1, params)
   u4, _ = chain.update(g, s2, params)
   np.testing.assert_array_equal(np.asarray(u3['w']), np.asarray(u4['w']))
+
+
+def test_states_of_the_other_storage_are_refused_by_name():
+  """An adam8bit state given to adam blamed the gradient tree; an adam state
+  given to adam8bit was accepted and kept float32 moments."""
+  params = {'w': jnp.ones((64, 128)), 'b': jnp.ones(3)}
+  with pytest.raises(TypeError, match=r'state.mu holds 8-bit moments .* at `\[.w.\]`'):
+    adamfx.adam(1e-3).update(params, adamfx.adam8bit(1e-3).init(params), params)
+  with pytest.raises(TypeError, match=r'state.mu holds 8-bit moments'):
+    jax.jit(adamfx.adamw(1e-3).update)(params, adamfx.adamw8bit(1e-3).init(params), params)
+  for update in (adamfx.adam8bit(1e-3).update, jax.jit(adamfx.adam8bit(1e-3).update)):
+    with pytest.raises(TypeError, match=r"leaf `\['w'\]` holds float32 moments of 8192"):
+      update(params, adamfx.adam(1e-3).init(params), params)
+
+
+@pytest.mark.parametrize('member', ['adam8bit', 'adamw8bit'])
+def test_optax_inject_hyperparams_works_on_8bit(member):
+  """'`block_size` must be a positive int, got Array(256...)': optax made the
+  structural defaults arrays. They default to None now."""
+  params = {'w': jnp.linspace(-1, 1, 8192).reshape(64, 128), 'b': jnp.ones(3)}
+  tx = optax.inject_hyperparams(getattr(adamfx, member))(1e-3)
+  state = tx.init(params)
+  assert state.inner_state[0].mu['w'].scale.shape == (32,)  # 8192 / block_size 256
+  assert state.inner_state[0].mu['b'].dtype == jnp.float32  # min_8bit_size 4096
+  step = jax.jit(tx.update)
+  # The same values as float32 arrays, as inject_hyperparams feeds them.
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  hps = dict(b1=f32(0.9), b2=f32(0.999), eps=f32(1e-8), eps_root=f32(0.0))
+  if member == 'adamw8bit':
+    hps['weight_decay'] = f32(1e-4)
+  ref = getattr(adamfx, member)(f32(1e-3), **hps)
+  ref_state = ref.init(params)
+  for g in (params, jax.tree.map(lambda x: -0.5 * x, params)):
+    with optax_promotion():
+      updates, state = step(g, state, params)
+    want, ref_state = jax.jit(ref.update)(g, ref_state, params)
+    jax.tree.map(np.testing.assert_array_equal, updates, want)
+  with pytest.raises(TypeError, match=r"`block_size` must be a Python int, got a traced .*static_args"):
+    tx = optax.inject_hyperparams(adamfx.adam8bit)(1e-3, block_size=128)
+    jax.jit(tx.update)(params, tx.init(params), params)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamfx import _checks
 from adamfx import _numerics
 from adamfx import _quant
 
@@ -60,7 +61,11 @@ import jax.numpy as jnp
   min_size: int = 4096
 
   def __post_init__(self):
-    _quant._check_8bit_args(self.block_size, self.min_size)
+    # None (the 8-bit aliases' defaults) gives the defaults; concrete integer
+    # arrays (optax.inject_hyperparams' init) are read as ints.
+    block_size, min_size = _quant._check_8bit_args(self.block_size, self.min_size)
+    object.__setattr__(self, 'block_size', block_size)
+    object.__setattr__(self, 'min_size', min_size)
 
   def applies(self, param: Any) -> bool:
     """Whether ``param``'s moments are quantized (else stored in float32)."""
@@ -116,7 +121,7 @@ import jax.numpy as jnp
       size = math.prod(np.shape(x))
       if size >= max(self.min_size, 1):
         raise TypeError(
-            f'state.{what} leaf {jax.tree_util.keystr(tuple(path)) or "<root>"} holds'
+            f'state.{what} leaf {_checks._leaf_name(path)} holds'
             f' {jnp.dtype(x.dtype).name} moments of {size} elements, but {self!r}'
             ' keeps this leaf in 8 bits (min_8bit_size): the state was made by another'
             ' optimiser (adamfx.adam?). Update it with the optimiser that made it, or'
