@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adamfx import _checks
@@ -60,8 +61,17 @@ def ema_params(
   convention of ``flax.nnx.EMA`` and Levanter; Keras's ``use_ema`` differs
   in its first update only, which sets the average to the params).
 
+  .. warning::
+    Wrap the whole optimiser, learning rate included: the average is of
+    ``params + updates``, so ``optax.chain(ema_params(adamfx.scale_by_adam()),
+    optax.scale(-lr))`` would average params moved by the unscaled Adam
+    direction (not the params you train) -- silently. Write
+    ``ema_params(optax.chain(adamfx.scale_by_adam(), optax.scale(-lr)))`` or
+    ``ema_params(adamfx.adam(lr))``.
+
   Args:
-    tx: any optax transformation (a chain, an adamfx or optax optimiser).
+    tx: any optax transformation (a chain, an adamfx or optax optimiser)
+      whose updates are the final ones (see the warning).
     decay: in [0, 1); a number or a traced array. Default 0.999.
     debias: see above. Default True.
 
@@ -144,18 +154,58 @@ def _wide() -> Any:
   return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def _find(state: Any) -> EmaParamsState:
+def _find(state: Any) -> tuple[EmaParamsState, Any]:
+  """The one EmaParamsState in ``state`` (nested ones included) and, when it
+  sits inside :func:`adamfx.pack_state`, the layout of the packed params."""
+  from adamfx._flat import PackedState  # pylint: disable=import-outside-toplevel
+
   found = []
-  is_ema = lambda x: isinstance(x, EmaParamsState)
-  for leaf in jax.tree.leaves(state, is_leaf=is_ema):
-    if is_ema(leaf):
-      found.append(leaf)
+  stop = lambda x: isinstance(x, (EmaParamsState, PackedState))
+
+  def walk(tree, layout):
+    for node in jax.tree.leaves(tree, is_leaf=stop):
+      if isinstance(node, EmaParamsState):
+        found.append((node, layout))
+        walk(node.inner, layout)  # ema_params(ema_params(...)): both count
+      elif isinstance(node, PackedState):
+        walk(node.inner, node.layout)
+
+  walk(state, None)
   if len(found) != 1:
     raise ValueError(
         f'`state` must hold exactly one EmaParamsState (the state of'
-        f' adamfx.ema_params, possibly inside a chain), found {len(found)}.'
+        f' adamfx.ema_params, possibly inside a chain), found {len(found)}'
+        + ('' if len(found) < 2 else
+           ' (ema_params nested in ema_params): pass the state of the one you'
+           ' want, e.g. averaged_params(state.inner) for the inner average')
+        + '.'
     )
   return found[0]
+
+
+def _unbox(tree: Any) -> Any:
+  """Flax NNX keeps an optimiser's state in ``OptArray``/``OptVariable`` boxes:
+  their values (``nnx.Optimizer(...).opt_state`` then reads like optax's)."""
+  boxed = lambda x: (type(x).__module__.startswith('flax')
+                     and hasattr(type(x), 'value') and not isinstance(x, jax.Array))
+  if not any(boxed(x) for x in jax.tree.leaves(tree, is_leaf=boxed)):
+    return tree
+  value = lambda x: x.get_value() if hasattr(x, 'get_value') else x.value
+  return jax.tree.map(lambda x: value(x) if boxed(x) else x, tree, is_leaf=boxed)
+
+
+def _unpack(ema: dict, layout: Any) -> Any:
+  """pack_state's per-dtype buffers back into the params' tree (its layout)."""
+  treedef, leaves = layout
+  offsets: dict[str, int] = {}
+  out = []
+  for _, shape, dtype in leaves:
+    key = np.dtype(dtype).name
+    n = int(np.prod(shape, dtype=np.int64))
+    start = offsets.get(key, 0)
+    out.append(ema[key][start:start + n].reshape(shape))
+    offsets[key] = start + n
+  return jax.tree.unflatten(treedef, out)
 
 
 def averaged_params(state: Any) -> optax.Params:
@@ -163,7 +213,10 @@ def averaged_params(state: Any) -> optax.Params:
 
   Args:
     state: the state of :func:`ema_params`, or any state (a chain's tuple,
-      ``inject_hyperparams``'s) holding exactly one :class:`EmaParamsState`.
+      ``inject_hyperparams``'s, :func:`pack_state`'s, a Flax NNX
+      ``Optimizer.opt_state`` with its boxed fields) holding exactly one
+      :class:`EmaParamsState`. Under :func:`pack_state` the average is
+      unpacked into the params' tree.
 
   Returns:
     A tree shaped like the params, in the average's dtype (at least float32;
@@ -172,8 +225,11 @@ def averaged_params(state: Any) -> optax.Params:
     there is no average, and it is all zeros.
 
   Raises:
-    ValueError: ``state`` holds no (or several) :class:`EmaParamsState`.
+    ValueError: ``state`` holds no (or several) :class:`EmaParamsState`,
+      nested ones (``ema_params(ema_params(...))``) included.
   """
-  s = _find(state)
-  safe = jnp.where(s.correction > 0, s.correction, jnp.ones((), s.correction.dtype))
-  return jax.tree.map(lambda a: a / safe.astype(a.dtype), s.ema)
+  s, layout = _find(state)
+  correction = jnp.asarray(_unbox(s.correction))
+  safe = jnp.where(correction > 0, correction, jnp.ones((), correction.dtype))
+  average = jax.tree.map(lambda a: jnp.asarray(a) / safe.astype(a.dtype), _unbox(s.ema))
+  return average if layout is None else _unpack(average, layout)

@@ -81,6 +81,30 @@ def _configs(tree: Any) -> dict[str, dict[str, Any]]:
         out[here] = dict(inherited)
 
   visit('', tree, {})
+  for path, kind in _second_moments(tree).items():
+    out[path] = {**out.get(path, {}), 'second_moment': kind}
+  return out
+
+
+def _second_moments(tree: Any) -> dict[str, str]:
+  """Per leaf path of an adamfx ``nu``, what it holds: AdaMax's ``max |g|`` or
+  Adam's average of ``g**2`` (issue 18: an AdaMax state restored into Adam
+  stepped by -0.0213 where Adam's own gives -0.0100). optax's states name no
+  kind (optax.adamax keeps ScaleByAdamState), so they convert either way."""
+  from adamfx._conventions import FrameworkAdamState  # noqa: PLC0415 (import cycle)
+  from adamfx._sparse import LazyAdamState  # noqa: PLC0415
+  from adamfx._update import AdaMaxState  # noqa: PLC0415
+  from adamfx._update import AdamState  # noqa: PLC0415
+
+  kinds = {AdaMaxState: 'max |g| (AdaMax)', AdamState: 'average of g**2 (Adam)',
+           FrameworkAdamState: 'average of g**2 (Adam)', LazyAdamState: 'average of g**2 (Adam)'}
+  is_state = lambda x: type(x) in kinds
+  out = {}
+  for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_state)[0]:
+    if is_state(node):
+      for sub, _ in jax.tree_util.tree_flatten_with_path(node.nu)[0]:
+        keys = (*path, jax.tree_util.GetAttrKey('nu'), *sub)
+        out['/'.join(_key_part(k) for k in keys)] = kinds[type(node)]
   return out
 
 
@@ -92,7 +116,10 @@ def _check_configs(saved: dict[str, Any], target: Any, where: str) -> None:
   for path in sorted(set(want) | set(saved)):
     if path not in names:
       continue
-    got, config = saved.get(path, {}), want.get(path, {})
+    got, config = dict(saved.get(path, {})), dict(want.get(path, {}))
+    if ('second_moment' in got) != ('second_moment' in config):  # optax's, or older files
+      got.pop('second_moment', None)
+      config.pop('second_moment', None)
     if got == config:
       continue
     diffs = []

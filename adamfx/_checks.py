@@ -129,21 +129,24 @@ def check_non_negative(name: str, value: Any) -> None:
     raise ValueError(f'`{name}` must be >= 0, got {value!r}.')
 
 
-def check_learning_rate(value: Any) -> None:
-  """Checks a learning rate: a finite number >= 0, an array, or a schedule."""
+def check_learning_rate(value: Any, name: str = 'learning_rate') -> None:
+  """Checks a learning rate: a finite number >= 0, an array, or a schedule.
+
+  ``name``: the argument's name in the caller's API (torch's ``lr``).
+  """
   if callable(value) and not _is_numeric_like(value):
     return  # A schedule, evaluated on the step count.
-  _check_numeric('learning_rate', value, schedule_ok=True)
+  _check_numeric(name, value, schedule_ok=True)
   x = _concrete_number(value)
   if x is None:
     return
   if math.isnan(x) or math.isinf(x):
     raise ValueError(
-        f'`learning_rate` must be a finite number >= 0, got {value!r}.'
+        f'`{name}` must be a finite number >= 0, got {value!r}.'
     )
   if x < 0:
     raise ValueError(
-        f'`learning_rate` must be >= 0, got {value!r}: Adam already steps'
+        f'`{name}` must be >= 0, got {value!r}: Adam already steps'
         ' against the gradient, a negative rate would ascend.'
     )
 
@@ -268,6 +271,24 @@ def refuse_8bit_moments(moments: Any, what: str = 'state.mu') -> None:
     )
 
 
+def _is_row_sparse(x: Any) -> bool:
+  return type(x).__name__ == 'RowSparse' and hasattr(x, 'todense')  # no import cycle
+
+
+def refuse_row_sparse(updates: Any, who: str = 'this optimiser') -> None:
+  """A TypeError naming the first :class:`adamfx.RowSparse` leaf, and the fix."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      updates, is_leaf=lambda x: x is None or _is_row_sparse(x))[0]
+  for path, x in leaves:
+    if _is_row_sparse(x):
+      raise TypeError(
+          f'Gradient leaf {_leaf_name(path)} is an adamfx.RowSparse (a row-sparse'
+          f' embedding gradient); {who} takes dense gradients. Use'
+          ' adamfx.lazy_adam or adamfx.lazy_adamw, which step only the touched'
+          ' rows (or pass g.todense() for dense Adam on the table).'
+      )
+
+
 def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -> None:
   """Checks that ``updates`` has the structure and leaf shapes of ``reference``.
 
@@ -285,6 +306,7 @@ def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -
   ):
     return
   refuse_8bit_moments(reference, what)
+  refuse_row_sparse(updates)
   up_leaves, up_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
   if up_def != ref_def:

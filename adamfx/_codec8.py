@@ -172,7 +172,14 @@ def lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
   NumPy-style indexing would add a wrap of negative indices (a compare, an
   add and a select per element) that XLA cannot remove.
   """
-  return jnp.asarray(table).at[index].get(mode='promise_in_bounds')
+  # On an Explicit mesh the (unsharded) table's gather takes the index's
+  # sharding, which JAX wants spelled out (issue 18).
+  sharding = getattr(jax.typeof(index), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  explicit = mesh is not None and not mesh.empty and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+  return jnp.asarray(table).at[index].get(
+      mode='promise_in_bounds', out_sharding=sharding if explicit else None)
 
 
 def normalize(xb: jax.Array, absmax: jax.Array) -> jax.Array:

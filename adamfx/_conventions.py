@@ -270,7 +270,11 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
         lr_value = lr_value(state.count)  # the rate of this step, as optax and torch
     p_leaves = None
     if needs_params:  # the params' leaves, aligned with the gradient's
-      p_leaves = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
+      try:
+        p_leaves = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
+      except (ValueError, TypeError):
+        _checks.check_matching_trees(updates, state.mu)  # names the leaf
+        raise
     rules = _Rules(cfg, lr_value, p_leaves, {})
     hps = {'b1': cfg.b1, 'b2': cfg.b2, 'eps': cfg.eps, 'eps_root': 0.0}
     return _update.tree_update(
@@ -282,7 +286,7 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
 
 
 def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maximize):
-  _checks.check_learning_rate(learning_rate)
+  _checks.check_learning_rate(learning_rate, 'lr' if convention == 'torch' else 'learning_rate')
   _checks.check_decay('beta1' if convention == 'torch' else 'beta_1', b1)
   _checks.check_decay('beta2' if convention == 'torch' else 'beta_2', b2)
   _checks.check_non_negative('eps' if convention == 'torch' else 'epsilon', eps)

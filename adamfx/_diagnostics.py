@@ -340,6 +340,11 @@ def adam_diagnostics(
   out['step_bound_exact'] = adam_step_bound(jnp.maximum(count, 1), b1, b2).astype(dtype)
   if updates is not None:
     lr = jnp.asarray(learning_rate).astype(dtype)
+    # A lazy Adam update holds RowSparse leaves: their dense arrays (the
+    # codes of their ids are no numbers to take a step size of; issue 18).
+    updates = jax.tree.map(
+        lambda u: u.todense() if type(u).__name__ == 'RowSparse' else u, updates,
+        is_leaf=lambda u: type(u).__name__ == 'RowSparse')
     step = _flat(updates).astype(dtype) / lr
     out['step_max'] = jnp.zeros([], dtype) if empty else jnp.max(step)
     out['step_mean'] = jnp.sum(step) / n

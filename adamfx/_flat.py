@@ -24,10 +24,23 @@ from adamfx import _checks
 
 
 def _sharded(x: Any) -> bool:
+  if isinstance(x, jax.core.Tracer):
+    # Traced on an Explicit mesh, the sharding is part of the type (issue 18:
+    # jax.jit(pack_state(...).init) there raised JAX's ShardingTypeError).
+    spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+    return spec is not None and any(s is not None for s in spec)
   sharding = getattr(x, 'sharding', None)
-  if sharding is None or isinstance(x, jax.core.Tracer):
+  if sharding is None:
     return False
   return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+
+
+def _n_devices(x: Any) -> int:
+  if isinstance(x, jax.core.Tracer):  # Explicit axes: the mesh is in the type
+    sharding = jax.typeof(x).sharding
+    return int(np.prod([sharding.mesh.shape[a] for s in sharding.spec if s is not None
+                        for a in ((s,) if isinstance(s, str) else s)]))
+  return len(x.sharding.device_set)
 
 
 def ravel_params(params: Any) -> tuple[dict[str, jax.Array], Callable[[Any], Any]]:
@@ -90,7 +103,7 @@ def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[An
     if _sharded(leaf):
       raise ValueError(
           f'{caller}: leaf {i} (shape {tuple(leaf.shape)}) is sharded over'
-          f' {len(leaf.sharding.device_set)} devices; flattening would gather it.'
+          f' {_n_devices(leaf)} devices; flattening would gather it.'
           ' Keep sharded params as a tree'
           + (' (the optimiser without pack_state).' if caller == 'pack_state' else '.')
       )
@@ -309,6 +322,7 @@ def check_like_params(updates: Any, signature: Any, what: str, structure: bool =
   sliced into the wrong leaves. Errors name the user's leaf path.
   """
   ref_def, ref = signature
+  _checks.refuse_row_sparse(updates, 'pack_state')
   got_def, got = _signature(updates)
   name = lambda path: f'`{jax.tree_util.keystr(tuple(path)) or "<root>"}`'
   if not structure and len(got) != len(ref):

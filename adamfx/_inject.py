@@ -36,6 +36,17 @@ def _structural(inner_factory: Callable[..., Any], args: tuple, kwargs: dict) ->
   return tuple(names)
 
 
+def _at_step_0(value: Any) -> Any:
+  """A schedule's value at count 0 (what optax.inject_hyperparams passes first)."""
+  if not callable(value) or isinstance(value, type):
+    return value
+  try:
+    with jax.numpy_dtype_promotion('standard'):  # optax schedules mix int and float
+      return value(jnp.zeros([], jnp.int32))
+  except Exception:  # pylint: disable=broad-except  (not a schedule: let the factory say)
+    return value
+
+
 def inject_hyperparams(
     inner_factory: Callable[..., Any],
     static_args: Union[str, tuple[str, ...]] = (),
@@ -47,6 +58,12 @@ def inject_hyperparams(
   bfloat16 turns ``b2=0.999`` into ``1.0``. This wrapper defaults
   ``hyperparam_dtype`` to float32 when the params are narrower (and to the
   params' dtype otherwise), and returns updates in the gradients' dtypes.
+
+  Every numeric hyperparameter may be a schedule (a function of the step
+  count), as with ``optax.inject_hyperparams``: ``b1`` of :func:`adam`,
+  ``eps`` of :func:`torch_adam`, ``weight_decay`` of :func:`lazy_adamw`,
+  :func:`torch_adamw`, :func:`keras_adamw`, ...; its value at step 0 is
+  checked when the factory is called, and the numbers are optax's.
 
   Structural arguments -- those that decide the state's layout rather than a
   value of the update: ``block_size``, ``min_8bit_size``, ``mu_dtype``,
@@ -97,7 +114,11 @@ def inject_hyperparams(
 
   @functools.wraps(inner_factory)
   def factory(*args, **kwargs):
-    inner_factory(*args, **kwargs)  # Check the arguments now, not at init.
+    # Check the arguments now, not at init; a schedule (any callable, as
+    # optax.inject_hyperparams takes for every numeric hyperparameter) is
+    # checked by its value at step 0, the first value the factory will get.
+    inner_factory(*[_at_step_0(a) for a in args],
+                  **{k: _at_step_0(v) for k, v in kwargs.items()})
     static = tuple(dict.fromkeys(user_static + _structural(inner_factory, args, kwargs)))
 
     def build(tree):

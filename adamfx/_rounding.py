@@ -38,7 +38,9 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> _U32(16))
 
 
-def random_bits(shape: tuple[int, ...], count: Any, leaf_index: int) -> jax.Array:
+def random_bits(
+    shape: tuple[int, ...], count: Any, leaf_index: int, index: Any = None
+) -> jax.Array:
   """uint32 bits, one per element, hashed from ``(count, leaf_index, element)``.
 
   Args:
@@ -47,6 +49,9 @@ def random_bits(shape: tuple[int, ...], count: Any, leaf_index: int) -> jax.Arra
       ``vmap``); the bits change with it from step to step.
     leaf_index: position of the leaf in the flattened tree, so equal leaves
       are rounded independently.
+    index: optional, each element's flat position in the whole leaf (lazy
+      Adam's gathered rows draw the bits the dense leaf would); default: the
+      positions in ``shape``.
 
   Returns:
     A uint32 array of ``shape`` (broadcast with ``count``'s batch shape).
@@ -63,8 +68,11 @@ def random_bits(shape: tuple[int, ...], count: Any, leaf_index: int) -> jax.Arra
   """
   key = _mix32(jnp.asarray(count).astype(_U32) ^ _U32(0x9E3779B9))
   key = _mix32(key + _U32((leaf_index * 0x85EBCA6B + 0x27D4EB2F) % 2**32))
-  n = int(np.prod(shape, dtype=np.int64))
-  index = jax.lax.iota(_U32, n).reshape(shape)
+  if index is None:
+    n = int(np.prod(shape, dtype=np.int64))
+    index = jax.lax.iota(_U32, n).reshape(shape)
+  else:  # the elements' flat positions in a larger array (gathered rows)
+    index = jnp.asarray(index).astype(_U32).reshape(shape)
   key = jnp.reshape(key, key.shape + (1,) * len(shape))
   # Half a round of the hash per element: ``key`` is already fully mixed
   # from the count and the leaf, so for each element the input below is
@@ -158,7 +166,7 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
 
 
 def store_second_moment(
-    x: jax.Array, dtype: Any, count: Any, leaf_index: int
+    x: jax.Array, dtype: Any, count: Any, leaf_index: int, index: Any = None
 ) -> jax.Array:
   """Casts a second moment to its storage dtype without losing increments.
 
@@ -189,4 +197,4 @@ def store_second_moment(
   """
   if jnp.iscomplexobj(x) or not _narrower(x.dtype, dtype):
     return _numerics.saturate(x, dtype)
-  return stochastic_round(x, dtype, random_bits(x.shape, count, leaf_index))
+  return stochastic_round(x, dtype, random_bits(x.shape, count, leaf_index, index))

@@ -32,8 +32,130 @@ from adamfx import _update
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
+class _RowSparseMeta(type):
+  """Names the fix in JAX's pytree-mismatch errors, which print the class.
+
+  ``optax.add_decayed_weights`` (or any transformation that maps over the
+  updates and the params together) after :func:`scale_by_lazy_adam` meets a
+  ``RowSparse`` beside a dense param and fails in JAX's tree code, whose
+  message shows only ``repr(RowSparse)``: this repr says what to use.
+  """
+
+  def __repr__(cls):
+    return (
+        "<class 'adamfx.RowSparse': a row-sparse update cannot be combined with"
+        ' the dense params by a tree map (optax.add_decayed_weights, ...): for'
+        ' weight decay use adamfx.lazy_adamw, for other per-leaf maps apply them'
+        ' to the RowSparse values>'
+    )
+
+
+# The ids of a RowSparse are stored as float32 codes that any arithmetic on
+# the tree's leaves either carries through exactly (a common scaling of every
+# leaf: optax.scale_by_learning_rate, a schedule, ``2 * g``, ``-g``) or breaks
+# detectably (adding two gradients with different ids, a per-element clip,
+# a norm, a cast): an int id leaf would silently become other ids
+# (``int(-0.1 * 5) = 0``). Per id, columns 0-3 hold the bytes of |id| (of
+# ~id for a negative id), column 4 is 1 for a negative id, column 5 the sum
+# of the squares of columns 0-4; a scalar ``unit`` leaf holds _UNIT. After a
+# common scaling by s, unit / _UNIT = s recovers the columns. A convex
+# combination of two different codes is not a code (column 5 is strictly
+# convex), and a norm over the leaves overflows on the unit (inf, then NaN
+# after optax's division), so it is caught too.
+_UNIT = 2.0**70  # squared: 2**140, inf in float32
+_COLS = 6
+_MAX_ROWS = 2**31 - 1  # ids are int32 on the way in and out
+
+
+def _encode(indices: Any) -> jax.Array:
+  """float32 ``[k, 6]`` codes of integer ids (see the comment above)."""
+  ids = jnp.asarray(indices)
+  if ids.dtype.itemsize < 4:
+    ids = ids.astype(jnp.int32)
+  if jnp.issubdtype(ids.dtype, jnp.signedinteger):
+    neg = ids < 0
+    mag = jnp.where(neg, ~ids, ids)  # no overflow at the dtype's minimum
+  else:
+    neg = jnp.zeros(ids.shape, bool)
+    mag = ids
+  if mag.dtype.itemsize > 4:
+    mag = jnp.minimum(mag, jnp.asarray(2**32 - 1, mag.dtype))
+  mag = mag.astype(jnp.uint32)
+  cols = [((mag >> jnp.uint32(8 * b)) & jnp.uint32(255)).astype(jnp.float32) for b in range(4)]
+  cols.append(neg.astype(jnp.float32))
+  cols.append(sum(c * c for c in cols))
+  return jnp.stack(cols, axis=-1).reshape(ids.shape + (_COLS,))
+
+
+def _decode(code: Any, unit: Any, num_rows: int, xp: Any = jnp) -> tuple[Any, Any, Any]:
+  """``(ids, in_range, intact)`` from the codes.
+
+  ``ids``: int32 ``[k]`` (ids outside int32 saturate); ``in_range``: per id,
+  ``0 <= id < num_rows``; ``intact``: a bool scalar, False when the codes are
+  not a scaled copy of valid codes (arithmetic treated the ids as numbers).
+  All codes and the unit scaled by 0 (a learning rate of 0) are intact and
+  name no row. ``xp``: ``jnp``, or ``np`` for a quick eager check.
+  """
+  code = xp.asarray(code)
+  unit = xp.asarray(unit)
+  if code.dtype != xp.float32 or unit.dtype != xp.float32:
+    intact_dtype = False
+    code = code.astype(xp.float32)
+    unit = unit.astype(xp.float32)
+  else:
+    intact_dtype = True
+  s = unit / xp.float32(_UNIT)
+  zero = (s == 0) & xp.all(code == 0)
+  cols = code / xp.where(s == 0, xp.float32(1), s)
+  r = xp.round(cols)
+  limbs = r[..., :5]
+  ok = xp.all(xp.abs(cols[..., :5] - limbs) <= 1e-3, axis=-1)
+  ok &= xp.all((limbs[..., :4] >= 0) & (limbs[..., :4] <= 255), axis=-1)
+  ok &= (limbs[..., 4] == 0) | (limbs[..., 4] == 1)
+  ok &= xp.abs(cols[..., 5] - xp.sum(limbs * limbs, axis=-1)) <= 0.25
+  intact = (xp.all(ok) & xp.isfinite(s) & (s != 0)) | zero
+  if not intact_dtype:
+    intact = xp.zeros([], bool)
+  u = xp.clip(xp.nan_to_num(limbs[..., :4]), 0, 255).astype(xp.uint32)
+  mag = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16) | (u[..., 3] << 24)
+  neg = limbs[..., 4] == 1
+  big = mag > xp.uint32(_MAX_ROWS)
+  pos = xp.where(big, xp.int32(_MAX_ROWS), mag.astype(xp.int32))
+  ids = xp.where(neg, ~pos, pos)
+  in_range = ~neg & (mag < xp.uint32(num_rows)) & ~zero
+  return ids, in_range, intact
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+
+
+def _is_ready(x: Any) -> bool:
+  """A concrete array whose value is at hand (no wait on an async dispatch)."""
+  if isinstance(x, np.ndarray):
+    return True
+  try:
+    return _is_array(x) and x.is_fully_addressable and x.is_ready()
+  except Exception:  # pylint: disable=broad-except  (deleted/donated buffers)
+    return False
+
+
+_CORRUPT = (
+    'RowSparse ids were treated as numbers: a transformation mapped over'
+    ' every leaf of a RowSparse ({what}). A common scaling of all leaves'
+    ' (optax.scale_by_learning_rate, optax.scale_by_schedule, 2 * g) is'
+    ' fine; adding two RowSparse with different ids (jax.tree.map(jnp.add,'
+    ' g1, g2)), a norm (optax.clip_by_global_norm), a per-element clip or a'
+    ' cast are not. Sum RowSparse gradients with `g1 + g2` (which'
+    ' concatenates the rows), clip with adamfx.sparse_clip_by_global_norm,'
+    ' and apply other per-leaf maps to `g.values` via `g.with_values(...)`.'
+    ' Under jit such a RowSparse gives NaN rows, never a finite update of'
+    ' another row.'
+)
+
+
 @jax.tree_util.register_pytree_node_class
-class RowSparse:
+class RowSparse(metaclass=_RowSparseMeta):
   """The gradient (or update) of a ``[num_rows, *row_shape]`` leaf, by rows.
 
   Row ``indices[i]`` of the dense array holds ``values[i]``; rows not listed
@@ -43,23 +165,38 @@ class RowSparse:
   them, never wrapping around to the last row nor writing past the end
   (:func:`lazy_adam` called eagerly refuses them with a ``ValueError``).
 
-  A ``RowSparse`` is a pytree (its children are ``indices`` and ``values``;
-  ``num_rows`` is static), so it crosses ``jit``. ``params + update`` -- what
-  ``optax.apply_updates`` computes -- scatter-adds the rows, in place when
-  the params are donated.
+  A ``RowSparse`` is a pytree, so it crosses ``jit``, ``vmap`` and ``scan``;
+  ``params + update`` -- what ``optax.apply_updates`` computes -- scatter-adds
+  the rows, in place when the params are donated.
+
+  **Arithmetic on the tree cannot move a row.** The ids are not stored as
+  integer leaves (which ``optax.scale_by_learning_rate`` would multiply by
+  ``int(-lr) = 0``) but as float32 codes plus a scalar unit, which a common
+  scaling of every leaf carries through exactly: a schedule or
+  ``optax.scale`` chained after :func:`scale_by_lazy_adam`, ``2 * g``, ``-g``
+  and ``jax.tree.map(jnp.add, g1, g2)`` of two gradients with the same ids
+  all give the right rows. Any other map over the leaves that treats the
+  ids as numbers -- adding gradients with different ids, a global norm
+  (``optax.clip_by_global_norm``), a per-element clip, a cast -- is detected:
+  eagerly with a ``ValueError`` when the tree is rebuilt, and under ``jit``
+  as NaN values (on rows ``0 .. k-1``), never a finite update of a row no
+  gradient touched. A scaling by 0 (a learning rate of 0) names no row.
+  Sum two ``RowSparse`` with ``g1 + g2`` (it concatenates the rows).
+
+  The pytree children are ``(values, codes, unit)``; read the ids with
+  ``indices`` (int32; ids beyond int32 saturate, still out of range).
 
   Args:
     indices: integer array ``[k]``, the row ids.
     values: array ``[k, *row_shape]``, the rows.
-    num_rows: the number of rows of the dense array, a Python int >= 0.
+    num_rows: the number of rows of the dense array, a Python int in
+      ``[0, 2**31)``.
 
   Raises:
-    TypeError: if ``indices`` has a floating or complex dtype (an optax
-      transformation that maps over every leaf, ``optax.scale`` say, was
-      applied to a ``RowSparse`` and scaled its ids).
-    ValueError: if ``num_rows`` is negative. (Shapes are checked where the
-      rows are used -- by the optimiser, ``todense()``, ``params + update``
-      -- since a tree map may build a ``RowSparse`` of other leaves.)
+    TypeError: if ``indices`` is not an integer array.
+    ValueError: if ``num_rows`` is out of range. (Shapes are checked where
+      the rows are used -- by the optimiser, ``todense()``, ``params +
+      update``.)
 
   Examples:
     >>> import jax.numpy as jnp
@@ -75,43 +212,80 @@ class RowSparse:
            [0., 0.],
            [2., 2.],
            [0., 0.]], dtype=float32)
+    >>> (-0.5 * g).indices  # arithmetic scales the values, not the ids
+    Array([2, 0, 2], dtype=int32)
   """
 
   __array_ufunc__ = None  # numpy arrays defer `array + RowSparse` to us
 
   def __init__(self, indices: Any, values: Any, num_rows: int):
     dtype = getattr(indices, 'dtype', None)
-    if dtype is not None and (
-        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating)
-    ):
+    if dtype is None:
+      indices = jnp.asarray(indices)
+      dtype = indices.dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
       raise TypeError(
-          f'RowSparse indices must be integers, got dtype {np.dtype(dtype).name}: a'
-          ' transformation that maps over every leaf (optax.scale,'
-          ' optax.clip_by_global_norm, ...) was applied to a RowSparse update.'
-          ' Put the scaling in lazy_adam\'s learning_rate, or use'
-          ' adamfx.sparse_clip_by_global_norm.'
+          f'RowSparse `indices` must be integers, got dtype {np.dtype(dtype).name}.'
       )
-    if not isinstance(num_rows, (int, np.integer)) or num_rows < 0:
-      raise ValueError(f'RowSparse `num_rows` must be an int >= 0, got {num_rows!r}.')
-    self.indices = indices
-    self.values = values
+    if (not isinstance(num_rows, (int, np.integer)) or isinstance(num_rows, bool)
+        or not 0 <= num_rows <= _MAX_ROWS):
+      raise ValueError(
+          f'RowSparse `num_rows` must be an int in [0, 2**31), got {num_rows!r}.'
+      )
+    self._code = _encode(indices)
+    self._unit = jnp.asarray(_UNIT, jnp.float32)
+    self._values = values
     self.num_rows = int(num_rows)
 
+  @classmethod
+  def _raw(cls, values, code, unit, num_rows) -> RowSparse:
+    out = object.__new__(cls)
+    out._values, out._code, out._unit, out.num_rows = values, code, unit, num_rows
+    return out
+
   def tree_flatten(self):
-    return (self.indices, self.values), self.num_rows
+    return (self._values, self._code, self._unit), self.num_rows
 
   @classmethod
   def tree_unflatten(cls, num_rows, children):
-    return cls(*children, num_rows)
+    out = cls._raw(*children, num_rows)
+    # Eagerly, the map that just ran over the leaves is named where it broke
+    # the ids (JAX also unflattens placeholders: only concrete arrays).
+    _, code, unit = children
+    if _is_ready(code) and _is_ready(unit) and np.ndim(code) == 2 and np.ndim(unit) == 0:
+      with np.errstate(all='ignore'):  # broken codes overflow: that is the finding
+        _, _, intact = _decode(np.asarray(code), np.asarray(unit), num_rows, np)
+      if not bool(intact):
+        raise ValueError(_CORRUPT.format(what='found when the tree was rebuilt'))
+    return out
+
+  @property
+  def values(self) -> Any:
+    return self._values
+
+  @property
+  def indices(self) -> jax.Array:
+    """int32 ``[k]``, the row ids (eagerly, refused if arithmetic broke them)."""
+    ids, _, intact = _decode(self._code, self._unit, self.num_rows)
+    self._check_intact(intact)
+    return ids
+
+  def _check_intact(self, intact: Any) -> None:
+    if not isinstance(intact, jax.core.Tracer) and not bool(intact):
+      raise ValueError(_CORRUPT.format(what='found where the ids were read'))
+
+  def with_values(self, values: Any) -> RowSparse:
+    """The same ids with new ``values`` (``[k, *row_shape]``), without re-encoding."""
+    return RowSparse._raw(values, self._code, self._unit, self.num_rows)
 
   @property
   def shape(self) -> tuple[int, ...]:
     """The dense array's shape, ``(num_rows, *row_shape)``."""
-    return (self.num_rows, *self.values.shape[1:])
+    return (self.num_rows, *self._values.shape[1:])
 
   @property
   def dtype(self) -> Any:
-    return self.values.dtype
+    return self._values.dtype
 
   @property
   def ndim(self) -> int:
@@ -121,16 +295,37 @@ class RowSparse:
     """The dense array, with duplicate rows summed and out-of-range ids dropped."""
     return _scatter_add(jnp.zeros(self.shape, self.dtype), self)
 
-  def __add__(self, other: Any) -> jax.Array:
+  def __add__(self, other: Any) -> Any:
+    if isinstance(other, RowSparse):  # the rows of both: a sum of gradients
+      if other.num_rows != self.num_rows:
+        raise ValueError(
+            f'Cannot add RowSparse of {self.num_rows} and {other.num_rows} rows.'
+        )
+      with jax.numpy_dtype_promotion('standard'):
+        values = jnp.concatenate([jnp.asarray(self._values), jnp.asarray(other._values)])
+      return RowSparse(jnp.concatenate([self.indices, other.indices]), values, self.num_rows)
     return _scatter_add(other, self)
 
   __radd__ = __add__
 
+  def __mul__(self, other: Any) -> RowSparse:
+    """A scalar times the values (``2 * g``, ``-lr * g``)."""
+    if jnp.ndim(other) != 0:
+      raise TypeError('A RowSparse can be multiplied by a scalar only.')
+    with jax.numpy_dtype_promotion('standard'):
+      return self.with_values((other * self._values).astype(self._values.dtype))
+
+  __rmul__ = __mul__
+
+  def __neg__(self) -> RowSparse:
+    return self.with_values(-self._values)
+
   def __repr__(self) -> str:
-    return (
-        f'RowSparse(indices={self.indices!r}, values={self.values!r},'
-        f' num_rows={self.num_rows})'
-    )
+    try:
+      ids = self.indices
+    except ValueError:
+      ids = '<corrupted>'
+    return f'RowSparse(indices={ids!r}, values={self._values!r}, num_rows={self.num_rows})'
 
 
 def _is_sparse(x: Any) -> bool:
@@ -146,19 +341,79 @@ def safe_ids(indices: jax.Array, num_rows: int) -> jax.Array:
 
   ``num_rows`` is out of bounds for a scatter with ``mode='drop'`` (dropped)
   and a gather with ``mode='fill'``; a negative id, which JAX's indexing
-  would wrap around, never reaches one.
+  would wrap around, never reaches one. The range is checked in the ids' own
+  dtype, before the cast (a uint64 id of 2**32 + 3 is out of range, not 3).
   """
   ids = jnp.asarray(indices)
   if not jnp.issubdtype(ids.dtype, jnp.integer):
     raise TypeError(f'RowSparse indices must be integers, got dtype {ids.dtype}.')
-  if ids.dtype != jnp.int32 and ids.dtype != jnp.int64:
-    ids = ids.astype(jnp.int32)
-  valid = (ids >= 0) & (ids < num_rows) if jnp.issubdtype(ids.dtype, jnp.signedinteger) else ids < num_rows
-  return jnp.where(valid, ids, jnp.asarray(num_rows, ids.dtype))
+  if num_rows > jnp.iinfo(ids.dtype).max:
+    valid = jnp.ones(ids.shape, bool)
+  else:
+    valid = ids < jnp.asarray(num_rows, ids.dtype)
+  if jnp.issubdtype(ids.dtype, jnp.signedinteger):
+    valid &= ids >= 0
+  return jnp.where(valid, ids.astype(jnp.int32), jnp.int32(num_rows))
+
+
+def gather_rows(x: Any, ids: jax.Array) -> jax.Array:
+  """``x[ids]`` for safe ids (see :func:`safe_ids`): zeros where an id is ``num_rows``.
+
+  On an Explicit mesh (``jax.make_mesh(..., axis_types=Explicit)``) JAX
+  needs the gather's output sharding spelled out: the gathered rows are
+  replicated along the rows (any shard may hold them), the other dimensions
+  keep ``x``'s spec.
+  """
+  x = jnp.asarray(x)
+  out = None
+  sharding = _explicit_sharding(x)
+  if sharding is not None:
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(tuple(sharding.spec)))
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *spec[1:]))
+  return x.at[ids].get(mode='fill', fill_value=0, out_sharding=out)
+
+
+def scatter_rows(x: Any, ids: jax.Array, values: Any, op: str = 'set') -> jax.Array:
+  """``x.at[ids].set(values)`` (or ``add``), dropping ids equal to ``num_rows``;
+  on an Explicit mesh the result keeps ``x``'s sharding."""
+  x = jnp.asarray(x)
+  return getattr(x.at[ids], op)(values, mode='drop', out_sharding=_explicit_sharding(x))
+
+
+def _explicit_sharding(x: Any) -> Any:
+  """``x``'s NamedSharding when its mesh has Explicit axes, else None."""
+  sharding = getattr(jax.typeof(x), 'sharding', None)
+  mesh = getattr(sharding, 'mesh', None)
+  if mesh is not None and not mesh.empty and any(
+      t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return sharding
+  return None
+
+
+def rows_of(update: RowSparse) -> tuple[jax.Array, Any]:
+  """``(ids, values)`` to scatter or gather: int32 ids with every id outside
+  ``[0, num_rows)`` set to ``num_rows`` (dropped by ``mode='drop'``).
+
+  Where arithmetic broke the ids (see :class:`RowSparse`): eagerly a
+  ``ValueError``; traced, NaN values on rows ``0 .. k-1``, so that the
+  damage shows as NaN and never as a finite update of another row.
+  """
+  ids, in_range, intact = _decode(update._code, update._unit, update.num_rows)
+  update._check_intact(intact)
+  ids = jnp.where(in_range, ids, jnp.int32(update.num_rows))
+  values = update._values
+  if isinstance(intact, jax.core.Tracer):
+    k = ids.shape[0]
+    poison = jnp.arange(k, dtype=jnp.int32) % max(update.num_rows, 1)
+    ids = jnp.where(intact, ids, poison)
+    values = jnp.asarray(values)
+    if jnp.issubdtype(values.dtype, jnp.inexact):
+      values = jnp.where(intact, values, jnp.asarray(jnp.nan, values.dtype))
+  return ids, values
 
 
 def _check_shapes(update: RowSparse) -> None:
-  ishape = tuple(jnp.shape(update.indices))
+  ishape = tuple(jnp.shape(update._code))[:-1]
   vshape = tuple(jnp.shape(update.values))
   if len(ishape) != 1 or len(vshape) < 1 or vshape[0] != ishape[0]:
     raise ValueError(
@@ -175,9 +430,9 @@ def _scatter_add(dense: Any, update: RowSparse) -> jax.Array:
         f'Cannot add a RowSparse of shape {update.shape} to an array of shape'
         f' {tuple(dense.shape)}.'
     )
-  ids = safe_ids(update.indices, update.num_rows)
-  values = jnp.asarray(update.values).astype(dense.dtype)
-  return dense.at[ids].add(values, mode='drop')
+  ids, values = rows_of(update)
+  values = jnp.asarray(values).astype(dense.dtype)
+  return scatter_rows(dense, ids, values, 'add')
 
 
 def coalesce(update: RowSparse) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -192,9 +447,9 @@ def coalesce(update: RowSparse) -> tuple[jax.Array, jax.Array, jax.Array]:
   inverse, is 6x slower on CPU), a binary search of each id's first
   occurrence, and a segment sum.
   """
-  ids = safe_ids(update.indices, update.num_rows)
+  ids, values = rows_of(update)
   k = ids.shape[0]
-  values = jnp.asarray(update.values)
+  values = jnp.asarray(values)
   if k == 0:
     return ids, values, jnp.zeros([0], bool)
   s = jax.lax.sort(ids)
@@ -209,12 +464,18 @@ def coalesce(update: RowSparse) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 def _check_ids(path: Any, update: RowSparse) -> None:
   """Eagerly (concrete ids only) refuses ids outside ``[0, num_rows)``."""
-  if isinstance(update.indices, jax.core.Tracer):
+  if not _is_array(update._code) or not _is_array(update._unit):
     return
-  ids = np.asarray(update.indices)
+  _ = update.indices  # refuses ids that arithmetic broke
+  with np.errstate(all='ignore'):
+    code = np.asarray(update._code, np.float64) / (float(update._unit) / _UNIT)
+  limbs = np.round(code[:, :5]).astype(np.int64)
+  mag = limbs[:, 0] | (limbs[:, 1] << 8) | (limbs[:, 2] << 16) | (limbs[:, 3] << 24)
+  ids = np.where(limbs[:, 4] == 1, -mag - 1, mag)
   bad = (ids < 0) | (ids >= update.num_rows)
   if bad.any():
     first = int(ids[np.argmax(bad)])
+    first = f'>= {first}' if first == 2**32 - 1 else first  # a wider id, saturated
     raise ValueError(
         f'RowSparse gradient for leaf {_checks._leaf_name(path)} has id {first}'
         f' outside [0, {update.num_rows}) (the leaf\'s rows); {int(bad.sum())} of'
@@ -277,39 +538,68 @@ def _row_zeros(p: Any) -> jax.Array:
   return z
 
 
-def _store(m_new, v_new, m, v, count, i):
-  """Stores moments as :func:`adamfx._update._family_update` does."""
+def _element_index(ids: jax.Array, rows: jax.Array) -> jax.Array:
+  """uint32 ``[k, row_size]``: the flat position in the leaf of each gathered element."""
+  row = int(np.prod(rows.shape[1:], dtype=np.int64))
+  return (ids.astype(jnp.uint32)[:, None] * jnp.uint32(row)
+          + jax.lax.iota(jnp.uint32, row)[None, :])
+
+
+def _store(m_new, v_new, m, v, count, i, ids=None):
+  """Stores moments as :func:`adamfx._update._family_update` does.
+
+  ``ids``: the rows gathered; a 16-bit ``nu`` is then stochastically rounded
+  with the bits the dense leaf draws for those rows' elements, so a lazy
+  step that touches every row is dense Adam's, bit for bit (issue 18: the
+  bits of gathered row ``j`` were those of table row ``j``).
+  """
   if _update._in_place(m_new.dtype, m.dtype, v.dtype):
     return m_new, v_new
   m_out = _numerics.saturate(m_new, m.dtype)
-  v_out = _numerics.keep_positive(_rounding.store_second_moment(v_new, v.dtype, count, i), v_new)
+  index = None if ids is None else _element_index(ids, v_new)
+  v_out = _numerics.keep_positive(
+      _rounding.store_second_moment(v_new, v.dtype, count, i, index), v_new)
   return m_out, v_out
 
 
 def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   """Lazy Adam on the rows of one leaf that ``g`` touches."""
   ids, g_rows, valid = coalesce(g)
-  m_rows = m.at[ids].get(mode='fill', fill_value=0)
-  v_rows = v.at[ids].get(mode='fill', fill_value=0)
+  m_rows = gather_rows(m, ids)
+  v_rows = gather_rows(v, ids)
   if last is not None:
     # Rows untouched since step s decay as dense Adam's would have over the
     # steps s+1 .. t-1, where their gradient was 0: by b**(t-1-s).
-    gap = (count - 1) - last.at[ids].get(mode='fill', fill_value=0)
+    # Once the int32 count saturates, count - 1 - last would be -1 (a
+    # growth by 1 / b): no catch-up there, the step's own decay only.
+    gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
     cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
     shape = (ids.shape[0],) + (1,) * (m_rows.ndim - 1)
     d1 = jax.lax.pow(jnp.asarray(b1, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
     d2 = jax.lax.pow(jnp.asarray(b2, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
     m_rows = (m_rows.astype(cdt) * d1).astype(m.dtype)
     v_rows = (v_rows.astype(cdt) * d2).astype(v.dtype)
-    last = last.at[ids].set(count, mode='drop')
-  u, m_new, v_new, _ = _update._moment_step(
-      g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
-      nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
-  )
-  m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i)
+    last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
+  cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
+  if _update._in_place_narrow(cdt, m.dtype, v.dtype):
+    # bfloat16 moments: dense Adam's own step for them (gradient clipped at
+    # 2**63, update read off the stored moments, nu's rounding bits those of
+    # the rows' elements), so that touching every row is dense Adam bit for
+    # bit (issue 18: |g| > 2**63 and the rounding differed).
+    _checks.check_decay_in_dtype('b1', b1, cdt)
+    _checks.check_decay_in_dtype('b2', b2, cdt)
+    k = _update._leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, False)
+    u, m_new, v_new = _update._in_place_narrow_step(
+        g_rows, m_rows, v_rows, k, count, i, nesterov=False, index=_element_index(ids, v_rows))
+  else:
+    u, m_new, v_new, _ = _update._moment_step(
+        g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
+        nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
+    )
+    m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i, ids)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
-  m = m.at[ids].set(m_new, mode='drop')
-  v = v.at[ids].set(v_new, mode='drop')
+  m = scatter_rows(m, ids, m_new)
+  v = scatter_rows(v, ids, v_new)
   return RowSparse(ids, u, g.num_rows), m, v, last
 
 
@@ -318,17 +608,17 @@ def _sparse_leaf_format(g, m, v, last, count, fmt, math, i):
   the rows' stored moments, the format's decode, the core's math, the
   format's encode and a scatter, so a step costs the rows it touches."""
   ids, g_rows, valid = coalesce(g)
-  m_rows = fmt.gather_rows(m, ids)
-  v_rows = fmt.gather_rows(v, ids)
+  m_rows = fmt.gather_rows(m, ids, gather_rows)
+  v_rows = fmt.gather_rows(v, ids, gather_rows)
   m_old, v_old = fmt.decode(m_rows, True), fmt.decode(v_rows, False)
-  if last is not None:
-    gap = (count - 1) - last.at[ids].get(mode='fill', fill_value=0)
+  if last is not None:  # as _sparse_leaf
+    gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
     shape = (ids.shape[0],) + (1,) * (m_old.ndim - 1)
     cdt = m_old.dtype
     d1 = jax.lax.pow(jnp.asarray(math.hps['b1'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
     d2 = jax.lax.pow(jnp.asarray(math.hps['b2'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
     m_old, v_old = m_old * d1, v_old * d2
-    last = last.at[ids].set(count, mode='drop')
+    last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
   u, m_new, v_new, _ = math(g_rows, m_old, v_old)
   bad = ~jnp.isfinite(g_rows)  # a non-finite element keeps its history
   m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
@@ -336,8 +626,8 @@ def _sparse_leaf_format(g, m, v, last, count, fmt, math, i):
   m_rows = fmt.encode(m_new, True, count=count, leaf_index=i, like=m_rows)
   v_rows = fmt.encode(v_new, False, count=count, leaf_index=i, like=v_rows)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
-  return (RowSparse(ids, u, g.num_rows), fmt.scatter_rows(m, ids, m_rows),
-          fmt.scatter_rows(v, ids, v_rows), last)
+  return (RowSparse(ids, u, g.num_rows), fmt.scatter_rows(m, ids, m_rows, scatter_rows),
+          fmt.scatter_rows(v, ids, v_rows, scatter_rows), last)
 
 
 def scale_by_lazy_adam(
@@ -423,6 +713,8 @@ def scale_by_lazy_adam(
   """
   fmt, mu_dtype, nu_dtype = _adam._storage(moments, mu_dtype, nu_dtype)
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
+  if not isinstance(catch_up, bool):  # as torch_adam(amsgrad=1): flags are bools
+    raise TypeError(f'`catch_up` must be True or False, got {catch_up!r}.')
   hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
   formatted = None if fmt is None else _adam._scale_by_format(
       b1, b2, eps, eps_root, fmt=fmt, nesterov=False, amsgrad=False)
@@ -520,7 +812,7 @@ def _with_holes(tree: Any):
 def _scale_rows(update: RowSparse, step: Any) -> RowSparse:
   with jax.numpy_dtype_promotion('standard'):
     values = (step * update.values).astype(update.values.dtype)
-  return RowSparse(update.indices, values, update.num_rows)
+  return update.with_values(values)
 
 
 def _sparse_learning_rate(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
@@ -554,7 +846,9 @@ def _sparse_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
   if callable(weight_decay):
     raise TypeError(
         '`weight_decay` of lazy_adamw must be a number or an array, got a'
-        ' callable; for a schedule, use adamfx.inject_hyperparams(lazy_adamw).'
+        ' callable: for a schedule of the weight decay, wrap the builder,'
+        ' adamfx.inject_hyperparams(adamfx.lazy_adamw)(learning_rate,'
+        ' weight_decay=schedule), which passes the schedule\'s value at each step.'
     )
   _checks.check_non_negative('weight_decay', weight_decay)
 
@@ -571,11 +865,9 @@ def _sparse_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
         if u is None or not keep:
           out.append(u)
         elif _is_sparse(u):
-          ids, _, _ = u.indices, None, None
-          rows = jnp.asarray(p).at[safe_ids(ids, u.num_rows)].get(mode='fill', fill_value=0)
-          out.append(RowSparse(
-              u.indices, (u.values + weight_decay * rows).astype(u.values.dtype), u.num_rows
-          ))
+          ids, values = rows_of(u)
+          rows = gather_rows(p, ids)
+          out.append(u.with_values((values + weight_decay * rows).astype(values.dtype)))
         else:
           out.append((u + weight_decay * p).astype(u.dtype))
     return jax.tree.unflatten(treedef, out), state

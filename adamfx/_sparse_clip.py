@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamfx._sparse import RowSparse
 from adamfx._sparse import _is_leaf
 from adamfx._sparse import _is_sparse
 from adamfx._sparse import coalesce
@@ -93,7 +92,7 @@ def sparse_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
       if x is None:
         return None
       if _is_sparse(x):
-        return RowSparse(x.indices, clip(jnp.asarray(x.values)), x.num_rows)
+        return x.with_values(clip(jnp.asarray(x.values)))
       return clip(jnp.asarray(x))
 
     return jax.tree.map(leaf, updates, is_leaf=_is_leaf), state

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from adamfx._sparse import RowSparse
+from adamfx._sparse import gather_rows
 from adamfx._sparse import safe_ids
 
 
@@ -42,6 +43,64 @@ def _inexact(x: Any) -> bool:
   return isinstance(x, (jax.Array, jnp.ndarray)) and jnp.issubdtype(x.dtype, jnp.inexact)
 
 
+# Ops that only move or retype the rows: a matrix product after them is
+# still a product with the whole table of gathered rows.
+_FOLLOW = frozenset({
+    'transpose', 'convert_element_type', 'reshape', 'copy', 'copy_p', 'squeeze',
+    'expand_dims', 'broadcast_in_dim', 'rev',
+})
+_MATRIX = frozenset({'dot_general', 'conv_general_dilated', 'ragged_dot_general'})
+
+
+def _matrix_use(jaxpr: Any, var: Any) -> Any:
+  """The first matrix product (``h @ table.T``) that takes ``var`` whole, or None."""
+  targets = {var}
+  for eqn in jaxpr.eqns:
+    hit = [k for k, v in enumerate(eqn.invars) if type(v).__name__ != 'Literal' and v in targets]
+    if not hit:
+      continue
+    name = eqn.primitive.name
+    if name in _MATRIX:
+      return name
+    if name in _FOLLOW:
+      targets.update(eqn.outvars)
+      continue
+    for key in ('jaxpr', 'call_jaxpr', 'fun_jaxpr'):
+      sub = eqn.params.get(key)
+      if sub is None or not hasattr(getattr(sub, 'jaxpr', sub), 'eqns'):
+        continue
+      sub = getattr(sub, 'jaxpr', sub)
+      for k in hit:
+        if k < len(sub.invars):
+          found = _matrix_use(sub, sub.invars[k])
+          if found:
+            return found
+  return None
+
+
+def _refuse_matrix_use(inner: Callable[[list], Any], start: list, tables: list[int]) -> None:
+  """Refuses a table whose gathered rows ``fun`` multiplies as a matrix.
+
+  ``fun`` sees the rows the ids gathered, not the table: ``h @ table.T``
+  (an output projection tied to the embedding) would silently be a product
+  with ``k`` rows instead of the vocabulary.
+  """
+  jaxpr = jax.make_jaxpr(inner)(start).jaxpr
+  for k in tables:
+    found = _matrix_use(jaxpr, jaxpr.invars[k])
+    if found:
+      raise ValueError(
+          'value_and_row_sparse_grad: `fun` uses a table that `where` picked as a'
+          f' matrix ({found}, e.g. `h @ table.T`), but it gets only the rows the ids'
+          ' gathered. A table tied to an output projection (lookup + h @ table.T)'
+          ' has a dense gradient: leave it out of `where` and take'
+          ' jax.value_and_grad of the model as written for the whole table'
+          ' (adamfx.lazy_adam steps a dense leaf exactly as adamfx.adam). If a'
+          ' product over the gathered rows is what you mean (a sampled softmax'
+          ' over the looked-up rows), index them first: p[...][positions] @ w.'
+      )
+
+
 def value_and_row_sparse_grad(
     fun: Callable[..., Any],
     where: Callable[[Any], Any],
@@ -62,6 +121,12 @@ def value_and_row_sparse_grad(
   as ``RowSparse(ids, d rows, num_rows)``, which :func:`adamfx.lazy_adam`
   takes directly (duplicate ids are summed there).
 
+  A table tied to an output projection (the same leaf used for the lookup
+  and as ``h @ table.T``) is refused with a ``ValueError``: ``fun`` gets
+  the gathered rows, not the table, and its gradient is dense (the
+  projection touches every row); take ``jax.value_and_grad`` for such a
+  table (see the sparse guide).
+
   Only inexact (floating or complex) array leaves are differentiated; other
   leaves (an Equinox module's functions, integer buffers) get ``None``, as
   ``equinox.filter_grad`` does.
@@ -71,7 +136,11 @@ def value_and_row_sparse_grad(
       ``(scalar, aux)`` with ``has_aux``), written for gathered rows.
     where: ``where(params)`` returns the table leaf, or a tuple of them (as
       in ``equinox.tree_at``); for a Flax NNX ``State``, the table's
-      ``Variable`` or its value.
+      ``Variable`` or its value. A table may appear several times, with one
+      id array each (centre and context words of one table): ``fun`` then
+      gets the rows of all its id arrays concatenated in that order (the
+      second array's rows start at position ``len(ids_1)``), and the
+      gradient is one ``RowSparse`` over all of them.
     has_aux: whether ``fun`` returns ``(value, aux)``.
 
   Returns:
@@ -81,8 +150,9 @@ def value_and_row_sparse_grad(
     or a tuple of them matching ``where``'s tuple.
 
   Raises:
-    ValueError: if ``where`` does not pick leaves of ``params``, or the number
-      of id arrays does not match the number of tables.
+    ValueError: if ``where`` does not pick leaves of ``params``, the number
+      of id arrays does not match the number of tables, or ``fun`` multiplies
+      a table's gathered rows as a matrix (a tied output projection).
 
   Examples:
     A plain function, an embedding bag with a dense head:
@@ -112,7 +182,7 @@ def value_and_row_sparse_grad(
           f'`where` picks {len(positions)} table(s) but {len(id_list)} id array(s)'
           ' were given: pass one id array per table, in the same order.'
       )
-    table_ids = {}
+    picked = {}
     for pos, i in zip(positions, id_list):
       table = leaves[pos]
       if not _inexact(table) or table.ndim < 1:
@@ -121,15 +191,24 @@ def value_and_row_sparse_grad(
             f' {getattr(table, "shape", None)}; a table must be a floating array of'
             ' rank >= 1.'
         )
-      i = jnp.asarray(i).reshape(-1)
-      table_ids[pos] = (i, safe_ids(i, table.shape[0]))
+      # A table picked several times (centre and context words of one
+      # table) keeps every id array: its rows are those of all of them, in
+      # order (issue 18: only the last was kept).
+      picked.setdefault(pos, []).append(jnp.asarray(i).reshape(-1))
+    table_ids = {}
+    for pos, id_arrays in picked.items():
+      n = leaves[pos].shape[0]
+      if len({a.dtype for a in id_arrays}) > 1:  # no promotion: each range-checked first
+        id_arrays = [safe_ids(a, n) for a in id_arrays]
+      i = id_arrays[0] if len(id_arrays) == 1 else jnp.concatenate(id_arrays)
+      table_ids[pos] = (i, safe_ids(i, n))
     diff = [
         j for j, x in enumerate(leaves) if j in table_ids or _inexact(x)
     ]
     start = []
     for j in diff:
       if j in table_ids:
-        start.append(leaves[j].at[table_ids[j][1]].get(mode='fill', fill_value=0))
+        start.append(gather_rows(leaves[j], table_ids[j][1]))
       else:
         start.append(leaves[j])
 
@@ -139,6 +218,7 @@ def value_and_row_sparse_grad(
         full[j] = x
       return fun(jax.tree.unflatten(treedef, full), *args, **kwargs)
 
+    _refuse_matrix_use(inner, start, [k for k, j in enumerate(diff) if j in table_ids])
     value, d = jax.value_and_grad(inner, has_aux=has_aux)(start)
     out = [None] * len(leaves)
     for j, g in zip(diff, d):

@@ -71,6 +71,18 @@ def _find_state(tree: Any, what: str) -> FrameworkAdamState:
   return found[0]
 
 
+def _packed_layout(into: Any) -> Any:
+  """The params layout when ``into``'s FrameworkAdamState sits inside
+  :func:`adamfx.pack_state` (its moments are per-dtype buffers), else None."""
+  from adamfx._flat import PackedState  # pylint: disable=import-outside-toplevel
+
+  is_packed = lambda x: isinstance(x, PackedState)
+  for node in jax.tree.leaves(into, is_leaf=is_packed):
+    if is_packed(node) and any(_is_state(x) for x in jax.tree.leaves(node.inner, is_leaf=_is_state)):
+      return node.layout
+  return None
+
+
 def from_torch_state(
     state_dict: Mapping[str, Any], params: Any, *, into: Any = None
 ) -> Any:
@@ -84,14 +96,18 @@ def from_torch_state(
 
   Args:
     state_dict: ``optimizer.state_dict()`` of ``torch.optim.Adam`` or
-      ``AdamW``; its tensors may also be NumPy arrays. Params that torch has
-      not stepped yet (no entry in ``state``) start from zeros, as in torch.
+      ``AdamW``; its tensors may also be NumPy arrays. A state dict of an
+      optimizer that has not stepped yet (no entries in ``state``) gives
+      zero moments and count 0, as in torch. adamfx keeps one step count for
+      all params, so a mix of stepped params and params torch never stepped
+      (frozen for a while, added later) is refused with a ``ValueError``.
     params: the JAX params, a tree whose leaves match torch's params in
       order, shape and dtype.
     into: optional, the state of a transformation that holds a
-      ``torch_adam``/``torch_adamw`` state (e.g. ``optax.chain(...).init(params)``
-      or ``ema_params(...)``'s); the result is ``into`` with that part
-      replaced, its moments in ``into``'s dtypes and layout.
+      ``torch_adam``/``torch_adamw`` state (e.g. ``optax.chain(...).init(params)``,
+      ``ema_params(...)``'s or ``pack_state(...)``'s); the result is ``into``
+      with that part replaced, its moments in ``into``'s dtypes and layout
+      (packed buffers under ``pack_state``).
 
   Returns:
     A :class:`FrameworkAdamState` (moments in the params' dtype, at least
@@ -118,6 +134,7 @@ def from_torch_state(
       'max_exp_avg_sq' in s for s in torch_state.values()
   )
   target = None if into is None else _find_state(into, 'into')
+  layout = None if into is None else _packed_layout(into)
   steps = {}
   mu, nu, nu_max = [], [], []
   for k, (index, (path, p)) in enumerate(zip(indices, leaves_with_path)):
@@ -125,7 +142,9 @@ def from_torch_state(
     p_shape = tuple(np.shape(p))
     p_dtype = _dtype_of(p)
     cdt = _numerics.compute_dtype(p_dtype)
-    if target is not None:
+    if target is not None and layout is not None:  # pack_state: one buffer per params dtype
+      cdt = target.mu[np.dtype(jax.dtypes.canonicalize_dtype(p_dtype)).name].dtype
+    elif target is not None:
       cdt = jax.tree.leaves(target.mu)[k].dtype
     entry = torch_state.get(index)
     if entry is None or len(entry) == 0:
@@ -173,6 +192,12 @@ def from_torch_state(
   def place(values, ref):
     if ref is None:
       return jax.tree.unflatten(treedef, [jnp.asarray(v) for v in values])
+    if layout is not None:  # into pack_state(torch_adam(...))'s buffers, in packing order
+      groups: dict[str, list[Any]] = {}
+      for v, (_, _, dtype) in zip(values, layout[1]):
+        groups.setdefault(np.dtype(dtype).name, []).append(np.ravel(v))
+      return {k: jax.device_put(jnp.asarray(np.concatenate(groups[k]), r.dtype),
+                                getattr(r, 'sharding', None)) for k, r in ref.items()}
     return jax.tree.map(
         lambda v, r: jax.device_put(jnp.asarray(v, r.dtype), getattr(r, 'sharding', None)),
         jax.tree.unflatten(treedef, values), ref,

@@ -281,8 +281,12 @@ def _in_place_narrow_step(
     leaf_index: int,
     *,
     nesterov: bool,
+    index: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""The Adam step for moments stored in bfloat16 (see :func:`_in_place_narrow`).
+
+  ``index``: the elements' flat positions in the whole leaf, for lazy Adam's
+  gathered rows (the stochastic rounding bits of those elements).
 
   Returns ``(update, mu, nu)``, the moments as stored. The arithmetic is
   float32 and the gradient is clipped as in :func:`_in_place_step`; ``mu``
@@ -307,7 +311,7 @@ def _in_place_narrow_step(
   )
   m_s = m_new.astype(m.dtype)
   v_s = v_new if v.dtype == f32 else _rounding.store_second_moment(
-      v_new, v.dtype, count, leaf_index)
+      v_new, v.dtype, count, leaf_index, index)
   m_r, v_r = m_s.astype(f32), v_s.astype(f32)
   if nesterov:
     m_hat = lax.add(

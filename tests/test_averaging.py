@@ -200,3 +200,90 @@ def test_debias_false_is_flax_nnx_ema():
   # float32, another rounding order: measured 9e-8 on O(1) values (one ulp).
   np.testing.assert_allclose(got['kernel'], want.kernel[...], rtol=0, atol=5e-7)
   np.testing.assert_allclose(got['bias'], want.bias[...], rtol=0, atol=5e-7)
+
+
+# ------------------------------------------------------------------ issue 18
+
+
+def _numpy_average(params0, grads, lr, decay):
+  """float64 NumPy: SGD params after each step, and their debiased EMA."""
+  p = {k: np.asarray(v, np.float64) for k, v in params0.items()}
+  ema = {k: np.zeros_like(v) for k, v in p.items()}
+  for g in grads:
+    p = {k: p[k] - lr * np.asarray(g[k], np.float64) for k in p}
+    ema = {k: decay * ema[k] + (1 - decay) * p[k] for k in p}
+  return {k: ema[k] / (1 - decay**len(grads)) for k in p}
+
+
+def _issue18_setup():
+  rng = np.random.default_rng(18)
+  params = {'w': jnp.asarray(rng.normal(size=(2, 3)), jnp.float32),
+            'b': jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+            'h': jnp.asarray(rng.normal(size=(4,)), jnp.bfloat16)}
+  grads = [{k: jnp.asarray(rng.normal(size=v.shape), v.dtype) for k, v in params.items()}
+           for _ in range(3)]
+  return params, grads
+
+
+def test_averaged_params_of_a_flax_nnx_optimizer_state():
+  """Defect 8: NNX boxes the state's fields (OptArray, OptVariable); the
+  average reads through them and equals NumPy's."""
+  from flax import nnx
+
+  params, grads = _issue18_setup()
+  params = {k: v.astype(jnp.float32) for k, v in params.items()}
+
+  class Model(nnx.Module):
+    def __init__(self):
+      self.w = nnx.Param(params['w'])
+      self.b = nnx.Param(params['b'])
+
+  model = Model()
+  opt = nnx.Optimizer(model, adamfx.ema_params(optax.sgd(0.1), 0.5), wrt=nnx.Param)
+  for g in grads:
+    loss = lambda m, g=g: jnp.sum(m.w[...] * g['w']) + jnp.sum(m.b[...] * g['b'])
+    opt.update(model, nnx.grad(loss)(model))
+  got = adamfx.averaged_params(opt.opt_state)
+  want = _numpy_average({k: params[k] for k in ('w', 'b')}, grads, 0.1, 0.5)
+  for k in ('w', 'b'):
+    np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=1e-6)
+
+
+def test_nested_ema_params_are_refused_and_each_readable():
+  """Defect 11: ema_params(ema_params(tx)) holds two averages: refused,
+  naming the way to read each."""
+  params, grads = _issue18_setup()
+  tx = adamfx.ema_params(adamfx.ema_params(optax.sgd(0.1), 0.9), 0.5)
+  state = tx.init(params)
+  for g in grads:
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+  with pytest.raises(ValueError, match=r'found 2 \(ema_params nested in ema_params\)'):
+    adamfx.averaged_params(state)
+  with pytest.raises(ValueError, match='found 2'):
+    adamfx.averaged_params((optax.EmptyState(), state))
+  inner = adamfx.averaged_params(state.inner)
+  assert jax.tree.structure(inner) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize('inner', ['adam', 'sgd'])
+def test_averaged_params_under_pack_state_is_shaped_like_the_params(inner):
+  """Defect 11: pack_state(ema_params(...)) averages the packed buffers;
+  averaged_params unpacks them into the params' tree (mixed dtypes), equal
+  to the same run without pack_state."""
+  params, grads = _issue18_setup()
+  make = lambda: adamfx.ema_params(adamfx.adam(0.1) if inner == 'adam' else optax.sgd(0.1), 0.5)
+  runs = []
+  for tx in (adamfx.pack_state(make()), make()):
+    p, s = params, tx.init(params)
+    for g in grads:
+      with jax.numpy_dtype_promotion('standard'):  # optax.sgd on a bfloat16 leaf
+        u, s = tx.update(g, s, p)
+      p = optax.apply_updates(p, u)
+    runs.append(adamfx.averaged_params(s))
+  packed, plain = runs
+  assert jax.tree.structure(packed) == jax.tree.structure(params)
+  for k in params:
+    assert packed[k].shape == params[k].shape
+    np.testing.assert_allclose(np.asarray(packed[k], np.float64),
+                               np.asarray(plain[k], np.float64), rtol=1e-6)

@@ -437,3 +437,33 @@ def test_str_leaves_are_refused_at_save_and_restore(tmp_path, monkeypatch):
   adamfx.save_npz(tmp_path / 's.npz', tree)
   with pytest.raises(adamfx.CheckpointError, match=r"leaf `\['name'\]` as 'str"):
     adamfx.restore_npz(tmp_path / 's.npz', tree)
+
+
+# ------------------------------------------------------------------ issue 18
+
+
+@pytest.mark.parametrize('pair', ['adamax_into_adam', 'adam_into_adamax', 'adamax_into_lazy_adam',
+                                  'adamax_into_torch_adam'])
+def test_adamax_and_adam_states_do_not_convert_into_each_other(pair, tmp_path):
+  """Defect 10: AdaMax's nu is max|g|, Adam's an average of g**2: convert_state
+  and restore_npz refuse either into the other, naming the leaf; optax's
+  states (which do not say) still convert."""
+  params = {'w': jnp.ones(3), 'b': jnp.zeros(2)}
+  src, dst = {
+      'adamax_into_adam': (adamfx.adamax(0.01), adamfx.adam(0.01)),
+      'adam_into_adamax': (adamfx.adam(0.01), adamfx.adamax(0.01)),
+      'adamax_into_lazy_adam': (adamfx.adamax(0.01), adamfx.lazy_adam(0.01)),
+      'adamax_into_torch_adam': (adamfx.adamax(0.01), adamfx.torch_adam(0.01)),
+  }[pair]
+  state = src.init(params)
+  target = dst.init(params)
+  if pair.endswith('torch_adam'):  # torch_adam's state is the bare FrameworkAdamState
+    state = state[0]
+  with pytest.raises(adamfx.CheckpointError, match=r"nu\['w'\]`: second_moment"):
+    adamfx.convert_state(state, target)
+  adamfx.save_npz(tmp_path / 's.npz', state)
+  with pytest.raises(adamfx.CheckpointError, match=r"nu\['w'\]`: second_moment"):
+    adamfx.restore_npz(tmp_path / 's.npz', target)
+  with jax.numpy_dtype_promotion('standard'):
+    ok = adamfx.convert_state(optax.adamax(0.01).init(params), adamfx.adamax(0.01).init(params))
+  assert type(ok[0]).__name__ == 'AdaMaxState'

@@ -82,10 +82,14 @@ class Contract(NamedTuple):
   # reason is on the row); the dtype check asserts that refusal, and runs the
   # real leaves alone.
   complex_params: bool = True
+  # True: the member takes RowSparse gradients (lazy Adam); the composition
+  # checks also feed it one (for the (4, 64) leaf).
+  sparse: bool = False
 
 
 _C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
 _B8 = adamfx.Blockwise8bit(min_size=_C8)
+_B8_ROWS = adamfx.Blockwise8bit(block_size=64, min_size=_C8)  # lazy: a row is whole blocks
 _MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
 _inject = adamfx.inject_hyperparams
 _oinject = optax.inject_hyperparams
@@ -123,7 +127,8 @@ CONTRACTS = [
     Contract('amsgrad_8bit', lambda: adamfx.amsgrad(LR, moments=_B8), eight_bit=True),
     Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True),
     Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True),
-    Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8), eight_bit=True),
+    Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8_ROWS), eight_bit=True,
+             sparse=True),
     Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR),
              packed=True),
     Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
@@ -148,10 +153,11 @@ CONTRACTS = [
              eight_bit=True),
     Contract('inject_adamw8bit',
              lambda: _inject(adamfx.adamw8bit)(LR, min_8bit_size=_C8, **_WD), eight_bit=True),
-    Contract('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR)),
+    Contract('lazy_adam', lambda: adamfx.lazy_adam(LR), lambda: optax.adam(LR), sparse=True),
     Contract('lazy_adam_catch_up', lambda: adamfx.lazy_adam(LR, catch_up=True),
-             lambda: optax.adam(LR)),
-    Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD)),
+             lambda: optax.adam(LR), sparse=True),
+    Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD),
+             sparse=True),
     # The framework-exact builders take real params only, as torch and keras
     # (complex_params=False), and keep 16-bit params' moments in float32.
     Contract('torch_adam', lambda: adamfx.torch_adam(LR), lambda: optax.adam(LR),

@@ -188,3 +188,54 @@ def test_bfloat16_and_export_errors():
     adamfx.to_torch_state(state, params, param_groups=[{'params': [0, 1]}])
   with pytest.raises(ValueError, match='exactly one FrameworkAdamState'):
     adamfx.to_torch_state(optax.adam(1e-3).init(params), params)
+
+
+# ------------------------------------------------------------------ issue 18
+
+
+@pytest.mark.parametrize('amsgrad', [False, True])
+def test_into_pack_state(amsgrad):
+  """Defect 12: ``into=pack_state(torch_adam(...)).init(params)`` (once an
+  IndexError) fills the packed buffers; two more steps equal the tree-shaped
+  import's steps (mixed dtypes: float32 leaves and a bfloat16 one)."""
+  import ml_dtypes
+
+  rng = np.random.default_rng(12)
+  params = {'b': jnp.zeros(3), 'h': jnp.ones(4, jnp.bfloat16), 'w': jnp.ones((2, 3))}
+  entry = lambda shape, dtype: {
+      'step': np.array(4.0), 'exp_avg': rng.normal(size=shape).astype(dtype),
+      'exp_avg_sq': rng.random(size=shape).astype(dtype),
+      **({'max_exp_avg_sq': (1 + rng.random(size=shape)).astype(dtype)} if amsgrad else {})}
+  sd = {'state': {0: entry((3,), np.float32), 1: entry((4,), ml_dtypes.bfloat16),
+                  2: entry((2, 3), np.float32)},
+        'param_groups': [{'params': [0, 1, 2], 'amsgrad': amsgrad}]}
+  packed_tx = adamfx.pack_state(adamfx.torch_adam(1e-2, amsgrad=amsgrad))
+  tree_tx = adamfx.torch_adam(1e-2, amsgrad=amsgrad)
+  packed = adamfx.from_torch_state(sd, params, into=packed_tx.init(params))
+  assert jax.tree.structure(packed) == jax.tree.structure(packed_tx.init(params))
+  tree = adamfx.from_torch_state(sd, params)
+  pp, tp = params, params
+  for _ in range(2):
+    g = {key: jnp.asarray(rng.normal(size=v.shape), v.dtype) for key, v in params.items()}
+    u, packed = packed_tx.update(g, packed, pp)
+    pp = optax.apply_updates(pp, u)
+    u, tree = tree_tx.update(g, tree, tp)
+    tp = optax.apply_updates(tp, u)
+  for key in params:
+    np.testing.assert_array_equal(np.asarray(pp[key], np.float32), np.asarray(tp[key], np.float32))
+
+
+def test_unstepped_params_as_the_docstring_says():
+  """Defect 15: a state dict with no steps at all gives zeros and count 0;
+  a mix of stepped and never-stepped params is refused (one count)."""
+  params = {'a': jnp.zeros(3), 'b': jnp.zeros((2, 2))}
+  fresh = {'state': {}, 'param_groups': [{'params': [0, 1]}]}
+  state = adamfx.from_torch_state(fresh, params)
+  assert int(state.count) == 0
+  assert not np.asarray(state.mu['b']).any() and not np.asarray(state.nu['a']).any()
+  mixed = _sd()
+  del mixed['state'][1]
+  with pytest.raises(ValueError, match=r'different numbers of steps \(param 0: 2, param 1: 0\)'):
+    adamfx.from_torch_state(mixed, params)
+  doc = adamfx.from_torch_state.__doc__
+  assert 'a mix of stepped params and params torch never stepped' in ' '.join(doc.split())

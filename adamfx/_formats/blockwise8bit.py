@@ -140,14 +140,15 @@ import jax.numpy as jnp
         block_size=self.block_size, step_size=math.step_size,
     )
 
-  def gather_rows(self, stored: Any, ids: Any) -> Any:
-    """Rows ``ids`` of a stored moment (ids out of range read zeros), for lazy Adam.
+  def gather_rows(self, stored: Any, ids: Any, take: Any) -> Any:
+    """Rows ``ids`` of a stored moment, for lazy Adam; ``take(array, ids)`` is
+    the caller's row gather (zeros for ids out of range, mesh-aware).
 
     A quantized leaf's blocks must lie within its rows (the last axis a
     multiple of ``block_size``), so that a row's codes and scales are its own.
     """
     if not isinstance(stored, _quant.QuantizedArray):
-      return stored.at[ids].get(mode='fill', fill_value=0)
+      return take(stored, ids)
     shape = tuple(stored.codes.shape)
     if len(shape) < 2 or shape[-1] % self.block_size:
       raise ValueError(
@@ -156,14 +157,14 @@ import jax.numpy as jnp
           f' a leaf of shape {shape}: pass Blockwise8bit(block_size=b) with b'
           f' dividing {shape[-1] if shape else 1}.'
       )
-    get = lambda x: x.at[ids].get(mode='fill', fill_value=0)
-    return _quant.QuantizedArray(get(stored.codes), get(stored.scale), self.block_size,
-                                 stored.signed)
+    return _quant.QuantizedArray(take(stored.codes, ids), take(stored.scale, ids),
+                                 self.block_size, stored.signed)
 
-  def scatter_rows(self, stored: Any, ids: Any, rows: Any) -> Any:
-    """``stored`` with rows ``ids`` set to ``rows`` (ids out of range dropped)."""
+  def scatter_rows(self, stored: Any, ids: Any, rows: Any, put: Any) -> Any:
+    """``stored`` with rows ``ids`` set to ``rows``; ``put(array, ids, values)``
+    is the caller's row scatter (ids out of range dropped)."""
     if not isinstance(stored, _quant.QuantizedArray):
-      return stored.at[ids].set(rows, mode='drop')
-    put = lambda x, r: x.at[ids].set(r, mode='drop')
-    return _quant.QuantizedArray(put(stored.codes, rows.codes), put(stored.scale, rows.scale),
+      return put(stored, ids, rows)
+    return _quant.QuantizedArray(put(stored.codes, ids, rows.codes),
+                                 put(stored.scale, ids, rows.scale),
                                  self.block_size, stored.signed)
