@@ -974,3 +974,133 @@ def test_contract_bad_gradient_trees_are_refused(c, jit):
     with pytest.raises((ValueError, TypeError)) as info:
       update(g, state, params)
     assert 'jax' not in type(info.value).__module__, (what, info.value)
+
+
+# ---------------------------------------------------------------------------
+# Issue 18: the compositions users write around each member.
+
+
+_SPARSE_IDS = (0, 3, 3)
+
+
+def _member_grads(c, params, step):
+  """Dense contract gradients; for a sparse member, a RowSparse for 'w'
+  (rows 0 and 3, row 3 twice)."""
+  g = _grads(params, step)
+  if c.sparse:
+    g['w'] = adamfx.RowSparse(jnp.asarray(_SPARSE_IDS, jnp.int32), g['w'][:3], 4)
+  return g
+
+
+def _dense(tree):
+  is_rs = lambda x: isinstance(x, adamfx.RowSparse)
+  return jax.tree.map(lambda x: np.asarray(x.todense() if is_rs(x) else x, np.float64), tree,
+                      is_leaf=is_rs)
+
+
+@contracts
+def test_contract_schedule_in_a_chain_after_it_and_tree_arithmetic(c):
+  """A schedule chained after the member (optax.scale_by_schedule) scales
+  its updates by the schedule's value at each step -- on RowSparse updates
+  too, the rows unmoved -- and gradients summed with a tree map (two halves)
+  step as the whole; a sparse member's gradients summed over different ids
+  are refused eagerly (NumPy products and sums of the member's own updates
+  are the reference)."""
+  sched = lambda count: 1.0 / (1.0 + count.astype(jnp.float32))
+  params = _cparams()
+  chained = optax.chain(c.make(), optax.scale_by_schedule(sched))
+  plain = c.make()
+  c_up, p_up = jax.jit(chained.update), jax.jit(plain.update)
+  cs, ps, hs = chained.init(params), plain.init(params), plain.init(params)
+  for t in range(2):
+    g = _member_grads(c, params, t)
+    half = jax.tree.map(lambda x: 0.5 * x, g)
+    cu, cs = c_up(g, cs, params)
+    pu, ps = p_up(g, ps, params)
+    hu, hs = p_up(jax.tree.map(jnp.add, half, half), hs, params)
+    jax.tree.map(lambda a, b, t=t: np.testing.assert_allclose(a, b / (1 + t), rtol=1e-6, atol=0),
+                 _dense(cu), _dense(pu))
+    jax.tree.map(np.testing.assert_array_equal, _dense(hu), _dense(pu))
+  if c.sparse:
+    rows = set(np.flatnonzero(np.abs(_dense(cu)['w']).sum(1)).tolist())
+    assert rows <= set(_SPARSE_IDS)
+    other = adamfx.RowSparse(jnp.asarray([1, 2, 0], jnp.int32), jnp.ones((3, 64)), 4)
+    with pytest.raises(ValueError, match='ids were treated as numbers'):
+      jax.tree.map(jnp.add, g['w'], other)
+
+
+# Each member's builder and the arguments its contract row passes, for the
+# inject_hyperparams check; wrappers (pack_state, inject_hyperparams,
+# ema_params) and pinned-dtype rows reuse a row of their builder.
+_BUILDERS = {
+    'adam': (adamfx.adam, {}), 'nadam': (adamfx.nadam, {}), 'amsgrad': (adamfx.amsgrad, {}),
+    'adamw': (adamfx.adamw, _WD), 'adamw_mask': (adamfx.adamw, dict(mask=_MASK, **_WD)),
+    'nadamw': (adamfx.nadamw, _WD), 'adamax': (adamfx.adamax, {}),
+    'scale_by_adam': (adamfx.scale_by_adam, {}), 'scale_by_adamax': (adamfx.scale_by_adamax, {}),
+    'adam8bit': (adamfx.adam8bit, dict(min_8bit_size=_C8)),
+    'adamw8bit': (adamfx.adamw8bit, dict(min_8bit_size=_C8, **_WD)),
+    'scale_by_adam8bit': (adamfx.scale_by_adam8bit, dict(min_8bit_size=_C8)),
+    'lazy_adam': (adamfx.lazy_adam, {}), 'lazy_adam_catch_up': (adamfx.lazy_adam, dict(catch_up=True)),
+    'lazy_adamw': (adamfx.lazy_adamw, _WD),
+    'torch_adam': (adamfx.torch_adam, {}), 'torch_adamw': (adamfx.torch_adamw, _WD),
+    'keras_adam': (adamfx.keras_adam, {}), 'keras_adamw': (adamfx.keras_adamw, _WD),
+}
+_REUSES = {'adam_mu_bf16': 'adam', 'adam_nu_bf16': 'adam', 'pack_adam': 'adam',
+           'pack_adamw': 'adamw', 'pack_amsgrad': 'amsgrad', 'pack_adam8bit': 'adam8bit',
+           'ema_params': 'adam', **{f'inject_{n}': n for n in
+                                   ('adam', 'nadam', 'amsgrad', 'adamw', 'nadamw', 'adamax',
+                                    'adam8bit', 'adamw8bit')}}
+
+
+def _schedule_for(name, value):
+  """A schedule of a hyperparameter that stays in its valid range."""
+  v = float(value)
+  if name in ('b1', 'b2', 'beta_1', 'beta_2'):
+    return optax.linear_schedule(v, 0.95 * v, 3)
+  if name in ('lr', 'learning_rate', 'weight_decay'):
+    return optax.linear_schedule(v, 0.5 * v, 3)
+  return optax.linear_schedule(v, 2 * v + 1e-8, 3)  # eps, eps_root, epsilon
+
+
+@contracts
+def test_contract_inject_hyperparams_with_a_schedule_on_every_numeric_hyperparameter(c):
+  """adamfx.inject_hyperparams takes a schedule for every numeric
+  hyperparameter of the member's builder (all at once), and steps as
+  optax.inject_hyperparams of the same builder (its numbers: the reference)."""
+  import inspect
+
+  assert c.name in _BUILDERS or c.name in _REUSES, f'add {c.name} to _BUILDERS or _REUSES'
+  builder, kwargs = _BUILDERS[_REUSES.get(c.name, c.name)]
+  sig = inspect.signature(builder)
+  # optax's wrapper injects every argument it is given unless told (the
+  # structural ones adamfx keeps static by itself; 8-bit's block_size: issue 18 item 9).
+  static = tuple(k for k in ('mask', 'catch_up', 'min_8bit_size', 'block_size')
+                 if k in sig.parameters)
+  scheds = {}
+  for name, param in sig.parameters.items():
+    if name in static:
+      continue
+    value = kwargs.get(name, param.default)
+    if name in ('learning_rate', 'lr') and value is inspect.Parameter.empty:
+      value = LR
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      scheds[name] = _schedule_for(name, value)
+  assert scheds, f'{c.name}: no numeric hyperparameter found'
+  other = {k: v for k, v in kwargs.items() if k not in scheds}
+  params = _cparams()
+  got_tx = adamfx.inject_hyperparams(builder)(**scheds, **other)
+  want_tx = optax.inject_hyperparams(builder, static_args=static)(
+      **scheds, **other)
+  outs = []
+  for tx in (got_tx, want_tx):
+    update = jax.jit(tx.update)
+    with optax_promotion():  # optax's schedules mix int and float
+      s, p = tx.init(params), params
+      for t in range(3):
+        u, s = update(_member_grads(_BY_NAME[_REUSES.get(c.name, c.name)], p, t), s, p)
+        p = optax.apply_updates(p, u)
+    outs.append((p, s))
+  _assert_moved_alike(outs[0][0], outs[1][0], params, rtol=2e-6)
+  for name in scheds:  # the schedules' values, as optax's wrapper holds them
+    np.testing.assert_allclose(outs[0][1].hyperparams[name], outs[1][1].hyperparams[name],
+                               rtol=1e-6)

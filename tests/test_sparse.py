@@ -555,6 +555,29 @@ _SHARDED = textwrap.dedent('''
       'init_mu': str(tx.init(table)[0].mu.sharding.spec),
       'n_shards': len(many_s[0].mu.addressable_shards),
   }
+  # Explicit axes (issue 18): value_and_row_sparse_grad and lazy_adamw on a
+  # row-sharded table, equal to one device.
+  from jax.sharding import AxisType
+  emesh = jax.make_mesh((8,), ('rows',), axis_types=(AxisType.Explicit,))
+  ex = jax.device_put(table0, NamedSharding(emesh, P('rows', None)))
+  txw = adamfx.lazy_adamw(0.05, weight_decay=0.1)
+  vg = adamfx.value_and_row_sparse_grad(lambda p: jnp.sum(jnp.tanh(p['t']) ** 2),
+                                        where=lambda p: p['t'])
+
+  def estep(p, s, i):
+    v, g = vg({'t': p}, i)
+    u, s = txw.update(g['t'], s, p)
+    return optax.apply_updates(p, u), s, v
+
+  results = []
+  for t in (jax.device_put(table0, jax.devices()[0]), ex):
+    s = jax.jit(txw.init)(t)
+    for i in ids[:2]:
+      t, s, v = jax.jit(estep)(t, s, jnp.asarray(i))
+    results.append((t, v))
+  out['explicit_equal'] = bool(np.allclose(np.asarray(results[0][0]), np.asarray(results[1][0]),
+                                           rtol=1e-6, atol=1e-7))
+  out['explicit_spec'] = str(results[1][0].sharding.spec)
   print('RESULT ' + json.dumps(out))
 ''')
 
@@ -573,6 +596,7 @@ def test_row_sharded_table_on_8_devices():
   assert out['mu'] == spec and out['nu'] == spec and out['init_mu'] == spec
   assert out['last'] == str(jax.sharding.PartitionSpec('rows'))
   assert out['n_shards'] == 8
+  assert out['explicit_equal'] and out['explicit_spec'] == spec  # Explicit axes (issue 18)
 
 
 # ------------------------------------------------------- RowSparse itself

@@ -386,3 +386,17 @@ def test_every_row_touched_is_dense_adam_with_huge_and_16_bit_gradients(dtype, j
   for k in ('mu', 'nu'):
     np.testing.assert_allclose(np.asarray(getattr(ls[0], k), np.float32),
                                np.asarray(getattr(ds[0], k), np.float32), rtol=rtol, atol=0)
+
+
+def test_lazy_adamw_weight_decay_schedule_message_names_the_call_that_works():
+  """Defect 6: the message for a callable weight_decay recommends a call that
+  works (it recommended the call that raised it)."""
+  sched = optax.linear_schedule(0.1, 0.01, 3)
+  with pytest.raises(TypeError, match=r'adamfx.inject_hyperparams\(adamfx.lazy_adamw\)'):
+    adamfx.lazy_adamw(0.1, weight_decay=sched)
+  tx = adamfx.inject_hyperparams(adamfx.lazy_adamw)(0.1, weight_decay=sched)
+  p = {'t': jnp.ones((V, D))}
+  g = {'t': RowSparse(jnp.array([2]), jnp.zeros((1, D)), V)}
+  with jax.numpy_dtype_promotion('standard'):
+    u, _ = tx.update(g, tx.init(p), p)
+  np.testing.assert_allclose(u['t'].todense()[2], -0.1 * 0.1 * 1.0, rtol=1e-6)  # -lr * wd * p
