@@ -13,8 +13,10 @@ another shape or dtype, a checksum that does not match -- raises a
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import zlib
 from typing import Any
 
@@ -230,6 +232,42 @@ def _host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def _storable(leaf: Any) -> bool:
+  """Whether a leaf is an array of a dtype that both savers write and restore."""
+  dtype = getattr(leaf, 'dtype', None)
+  if dtype is None:
+    try:
+      dtype = np.asarray(leaf).dtype
+    except Exception:  # noqa: BLE001 (anything NumPy cannot make an array of)
+      return False
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    return False
+  return dtype == jnp.bool_ or any(
+      jnp.issubdtype(dtype, kind)
+      for kind in (jnp.floating, jnp.integer, jnp.complexfloating, jnp.unsignedinteger)
+  )
+
+
+def _refuse_unstorable(flat: list[tuple[str, str, Any]], who: str) -> None:
+  """TypeError naming every leaf a checkpoint could write but not read back.
+
+  A ``str`` leaf becomes a NumPy ``<U..`` array that ``restore_npz`` cannot
+  view from raw bytes, and orbax refuses it halfway through a save: both are
+  refused before anything is written, so the previous checkpoint stays.
+  """
+  bad = [(name, leaf) for _, name, leaf in flat if not _storable(leaf)]
+  if bad:
+    shown = ', '.join(f'`{name}` ({type(leaf).__name__} {leaf!r:.40})' for name, leaf in bad[:6])
+    more = f' and {len(bad) - 6} more' if len(bad) > 6 else ''
+    raise TypeError(
+        f'{who} can only store arrays of numbers or booleans; {len(bad)} leaves are not:'
+        f' {shown}{more}. Keep them out of the saved tree (save them separately,'
+        ' e.g. as JSON).'
+    )
+
+
 def _crc(arr: np.ndarray) -> int:
   return zlib.crc32(np.ascontiguousarray(arr).view(np.uint8).reshape(-1).data)
 
@@ -306,7 +344,14 @@ def save_npz(path: str | os.PathLike, tree: Any) -> None:
 
   Args:
     path: the file to write (``.npz`` is not appended).
-    tree: a pytree of arrays; ``None`` leaves are skipped.
+    tree: a pytree of arrays of numbers or booleans; ``None`` leaves are
+      skipped.
+
+  Raises:
+    TypeError: naming each leaf that is not an array of numbers or booleans
+      (a ``str``, say: it could not be restored), before anything is written.
+    OSError: if the file cannot be written; the previous file at ``path`` is
+      then unchanged and the temporary file removed.
 
   Examples:
     >>> import os, tempfile
@@ -320,8 +365,10 @@ def save_npz(path: str | os.PathLike, tree: Any) -> None:
     >>> restored[0].mu['w']
     Array([0., 0., 0.], dtype=float32)
   """
+  flat = _flatten(tree)
+  _refuse_unstorable(flat, 'save_npz')
   arrays, leaves = {}, []
-  for i, (canon, name, leaf) in enumerate(_flatten(tree)):
+  for i, (canon, name, leaf) in enumerate(flat):
     host = _host(leaf)
     raw = np.ascontiguousarray(host).view(np.uint8).reshape(-1)
     arrays[f'a{i}'] = raw
@@ -335,9 +382,16 @@ def save_npz(path: str | os.PathLike, tree: Any) -> None:
   arrays[_NPZ_META] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
   path = os.fspath(path)
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    # A failed write (a full disk, an interrupt) leaves the previous
+    # checkpoint under `path` as it was, and no half-written temporary.
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def _corrupt(path: Any, what: str, err: BaseException) -> CheckpointError:
@@ -397,7 +451,13 @@ def restore_npz(path: str | os.PathLike, target: Any) -> Any:
         raw = npz[f'a{i}']
       except Exception as e:  # zipfile: Bad CRC-32, EOF ...
         raise _corrupt(path, f'leaf `{name}` is damaged', e) from e
-      dtype = jnp.dtype(rec['dtype'])
+      try:
+        dtype = jnp.dtype(rec['dtype'])
+      except TypeError as e:  # e.g. a str leaf of an older save_npz
+        raise CheckpointError(
+            f'The checkpoint {os.fspath(path)!r} holds leaf `{name}` as'
+            f' {rec["dtype"]!r}, not an array dtype adamfx can restore.'
+        ) from e
       expected = int(np.prod(rec['shape'], dtype=np.int64)) * dtype.itemsize
       if raw.dtype != np.uint8 or raw.size != expected:
         raise CheckpointError(
@@ -439,8 +499,16 @@ def save_orbax(path: str | os.PathLike, tree: Any, *, force: bool = False) -> No
 
   Args:
     path: the checkpoint directory (absolute, or made absolute here).
-    tree: a pytree of arrays.
-    force: overwrite an existing checkpoint at ``path``.
+    tree: a pytree of arrays (numbers or booleans).
+    force: replace an existing checkpoint at ``path``. The new checkpoint is
+      written beside it (``path + '.adamfx-new'``) and moved into place only
+      once complete, so a save that fails (a full disk, an interrupt) leaves
+      the previous checkpoint as it was and removes its partial copy.
+
+  Raises:
+    TypeError: naming each leaf that is not an array of numbers or booleans
+      (a ``str``, say), before anything is written.
+    ValueError: if ``path`` exists and ``force`` is False.
 
   Examples:
     >>> import os, tempfile
@@ -453,18 +521,57 @@ def save_orbax(path: str | os.PathLike, tree: Any, *, force: bool = False) -> No
     Array(0, dtype=int32)
   """
   ocp = _ocp()
+  path = os.path.abspath(path)
+  flat = _flatten(tree)
+  _refuse_unstorable(flat, 'save_orbax')
+  if os.path.exists(path) and not force:
+    raise ValueError(
+        f'A checkpoint already exists at {path!r}; pass force=True to replace it.')
   leaves = []
-  for canon, name, leaf in _flatten(tree):
+  for canon, name, leaf in flat:
     crc = None
     if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
       crc = _crc(np.asarray(leaf))
     leaves.append({'path': canon, 'name': name, 'crc32': crc})
   meta = {'format': _FORMAT, 'version': _VERSION, 'leaves': leaves, 'configs': _configs(tree)}
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(os.path.abspath(path), tree, force=force,
-             custom_metadata={'adamfx': meta})
-  ckptr.wait_until_finished()
-  ckptr.close()
+  # Written beside `path` under a name of its own (the same on every process,
+  # each writing its shards), and moved over the old checkpoint only once
+  # complete: orbax's own force=True deletes `path` before it writes, so a
+  # save that then failed (a full disk, a leaf it cannot store) lost the
+  # last good checkpoint.
+  new, old = f'{path}.adamfx-new', f'{path}.adamfx-old'
+  primary = jax.process_index() == 0
+  # Directories made before save() returns, not in a thread of orbax's that a
+  # failed save leaves running (it would make the temporary after cleanup).
+  ckptr = ocp.StandardCheckpointer(
+      async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
+  try:
+    try:
+      ckptr.save(new, tree, force=True, custom_metadata={'adamfx': meta})
+    finally:
+      # Also after a failed save: orbax may still be making its temporary
+      # directory in a thread of its own; let it finish before cleaning up.
+      try:
+        ckptr.wait_until_finished()
+      finally:
+        ckptr.close()
+    if primary:
+      # Between the two renames the old checkpoint is at `old`: never gone.
+      if os.path.isdir(old):
+        shutil.rmtree(old)
+      if os.path.exists(path):
+        os.replace(path, old)
+      os.replace(new, path)
+      shutil.rmtree(old, ignore_errors=True)
+  except BaseException:
+    if primary:  # the partial copy, and orbax's own temporary beside it
+      for leftover in glob.glob(glob.escape(new) + '*'):
+        shutil.rmtree(leftover, ignore_errors=True)
+    raise
+  if jax.process_count() > 1:  # no process reads `path` before it is in place
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(f'adamfx.save_orbax {path}')
 
 
 def _orbax_leaf(x: Any) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import jax
@@ -189,6 +190,29 @@ def check_state_dtype(name: str, dtype: Any) -> Any:
   return canonical
 
 
+def warn_float16_second_moment(nu: Any) -> None:
+  """Warns (once per call site) if any second moment is stored in float16.
+
+  float16 holds ``nu`` up to 65504, so a sustained ``|g|`` above about 256
+  saturates it. The step keeps ``m / sqrt(v)`` for the saturating step (m
+  and v are scaled together), but the history then reads as that of a
+  smaller gradient against which the next full-size gradients weigh too
+  much: under a sustained ``|g| ~ 1e4`` the update drifts from float32
+  Adam's by 6 % at step 5 and 2.4x at step 50 (median over elements).
+  bfloat16 (same 2 bytes, float32's exponent range) keeps it within 1 %.
+  """
+  if any(jnp.dtype(getattr(x, 'dtype', np.float32)) == jnp.float16 for x in jax.tree.leaves(nu)):
+    warnings.warn(
+        'Adam\'s second moment `nu` is stored in float16 (float16 params, or'
+        ' nu_dtype=float16): float16 holds nu up to 65504, so a sustained |gradient|'
+        ' above about 256 saturates it, and the steps then drift from float32 Adam\'s'
+        ' (6% at step 5, 2.4x at step 50 under |g| ~ 1e4). Pass nu_dtype=jnp.bfloat16'
+        ' (the same 2 bytes, float32\'s range) or jnp.float32 unless gradients stay'
+        ' well below 256.',
+        UserWarning, stacklevel=4,
+    )
+
+
 def check_param_leaves(tree: Any, what: str = 'params') -> None:
   """Raises TypeError naming the first leaf whose dtype Adam cannot update."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -220,6 +244,31 @@ def tree_difference(got: list[str], want: list[str], got_def: Any, want_def: Any
   if extra:
     detail.append(f'not in {what}: {", ".join(extra[:5])}')
   return '; '.join(detail) or f'updates {got_def} vs {short or what} {want_def}'
+
+
+def _is_8bit(x: Any) -> bool:
+  # adamfx.QuantizedArray, by name: _quant imports this module.
+  return type(x).__name__ == 'QuantizedArray' and hasattr(x, 'codes')
+
+
+def refuse_8bit_moments(moments: Any, what: str = 'state.mu') -> None:
+  """TypeError if ``moments`` holds 8-bit leaves: the state is adam8bit's.
+
+  Called where a float-moment member's trees do not match (so it costs
+  nothing in a working step): the mismatch is then the state's type, not
+  the gradients, and the error says so.
+  """
+  found = [
+      path for path, x in jax.tree_util.tree_flatten_with_path(moments, is_leaf=_is_8bit)[0]
+      if _is_8bit(x)
+  ]
+  if found:
+    raise TypeError(
+        f'{what} holds 8-bit moments (adamfx.QuantizedArray at {_leaf_name(found[0])}'
+        f'{f" and {len(found) - 1} more" if len(found) > 1 else ""}): the state was made by'
+        ' adamfx.adam8bit/adamw8bit, and this optimiser keeps float moments. Update'
+        ' it with the optimiser that made it, or init this one.'
+    )
 
 
 def _is_row_sparse(x: Any) -> bool:
@@ -256,6 +305,7 @@ def check_matching_trees(updates: Any, reference: Any, what: str = 'state.mu') -
       for u, r in zip(up_flat, ref_flat)
   ):
     return
+  refuse_8bit_moments(reference, what)
   refuse_row_sparse(updates)
   up_leaves, up_def = jax.tree_util.tree_flatten_with_path(updates, is_leaf=is_none)
   ref_leaves, ref_def = jax.tree_util.tree_flatten_with_path(reference, is_leaf=is_none)
@@ -364,3 +414,11 @@ def check_chain_state(state: Any, links: int) -> None:
       f' (a tuple of {links} states, the Adam state first), and then the one'
       ' returned by the previous update.'
   )
+
+
+def check_adam_args(b1: Any, b2: Any, eps: Any, eps_root: Any) -> None:
+  """Checks Adam's concrete hyperparameters (see :func:`check_decay`)."""
+  check_decay('b1', b1)
+  check_decay('b2', b2)
+  check_non_negative('eps', eps)
+  check_non_negative('eps_root', eps_root)

@@ -36,7 +36,6 @@ and Keras freezes the parameter for good.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 from typing import NamedTuple
@@ -48,6 +47,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _numerics
+from adamfx import _update
 
 __all__ = ['FrameworkAdamState', 'keras_adam', 'keras_adamw', 'torch_adam', 'torch_adamw']
 
@@ -201,6 +201,58 @@ def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   return update, m, v, vm
 
 
+class _Rules(NamedTuple):
+  """A framework's arithmetic as a step of the core's tree driver
+  (:func:`adamfx._update.tree_update`): moments are plain arrays, the step
+  is :func:`_leaf_step` with this update's scalars, cached per dtype."""
+
+  cfg: _Config
+  lr_value: Any
+  p_leaves: Optional[list[Any]]
+  cache: dict[Any, Any]
+
+  def is_stored(self, x: Any) -> bool:
+    del x
+    return False
+
+  def param_like(self, x: Any) -> Any:
+    return x
+
+  def step(self, g, m, v, vm, leaf_index, math):
+    scalars, t, lr = self.scalars_for(m.dtype, math.count)
+    p = None if self.p_leaves is None else self.p_leaves[leaf_index]
+    return (*_leaf_step(self.cfg, g, p, m, v, vm, t, lr, scalars), False)
+
+  def scalars_for(self, cdt, count):
+    cfg, cache, lr_value = self.cfg, self.cache, self.lr_value
+    if cdt not in cache:
+      names = ('beta1', 'beta2') if cfg.convention == 'torch' else ('beta_1', 'beta_2')
+      for name, value in zip(names, (cfg.b1, cfg.b2)):
+        _checks.check_decay_in_dtype(name, value, cdt)
+      t = count.astype(cdt)
+      b1, b2, lr = _as(cfg.b1, cdt), _as(cfg.b2, cdt), _as(lr_value, cdt)
+      one = jnp.ones((), cdt)
+      omb1 = _host(lambda b: 1 - b, cfg.b1)
+      omb2 = _host(lambda b: 1 - b, cfg.b2)
+      factor = None
+      if cfg.decoupled is not None:
+        factor = _host(lambda r, w: 1 - r * w, lr_value, cfg.decoupled)
+        factor = one - lr * _as(cfg.decoupled, cdt) if factor is None else _as(factor, cdt)
+      cache[cdt] = (
+          (
+              b1, b2, _as(cfg.eps, cdt),
+              one - b1 if omb1 is None else _as(omb1, cdt),
+              one - b2 if omb2 is None else _as(omb2, cdt),
+              factor,
+              _bias_correction(cfg.b1, b1, t),
+              _bias_correction(cfg.b2, b2, t),
+          ),
+          t,
+          lr,
+      )
+    return cache[cdt]
+
+
 def _transformation(cfg: _Config) -> optax.GradientTransformation:
   needs_params = cfg.l2 is not None or cfg.decoupled is not None
 
@@ -212,66 +264,22 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
       raise ValueError(
           'weight_decay needs the params: call update(grads, state, params).'
       )
-    updates = jax.tree.map(jnp.asarray, updates)
-    _checks.check_matching_trees(updates, state.mu, 'state.mu')
-    count = optax.safe_increment(state.count)
-    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
-    m_leaves = treedef.flatten_up_to(state.mu)
-    v_leaves = treedef.flatten_up_to(state.nu)
-    vm_leaves = treedef.flatten_up_to(state.nu_max) if cfg.amsgrad else [None] * len(g_leaves)
-    p_leaves = treedef.flatten_up_to(params) if needs_params else [None] * len(g_leaves)
     lr_value = cfg.learning_rate
     if callable(lr_value):
       with jax.numpy_dtype_promotion('standard'):
         lr_value = lr_value(state.count)  # the rate of this step, as optax and torch
-    cache = {}
-
-    def scalars_for(cdt):
-      if cdt not in cache:
-        names = ('beta1', 'beta2') if cfg.convention == 'torch' else ('beta_1', 'beta_2')
-        for name, value in zip(names, (cfg.b1, cfg.b2)):
-          _checks.check_decay_in_dtype(name, value, cdt)
-        t = count.astype(cdt)
-        b1, b2, lr = _as(cfg.b1, cdt), _as(cfg.b2, cdt), _as(lr_value, cdt)
-        one = jnp.ones((), cdt)
-        omb1 = _host(lambda b: 1 - b, cfg.b1)
-        omb2 = _host(lambda b: 1 - b, cfg.b2)
-        factor = None
-        if cfg.decoupled is not None:
-          factor = _host(lambda r, w: 1 - r * w, lr_value, cfg.decoupled)
-          factor = one - lr * _as(cfg.decoupled, cdt) if factor is None else _as(factor, cdt)
-        cache[cdt] = (
-            (
-                b1, b2, _as(cfg.eps, cdt),
-                one - b1 if omb1 is None else _as(omb1, cdt),
-                one - b2 if omb2 is None else _as(omb2, cdt),
-                factor,
-                _bias_correction(cfg.b1, b1, t),
-                _bias_correction(cfg.b2, b2, t),
-            ),
-            t,
-            lr,
-        )
-      return cache[cdt]
-
-    out_u, out_m, out_v, out_vm = [], [], [], []
-    for g, p, m, v, vm in zip(g_leaves, p_leaves, m_leaves, v_leaves, vm_leaves):
-      if g is None:
-        for out in (out_u, out_m, out_v, out_vm):
-          out.append(None)
-        continue
-      scalars, t, lr = scalars_for(m.dtype)
-      u, m, v, vm = _leaf_step(cfg, g, p, m, v, vm, t, lr, scalars)
-      out_u.append(u.astype(g.dtype))
-      out_m.append(m)
-      out_v.append(v)
-      out_vm.append(vm)
-    unflatten = functools.partial(jax.tree.unflatten, treedef)
-    return unflatten(out_u), FrameworkAdamState(
-        count=count,
-        mu=unflatten(out_m),
-        nu=unflatten(out_v),
-        nu_max=unflatten(out_vm) if cfg.amsgrad else None,
+    p_leaves = None
+    if needs_params:  # the params' leaves, aligned with the gradient's
+      try:
+        p_leaves = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
+      except (ValueError, TypeError):
+        _checks.check_matching_trees(updates, state.mu)  # names the leaf
+        raise
+    rules = _Rules(cfg, lr_value, p_leaves, {})
+    hps = {'b1': cfg.b1, 'b2': cfg.b2, 'eps': cfg.eps, 'eps_root': 0.0}
+    return _update.tree_update(
+        updates, state, hps, fmt=rules, amsgrad=cfg.amsgrad,
+        state_type=FrameworkAdamState, who=f'{cfg.convention}_adam',
     )
 
   return optax.GradientTransformation(init_fn, update_fn)

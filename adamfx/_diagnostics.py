@@ -25,6 +25,7 @@ import optax
 from adamfx import _checks
 from adamfx import _quant
 from adamfx import _stable
+from adamfx._conventions import FrameworkAdamState
 from adamfx._update import AdaMaxState
 from adamfx._update import AdamState
 
@@ -142,6 +143,25 @@ def adam_step_bound(t: Any, b1: float = 0.9, b2: float = 0.999) -> Any:
   return jnp.where(t == 1, jnp.asarray(1, dtype), value)
 
 
+def _check_diagnostics_args(eps: Any, quantiles: Any, learning_rate: Any) -> None:
+  """Named errors for :func:`adam_diagnostics`' concrete arguments."""
+  x = _checks._concrete_number(eps)
+  if x is None or not 0 <= x < math.inf:
+    raise ValueError(f'`eps` must be a number >= 0, got {eps!r}.')
+  for q in quantiles:
+    x = _checks._concrete_number(q)
+    if x is None or not 0 <= x <= 1:
+      raise ValueError(
+          f'each of `quantiles` must be a number in [0, 1], got {q!r} (in {tuple(quantiles)!r}).')
+  if learning_rate is None:
+    return
+  x = _checks._concrete_number(learning_rate)
+  if x is not None and not 0 < x < math.inf:  # a traced rate passes through
+    raise ValueError(
+        f'`learning_rate` must be > 0 and finite, got {learning_rate!r}: the step'
+        ' is reported as |update| / learning_rate.')
+
+
 def _bound_decays(b1: Any, b2: Any) -> tuple[float, float]:
   out = []
   for name, b in (('b1', b1), ('b2', b2)):
@@ -248,7 +268,10 @@ def adam_diagnostics(
     > 0`, those ``cautious=True`` keeps.
 
   With AMSGrad (``state.nu_max`` present) :math:`\hat v_t` is the running
-  maximum ``nu_max``, the denominator the update actually used.
+  maximum ``nu_max``, the denominator the update actually used: optax's and
+  adamfx's ``nu_max`` is already bias-corrected; that of
+  :func:`adamfx.torch_adam` and :func:`adamfx.keras_adam` (the max of the raw
+  ``nu``, as in torch and Keras) is divided by :math:`1 - \beta_2^t` here.
 
   Args:
     state: an :class:`adamfx.AdamState` or ``optax.ScaleByAdamState``, or any
@@ -272,8 +295,11 @@ def adam_diagnostics(
     int32).
 
   Raises:
-    ValueError: if ``state`` holds no Adam state or an AdaMax one, or
-      ``updates`` is given without ``learning_rate``.
+    ValueError: if ``state`` holds no Adam state or an AdaMax one,
+      ``updates`` is given without ``learning_rate``, ``learning_rate`` is
+      not > 0, ``b1`` or ``b2`` is outside [0, 1), ``eps`` < 0, or a
+      quantile is outside [0, 1] (each error names the argument and value).
+    TypeError: if ``b1`` or ``b2`` is not a concrete number.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -295,15 +321,21 @@ def adam_diagnostics(
   adam_state = _find_adam_state(state)
   if updates is not None and learning_rate is None:
     raise ValueError('`learning_rate` is needed with `updates`, to compute |update| / lr.')
+  b1, b2 = _bound_decays(b1, b2)  # named errors, not a ZeroDivisionError at b2 = 1
+  _check_diagnostics_args(eps, quantiles, learning_rate if updates is not None else None)
   mu = _flat(_dequantized(adam_state.mu))
   nu_max = getattr(adam_state, 'nu_max', None)
   nu = _flat(_dequantized(adam_state.nu if nu_max is None else nu_max))
+  # torch's max_exp_avg_sq and Keras's velocity_hats (FrameworkAdamState) are
+  # the max of the *raw* nu, corrected at use; optax's and adamfx's nu_max is
+  # already bias-corrected.
+  raw_max = nu_max is not None and isinstance(adam_state, FrameworkAdamState)
   dtype = mu.dtype
   count = jnp.asarray(adam_state.count)
   power = lambda base: jax.lax.pow(jnp.asarray(base, dtype), count)
   bc1, bc2 = 1 - power(b1), 1 - power(b2)
   m_hat = mu / jnp.where(bc1 > 0, bc1, 1)
-  v_hat = nu if nu_max is not None else nu / jnp.where(bc2 > 0, bc2, 1)
+  v_hat = nu if nu_max is not None and not raw_max else nu / jnp.where(bc2 > 0, bc2, 1)
   root = jnp.sqrt(v_hat)
   snr = m_hat / jnp.where(root > 0, root, 1)
   n = max(int(mu.size), 1)

@@ -3,12 +3,14 @@
 Called outside ``jit`` (in a notebook, say), the family update would run as
 dozens of separate array operations per leaf, each a dispatch and a pass over
 memory. :func:`family_update` instead runs every leaf through one compiled
-call of the same :func:`adamfx._update._family_update`, leaves of one shape
-and dtype in chunks of up to ``CHUNK``, so an eager step costs about one
-dispatch per chunk; :func:`adamfx.adam` (and ``nadam``, ``amsgrad``,
-``adamax``, ``adamw``) applies its learning rate, and AdamW its decoupled
-decay, in those same calls (:func:`learning_rate_plan`, :func:`decay_plan`). Under a trace (``jit``, ``vmap``, ``grad``,
-``scan``) it is ``_family_update`` itself, so compiled code is unchanged.
+call of the same :func:`adamfx._update.tree_update` (whatever the moments'
+storage format), leaves of one shape, dtype and storage in chunks of up to
+``CHUNK``, so an eager step costs about one dispatch per chunk; every
+member applies its learning rate, and AdamW its decoupled decay, in those
+same calls (the core's :class:`adamfx._update.Tail`, planned by
+:func:`learning_rate_plan` and :func:`decay_plan`). Under a trace (``jit``,
+``vmap``, ``grad``, ``scan``) or ``jax_disable_jit`` it is ``tree_update``
+itself, so compiled code is unchanged.
 
 The compiled function lives at module level and takes Python-number
 hyperparameters as static arguments (the traced path folds them as Python
@@ -34,8 +36,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from adamfx import _checks
+from adamfx import _rounding
 from adamfx import _update
 
 
@@ -68,28 +72,23 @@ def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
 
 @functools.partial(
     jax.jit,
-    static_argnames=('static', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static', 'lr_kind',
-                     'decay_static', 'decay_mask'),
+    static_argnames=('static', 'fmt', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static',
+                     'lr_kind', 'decay_static', 'decay_mask'),
 )
 def _leaf_update(
     g, m, v, vm, count, dynamic, lr_size=None, p=None, decay_size=None, *,
-    static, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
+    static, fmt=None, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
     decay_static=None, decay_mask=None,
 ):
-
+  """The core's tree driver on a list of leaves, its tail fused in."""
   hps = [s if d is None else d for s, d in zip(static, dynamic)]
-  state = _update.AdamState(count, m, v, vm)
-  u, state = _update._family_update(
-      g, state, *hps, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm
+  tail = None
+  if lr_kind is not None or decay_mask is not None:
+    tail = _update.Tail(lr_static, lr_size, lr_kind, decay_static, decay_size, decay_mask, p)
+  return _update.tree_update(
+      g, _update.AdamState(count, m, v, vm), dict(zip(('b1', 'b2', 'eps', 'eps_root'), hps)),
+      fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm, tail=tail,
   )
-  if decay_mask is not None:  # AdamW's decoupled decay, in the same call
-    size = decay_static if decay_static is not None else decay_size
-    u = [x if x is None or not on else _decay_one(x, q, size)
-         for x, q, on in zip(u, p, decay_mask)]
-  if lr_kind is not None:  # the learning-rate scaling, in the same call
-    u = [None if x is None else _scale_one(x, lr_size, lr_static, lr_kind == 'schedule')
-         for x in u]
-  return u, state
 
 
 CHUNK = 8  # leaves per compiled eager call: fewer dispatches, short compiles
@@ -134,8 +133,9 @@ def family_update(
     infinity_norm: bool = False,
     lr: Any = None,
     decay: Any = None,
+    fmt: Any = None,
 ) -> tuple[Any, Any]:
-  """``_update._family_update``, compiled leaf by leaf when called eagerly.
+  """``_update.tree_update``, compiled chunk by chunk of leaves when called eagerly.
 
   Args:
     updates: the gradient tree.
@@ -151,6 +151,7 @@ def family_update(
       calls (eager only; the caller checks :func:`eager`), or None.
     decay: a :class:`_Decay` (AdamW's decoupled decay, applied before ``lr``),
       or None.
+    fmt: the moments' storage format (None: dense arrays).
 
   Returns:
     ``(updates, state)`` exactly as ``_update._family_update`` returns them
@@ -160,15 +161,24 @@ def family_update(
   flags = dict(nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm)
   hps = (b1, b2, eps, eps_root)
   _checks.adam_like_state(state, 'scale_by_adamax' if infinity_norm else 'scale_by_adam')
-  if jax.config.jax_disable_jit or not all(
-      map(_concrete, jax.tree.leaves((updates, state, hps)))
-  ):
-    return _update._family_update(updates, state, *hps, **flags)
+  traced = lambda: _update.tree_update(
+      updates, state, dict(zip(('b1', 'b2', 'eps', 'eps_root'), hps)),
+      **{**flags, 'fmt': fmt})
+  if not eager(updates, state, hps):
+    return traced()
 
   updates = jax.tree.map(
       lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), updates
   )
-  _checks.check_matching_trees(updates, state.mu)
+  if fmt is None:
+    _checks.check_matching_trees(updates, state.mu)
+  else:
+    state = state._replace(
+        mu=fmt.prepare(state.mu, True, 'mu'), nu=fmt.prepare(state.nu, False, 'nu'),
+        nu_max=fmt.prepare(state.nu_max, False, 'nu_max') if amsgrad else None)
+    _checks.check_matching_trees(updates, jax.tree.map(
+        fmt.param_like, state.mu, is_leaf=lambda x: x is None or fmt.is_stored(x)))
+  flags['fmt'] = fmt
   g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
@@ -187,14 +197,26 @@ def family_update(
   else:
     p_leaves = decay_on = [None] * len(g_leaves)
     decay_size = None
-  narrow = [g is not None and _narrow(v.dtype) for g, v in zip(g_leaves, v_leaves)]
+  # A 16-bit nu's stochastic rounding hashes the leaf's position in the tree.
+  narrow = [g is not None and fmt is None and _narrow(v.dtype)
+            for g, v in zip(g_leaves, v_leaves)]
   outs = [(None, None, None, None)] * len(g_leaves)
   count = None
   if any(narrow):
     # Stochastic rounding of a 16-bit nu hashes the leaf's position in the
     # tree: these leaves go through one compiled call over the whole list,
-    # the other leaves replaced by None, so that every position is kept.
-    pick = lambda xs: [x if k else None for x, k in zip(xs, narrow)]
+    # the other leaves replaced by None and the places of other
+    # multi_transform partitions by optax.MaskedNode (see
+    # _rounding.leaf_positions), so that every position is kept.
+    places = _rounding.leaf_positions(updates)
+    slots = max(places, default=-1) + 1
+
+    def pick(xs):
+      out = [optax.MaskedNode()] * slots
+      for j, (x, k) in enumerate(zip(xs, narrow)):
+        out[places[j]] = x if k else None
+      return out
+
     u, sub = _leaf_update(  # the same function; traced once per tree structure
         pick(g_leaves), pick(m_leaves), pick(v_leaves),
         pick(vm_leaves) if amsgrad else None, state.count, dynamic, lr_size,
@@ -203,13 +225,14 @@ def family_update(
     )
     count = sub.count
     columns = (u, sub.mu, sub.nu, sub.nu_max if amsgrad else [None] * len(u))
-    outs = [o if not k else row for o, k, row in zip(outs, narrow, zip(*columns))]
+    outs = [o if not k else tuple(c[places[j]] for c in columns)
+            for j, (o, k) in enumerate(zip(outs, narrow))]
   rest = [i for i, g in enumerate(g_leaves) if g is not None and not narrow[i]]
   def signature(i):  # shapes agree (checked above): the gradient's, and dtypes
-    g, vm, q = g_leaves[i], vm_leaves[i], p_leaves[i]
-    return (g.shape, g.dtype, g.weak_type, m_leaves[i].dtype, v_leaves[i].dtype,
-            None if vm is None else vm.dtype, decay_on[i],
-            None if q is None else (q.dtype, getattr(q, 'weak_type', False)))
+    g, q = g_leaves[i], p_leaves[i]
+    stored = jax.tree.map(lambda x: (x.shape, x.dtype), (m_leaves[i], v_leaves[i], vm_leaves[i]))
+    return (g.shape, g.dtype, g.weak_type, jax.tree.structure(stored), tuple(jax.tree.leaves(stored)),
+            decay_on[i], None if q is None else (q.dtype, getattr(q, 'weak_type', False)))
 
   for chunk in _chunks(rest, signature, lambda i: g_leaves[i].size):
     take = lambda xs: [xs[i] for i in chunk]
@@ -224,32 +247,12 @@ def family_update(
       outs[i] = (u[j], sub.mu[j], sub.nu[j], sub.nu_max[j] if amsgrad else None)
   if count is None:  # no leaf to update
     assert lr is None and decay is None or not any(x is not None for x in g_leaves)
-    return _update._family_update(updates, state, *hps, **flags)
+    return traced()
   u, mu, nu, nu_max = (
       jax.tree.unflatten(treedef, list(column)) for column in zip(*outs)
   )
   state_type = _update.AdaMaxState if infinity_norm else _update.AdamState
   return u, state_type(count, mu, nu, nu_max if amsgrad else None)
-
-
-def _scale_one(u, size, static, as_schedule):
-  """One leaf of ``_keep_dtypes(optax.scale_by_learning_rate(...))``.
-
-  optax.scale: ``step_size * g``; optax.scale_by_schedule:
-  ``jnp.array(step_size, dtype=g.dtype) * g``; both then cast back to the
-  update's dtype (standard promotion).
-  """
-  with jax.numpy_dtype_promotion('standard'):
-    if static is not None:
-      return (static * u).astype(u.dtype)
-    size = size.astype(u.dtype) if as_schedule else size
-    return (size * u).astype(u.dtype)
-
-
-def _decay_one(u, p, size):
-  """One leaf of ``_keep_dtypes(optax.add_decayed_weights(size))``: ``u + size * p``."""
-  with jax.numpy_dtype_promotion('standard'):
-    return (u + size * p).astype(u.dtype)
 
 
 class _Decay(NamedTuple):
@@ -280,9 +283,11 @@ def decay_plan(weight_decay: Any, mask: Any, updates: Any, params: Any) -> Optio
   if mask is None:
     on = [True] * len(g_leaves)
   else:
-    # As optax.masked: a mask function is called on the updates; the mask
-    # may be a prefix of the tree, each of its leaves covering a subtree.
-    mask_tree = mask(updates) if callable(mask) else mask
+    # One mask semantics for every member (lazy Adam's too): a mask function
+    # is called on the params (optax.masked calls it on the params at init
+    # and on the updates, of the same structure, at update); the mask may be
+    # a prefix of the tree, each of its leaves covering a subtree.
+    mask_tree = mask(params) if callable(mask) else mask
     try:
       on = jax.tree.leaves(jax.tree.map(
           lambda m, sub: jax.tree.map(lambda _: m, sub), mask_tree, updates
@@ -298,11 +303,12 @@ def decay_plan(weight_decay: Any, mask: Any, updates: Any, params: Any) -> Optio
   return _Decay(weight_decay, None, p_leaves, on)
 
 
-@functools.partial(jax.jit, static_argnames=('static', 'as_schedule'))
-def _scale_leaf(u, step, *, static, as_schedule):
-  # ``as_schedule`` is static: a traced flag cannot choose a Python branch.
+@functools.partial(jax.jit, static_argnames=('static', 'kind'))
+def _scale_leaf(u, step, *, static, kind):
+  # ``kind`` is static: a traced flag cannot choose a Python branch.
   # ``u`` is a list of leaves (one compiled call per chunk of leaves).
-  return [_scale_one(x, step, static, as_schedule) for x in u]
+  tail = _update.Tail(lr_static=static, lr_size=step, lr_kind=kind)
+  return [_update.apply_tail(x, 0, tail, False) for x in u]
 
 
 class _LearningRate(NamedTuple):
@@ -377,7 +383,7 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
     for chunk in _chunks(present, signature, lambda i: leaves[i].size):
       scaled = _scale_leaf(
           [leaves[i] for i in chunk], plan.size,
-          static=plan.static, as_schedule=plan.kind == 'schedule',
+          static=plan.static, kind=plan.kind,
       )
       for i, u in zip(chunk, scaled):
         out[i] = u
@@ -385,3 +391,4 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
     return new_updates, plan.new_state
 
   return optax.GradientTransformation(traced.init, update_fn)
+

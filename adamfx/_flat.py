@@ -91,8 +91,14 @@ def ravel_params(params: Any) -> tuple[dict[str, jax.Array], Callable[[Any], Any
   return _ravel(params, 'ravel_params')
 
 
-def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[Any], Any]]:
-  """:func:`ravel_params`, its errors naming ``caller``."""
+def _ravel(params: Any, caller: str, plan: Any = None
+           ) -> tuple[dict[str, jax.Array], Callable[[Any], Any]]:
+  """:func:`ravel_params`, its errors naming ``caller``.
+
+  ``plan`` (from :func:`_storage_plan`), if given, sets the buffers instead
+  of one per dtype: ``((name, ((leaf, padded_size), ...)), ...)``, each leaf
+  followed by zeros up to its padded size.
+  """
   leaves, treedef = jax.tree.flatten(params)
   groups: dict[str, list[int]] = {}
   for i, leaf in enumerate(leaves):
@@ -111,23 +117,30 @@ def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[An
     # when x64 is off, and its label must say so.
     groups.setdefault(np.dtype(jax.dtypes.canonicalize_dtype(leaf.dtype)).name, []).append(i)
   shapes = [tuple(leaf.shape) for leaf in leaves]
+  sizes = [int(np.prod(x, dtype=np.int64)) for x in shapes]
+  if plan is None:
+    plan = tuple((name, tuple((i, sizes[i]) for i in idx)) for name, idx in groups.items())
   dtypes = {
-      name: jax.dtypes.canonicalize_dtype(leaves[idx[0]].dtype) for name, idx in groups.items()
+      name: jax.dtypes.canonicalize_dtype(leaves[spans[0][0]].dtype) for name, spans in plan
   }
-  layout = {}
-  for name, idx in groups.items():
-    offsets = np.cumsum([0] + [int(np.prod(shapes[i], dtype=np.int64)) for i in idx])
-    layout[name] = [(i, int(offsets[k]), int(offsets[k + 1])) for k, i in enumerate(idx)]
+  layout, padded = {}, {}
+  for name, spans in plan:
+    offsets = np.cumsum([0] + [size for _, size in spans])
+    layout[name] = [(i, int(offsets[k]), int(offsets[k]) + sizes[i])
+                    for k, (i, _) in enumerate(spans)]
+    padded[name] = int(offsets[-1])
 
-  def pack(xs):
+  def pack(name, spans):
+    xs = []
+    for i, size in spans:
+      xs.append(jnp.ravel(leaves[i]).astype(dtypes[name]))
+      if size > sizes[i]:
+        xs.append(jnp.zeros((size - sizes[i],), dtypes[name]))
     if not xs:
       return jnp.zeros((0,))
-    return jnp.concatenate([jnp.ravel(x) for x in xs]) if len(xs) > 1 else jnp.ravel(xs[0])
+    return jnp.concatenate(xs) if len(xs) > 1 else xs[0]
 
-  flat = {
-      name: pack([leaves[i] for i in idx]).astype(dtypes[name])
-      for name, idx in groups.items()
-  }
+  flat = {name: pack(name, spans) for name, spans in plan}
 
   def unravel(flat: Any) -> Any:
     out = [None] * len(leaves)
@@ -136,7 +149,7 @@ def _ravel(params: Any, caller: str) -> tuple[dict[str, jax.Array], Callable[[An
       raise ValueError(f'unravel expects buffers {sorted(layout)}, got {got}.')
     for name, spans in layout.items():
       buf = flat[name]
-      size = spans[-1][2] if spans else 0
+      size = padded[name]
       if tuple(np.shape(buf)) != (size,):
         raise ValueError(
             f'unravel: buffer {name!r} has shape {tuple(np.shape(buf))}, but the'
@@ -163,6 +176,11 @@ def pack_state(
   loop per leaf instead of three. For an element-wise ``inner`` (the Adam
   family) the numbers are the tree's, bit for bit, except where a 16-bit
   second moment is stochastically rounded (its bits are drawn per buffer).
+  A member that stores leaves by size in blocks (``adam8bit``) keeps each
+  leaf's storage: the leaves it quantizes get a buffer each, padded to whole
+  blocks (the tree's blocks), the others buffers below its ``min_8bit_size``
+  (float32, as in the tree); their updates are the tree's to float32
+  rounding.
 
   .. math::
 
@@ -205,14 +223,21 @@ def pack_state(
   """
 
   def init_fn(params):
-    flat, _ = _ravel(params, 'pack_state')
+    plan = _storage_plan(inner, params)
+    flat, _ = _ravel(params, 'pack_state', plan)
     try:
       state = inner.init(flat)
     except (ValueError, TypeError, KeyError) as e:
+      # An error about a leaf (an int32 param, say) must name the user's
+      # leaf, not the buffer `['int32']`: the tree-shaped init names it.
+      try:
+        jax.eval_shape(inner.init, params)
+      except (ValueError, TypeError, KeyError) as tree_error:
+        raise tree_error from e
       raise ValueError(_MASK_HINT.format(what='`inner.init` failed on them') + f' ({e})') from e
     if _has_mask(state):
       raise ValueError(_MASK_HINT.format(what='a mask or labels in `inner` would see them'))
-    return PackedState(state, _signature(params))
+    return PackedState(state, _signature(params) + ((plan,) if plan is not None else ()))
 
   def update_fn(updates, state, params=None, **extra_args):
     if not isinstance(state, PackedState):
@@ -225,9 +250,10 @@ def pack_state(
       check_like_params(updates, _signature(params), 'params')
     # Against init's layout: leaf by leaf (a framework may have handed init
     # its params boxed, e.g. nnx.Variable, and the gradients unboxed).
-    check_like_params(updates, state.layout, 'the params given to init', structure=False)
-    flat, unravel = _ravel(updates, 'pack_state')
-    flat_params = None if params is None else _ravel(params, 'pack_state')[0]
+    check_like_params(updates, state.layout[:2], 'the params given to init', structure=False)
+    plan = state.layout[2] if len(state.layout) > 2 else None
+    flat, unravel = _ravel(updates, 'pack_state', plan)
+    flat_params = None if params is None else _ravel(params, 'pack_state', plan)[0]
     flat, inner_state = optax.with_extra_args_support(inner).update(
         flat, state.inner, flat_params, **extra_args
     )
@@ -274,6 +300,67 @@ class PackedState:
 
   def __repr__(self) -> str:
     return f'PackedState(inner={self.inner!r}, leaves={len(self.layout[1])})'
+
+
+def _storage_plan(inner: Any, params: Any) -> Any:
+  """The buffers that keep ``inner``'s per-leaf storage (8-bit moments), or None.
+
+  A member that quantizes leaves by their size (``adam8bit``'s
+  ``min_8bit_size``) and in blocks (``block_size``) would otherwise quantize
+  the packed buffer as one leaf: small leaves (biases) in blocks shared with
+  a large weight, their updates up to 112 % off the tree's. With a plan,
+  the leaves the tree keeps in 8 bits get a buffer each, padded with zeros
+  to whole blocks, so their blocks are the tree's
+  (zero gradients keep the padding at zero); the others are packed in
+  buffers no larger than the largest of them, which the member then keeps
+  in float32 as it does the leaves themselves. None (one buffer per dtype)
+  when no leaf, and no buffer, would be stored in blocks.
+  """
+  from adamfx._quant import QuantizedArray  # noqa: PLC0415 (import cycle)
+
+  leaves, treedef = jax.tree.flatten(params)
+  is_q = lambda x: isinstance(x, QuantizedArray)
+  try:
+    tree_state = jax.eval_shape(inner.init, params)
+  except Exception:  # noqa: BLE001 (init_fn reports init errors itself)
+    return None
+  has_q = lambda tree: any(is_q(x) for x in jax.tree.leaves(tree, is_leaf=is_q))
+  blocks = [None] * len(leaves)
+  for node in jax.tree.leaves(tree_state, is_leaf=_checks.is_adam_like):
+    if _checks.is_adam_like(node):
+      try:
+        moments = treedef.flatten_up_to(node.mu)
+      except (ValueError, TypeError):
+        continue
+      for i, q in enumerate(moments):
+        if is_q(q):
+          blocks[i] = q.block_size
+  if not any(blocks):
+    flat, _ = _ravel(params, 'pack_state')
+    try:
+      if not has_q(jax.eval_shape(inner.init, flat)):
+        return None
+    except Exception:  # noqa: BLE001
+      return None
+  dtype_name = lambda x: np.dtype(jax.dtypes.canonicalize_dtype(x.dtype)).name
+  size = lambda x: int(np.prod(np.shape(x), dtype=np.int64))
+  small = [size(x) for x, b in zip(leaves, blocks) if b is None]
+  cap = max(small, default=1)
+  plan: dict[str, list[tuple[int, int]]] = {}
+  fill: dict[str, tuple[str, int]] = {}
+  for i, (x, b) in enumerate(zip(leaves, blocks)):
+    d = dtype_name(x)
+    if b is not None:
+      # One buffer each: a large leaf gains nothing from packing, and on its
+      # own its blocks (and the chunks of its step) are exactly the tree's.
+      plan[f'{d}_8bit_{i}'] = [(i, -(-size(x) // b) * b)]
+      continue
+    name, used = fill.get(d, (d, 0))
+    if used and used + size(x) > cap:  # a new buffer below the 8-bit threshold
+      name, used = f'{d}_{len([k for k in plan if k == d or k.startswith(d + "_") and k[len(d) + 1:].isdigit()])}', 0
+    plan.setdefault(name, []).append((i, size(x)))
+    fill[d] = (name, used + size(x))
+  return tuple((name, tuple(spans)) for name, spans in plan.items())
 
 
 _MASK_HINT = (

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from adamfx import _numerics
 
@@ -84,6 +85,26 @@ def random_bits(
   x = index * _U32(0x9E3779B1) + key
   x = (x ^ (x >> _U32(16))) * _U32(0x7FEB352D)
   return x ^ (x >> _U32(15))
+
+
+def _is_slot(x: Any) -> bool:
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def leaf_positions(tree: Any) -> list[int]:
+  """The ``leaf_index`` of each leaf of ``tree``: its position among the params.
+
+  ``optax.multi_transform`` and ``optax.masked`` hand each inner transformation
+  the whole tree with the other partitions' leaves replaced by
+  ``optax.MaskedNode`` (which has no leaves). Counting those places keeps a
+  leaf's index its position in the full params tree, so that leaves of
+  different partitions never share random bits (with a plain count, the
+  first leaf of every partition was leaf 0, and their rounding errors were
+  the same). One entry per leaf of ``jax.tree.flatten(tree, is_leaf=lambda x:
+  x is None)``, ``None`` leaves included.
+  """
+  slots = jax.tree.leaves(tree, is_leaf=_is_slot)
+  return [i for i, x in enumerate(slots) if not isinstance(x, optax.MaskedNode)]
 
 
 def _narrower(x_dtype: Any, dtype: Any) -> bool:

@@ -486,7 +486,7 @@ def _check_ids(path: Any, update: RowSparse) -> None:
     )
 
 
-def _check_leaf(path: Any, update: RowSparse, ref: Any) -> None:
+def _check_leaf(path: Any, update: RowSparse, ref: Any, check_dtype: bool = True) -> None:
   """Checks a RowSparse gradient against the state leaf (shape, dtype)."""
   name = _checks._leaf_name(path)
   try:
@@ -501,7 +501,7 @@ def _check_leaf(path: Any, update: RowSparse, ref: Any) -> None:
         f' but the leaf has shape {shape}: values must be [k, *row_shape] of the'
         ' leaf and num_rows its first dimension.'
     )
-  if jnp.dtype(update.values.dtype) != jnp.dtype(ref.dtype):
+  if check_dtype and jnp.dtype(update.values.dtype) != jnp.dtype(ref.dtype):
     raise TypeError(
         f'RowSparse gradient for leaf {name} has values of dtype'
         f' {np.dtype(update.values.dtype).name}, but the leaf is'
@@ -604,13 +604,43 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   return RowSparse(ids, u, g.num_rows), m, v, last
 
 
+def _sparse_leaf_format(g, m, v, last, count, fmt, math, i):
+  """Lazy Adam on the touched rows of one leaf stored in ``fmt``: a gather of
+  the rows' stored moments, the format's decode, the core's math, the
+  format's encode and a scatter, so a step costs the rows it touches."""
+  ids, g_rows, valid = coalesce(g)
+  m_rows = fmt.gather_rows(m, ids, gather_rows)
+  v_rows = fmt.gather_rows(v, ids, gather_rows)
+  m_old, v_old = fmt.decode(m_rows, True), fmt.decode(v_rows, False)
+  if last is not None:  # as _sparse_leaf
+    gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
+    shape = (ids.shape[0],) + (1,) * (m_old.ndim - 1)
+    cdt = m_old.dtype
+    d1 = jax.lax.pow(jnp.asarray(math.hps['b1'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
+    d2 = jax.lax.pow(jnp.asarray(math.hps['b2'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
+    m_old, v_old = m_old * d1, v_old * d2
+    last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
+  u, m_new, v_new, _ = math(g_rows, m_old, v_old)
+  bad = ~jnp.isfinite(g_rows)  # a non-finite element keeps its history
+  m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+  v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+  m_rows = fmt.encode(m_new, True, count=count, leaf_index=i, like=m_rows)
+  v_rows = fmt.encode(v_new, False, count=count, leaf_index=i, like=v_rows)
+  u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
+  return (RowSparse(ids, u, g.num_rows), fmt.scatter_rows(m, ids, m_rows, scatter_rows),
+          fmt.scatter_rows(v, ids, v_rows, scatter_rows), last)
+
+
 def scale_by_lazy_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
+    nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
+    moments: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Adam's moment ratio, updating only the rows a :class:`RowSparse` gradient touches.
 
@@ -646,8 +676,14 @@ def scale_by_lazy_adam(
     b2: decay of the second moment, in [0, 1); default 0.999.
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params'.
+    nu_dtype: storage dtype of the second moment; default: the params'.
     catch_up: keep ``last_step`` and decay a row's moments over the steps it
       missed (costs an int32 per row).
+    moments: the moments' storage format (see :func:`adamfx.scale_by_adam`):
+      with :class:`adamfx.Blockwise8bit`, a step gathers the touched rows'
+      codes and scales, decodes, steps, encodes and scatters them back (a
+      quantized table's rows must be whole blocks).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -676,15 +712,21 @@ def scale_by_lazy_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
+  fmt, mu_dtype, nu_dtype = _adam._storage(moments, mu_dtype, nu_dtype)
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
   if not isinstance(catch_up, bool):  # as torch_adam(amsgrad=1): flags are bools
     raise TypeError(f'`catch_up` must be True or False, got {catch_up!r}.')
+  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+  formatted = None if fmt is None else _adam._scale_by_format(
+      b1, b2, eps, eps_root, fmt=fmt, nesterov=False, amsgrad=False)
 
   def init_fn(params):
-    base = _update._family_init(params, None, None, False)
+    base = (_update._family_init(params, mu_dtype, nu_dtype, False) if fmt is None
+            else formatted.init(params))
     last = None
     if catch_up:
-      last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, base.mu)
+      params = jax.tree.map(lambda p: p if hasattr(p, 'ndim') else jnp.asarray(p), params)
+      last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, params)
     return LazyAdamState(count=base.count, mu=base.mu, nu=base.nu, last_step=last)
 
   def update_fn(updates, state, params=None):
@@ -711,7 +753,8 @@ def scale_by_lazy_adam(
       l_leaves = [None] * len(leaves)
     sparse = [i for i, u in enumerate(leaves) if _is_sparse(u)]
     for i in sparse:
-      _check_leaf(paths[i], leaves[i], m_leaves[i])
+      _check_leaf(paths[i], leaves[i], m_leaves[i] if fmt is None else fmt.param_like(m_leaves[i]),
+                  check_dtype=fmt is None and mu_dtype is None)
       _check_ids(paths[i], leaves[i])
 
     # Dense leaves: adamfx.adam's own update, on the tree with the sparse
@@ -720,10 +763,12 @@ def scale_by_lazy_adam(
     hole = lambda xs: jax.tree.unflatten(
         treedef, [None if i in sparse else x for i, x in enumerate(xs)]
     )
-    dense_updates, dense_state = _fast.family_update(
-        hole(leaves), _update.AdamState(state.count, hole(m_leaves), hole(v_leaves)),
-        b1, b2, eps, eps_root,
-    )
+    dense_state = _update.AdamState(state.count, hole(m_leaves), hole(v_leaves))
+    if fmt is None:
+      dense_updates, dense_state = _fast.family_update(
+          hole(leaves), dense_state, b1, b2, eps, eps_root)
+    else:
+      dense_updates, dense_state = formatted.update(hole(leaves), dense_state)
     count = dense_state.count
     out_u = treedef.flatten_up_to(dense_updates)
     out_m = treedef.flatten_up_to(dense_state.mu)
@@ -737,11 +782,16 @@ def scale_by_lazy_adam(
       _checks.check_hyperparam_dtype('b1', b1)
       _checks.check_hyperparam_dtype('b2', b2)
       scalars = {}
+      math = _update.LeafMath(count, hps, nesterov=False, amsgrad=False)
       for i in sparse:
-        out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf(
-            leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count,
-            b1, b2, eps, eps_root, scalars, i,
-        )
+        if fmt is None:
+          out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf(
+              leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count,
+              b1, b2, eps, eps_root, scalars, i,
+          )
+        else:
+          out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf_format(
+              leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count, fmt, math, i)
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     new_state = LazyAdamState(
         count=count, mu=unflatten(out_m), nu=unflatten(out_v),
@@ -832,11 +882,14 @@ def lazy_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
+    nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
     update_clipping: bool = False,
     cautious: bool = False,
-) -> optax.GradientTransformation:
+    moments: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""Lazy Adam: Adam that updates only the rows a :class:`RowSparse` gradient touches.
 
   :func:`scale_by_lazy_adam` followed by the learning rate. Dense gradient
@@ -860,8 +913,11 @@ def lazy_adam(
     b2: decay of the second moment, in [0, 1); default 0.999.
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params'.
+    nu_dtype: storage dtype of the second moment; default: the params'.
     catch_up: decay a row's moments over the steps it missed when it is next
       touched (see :func:`scale_by_lazy_adam`).
+    moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
     update_clipping: StableAdamW's per-tensor update clipping (see
       :func:`adamfx.adam`); for a :class:`RowSparse` leaf the untouched rows
       count as zero gradient, as dense Adam on the same gradient would.
@@ -869,7 +925,7 @@ def lazy_adam(
       :class:`RowSparse` leaf the mask's mean is over the touched rows.
 
   Returns:
-    An ``optax.GradientTransformation``; its state is ``(LazyAdamState,
+    An ``optax.GradientTransformationExtraArgs`` (optax's chain); its state is ``(LazyAdamState,
     optax.ScaleByScheduleState or EmptyState)``.
 
   Raises:
@@ -902,7 +958,8 @@ def lazy_adam(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
   links = [
-      scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
+      scale_by_lazy_adam(
+          b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
       _sparse_learning_rate(learning_rate),
   ]
   stable = _stable.options(update_clipping, cautious)
@@ -917,15 +974,18 @@ def lazy_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     weight_decay: Any = 1e-4,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
+    nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
     update_clipping: bool = False,
     cautious: bool = False,
     decouple_lr: bool = False,
     max_lr: Optional[Any] = None,
-) -> optax.GradientTransformation:
+    moments: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""Lazy AdamW: :func:`lazy_adam` with AdamW's decoupled decay on the touched rows.
 
   Dense leaves get :func:`adamfx.adamw`'s update, ``-lr * (u + wd * p)``; a
@@ -938,11 +998,15 @@ def lazy_adamw(
     b2: decay of the second moment, in [0, 1); default 0.999.
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment (:func:`adamfx.adamw`'s
+      sixth argument, as optax's).
     weight_decay: :math:`\lambda` >= 0, a number or array (for a schedule,
       wrap with :func:`adamfx.inject_hyperparams`); default 1e-4.
     mask: a tree of booleans (or a function of the params returning one)
       selecting the leaves to decay, as in ``optax.add_decayed_weights``.
+    nu_dtype: storage dtype of the second moment.
     catch_up: see :func:`scale_by_lazy_adam`.
+    moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
     update_clipping: see :func:`lazy_adam`.
     cautious: see :func:`lazy_adam`.
     decouple_lr: fully decoupled weight decay, ``(lr_t / max_lr) * wd * p``
@@ -951,7 +1015,7 @@ def lazy_adamw(
       learning rate (a number); required with a schedule.
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
   Raises:
     ValueError: as :func:`lazy_adam`, and for a negative ``weight_decay``.
@@ -977,7 +1041,8 @@ def lazy_adamw(
     _sparse_decay(weight_decay, mask)  # refuses it, naming lazy_adamw
   _checks.check_non_negative('weight_decay', weight_decay)
   links = [
-      scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
+      scale_by_lazy_adam(
+          b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
       _sparse_decay(
           _stable.decoupled_weight_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask
       ),

@@ -1,16 +1,21 @@
-r"""The update math of the Adam family: its state and its two formulations.
+r"""The Adam core: its state, its per-leaf math and the one tree driver.
 
-Every member of the family -- Adam, NAdam (``nesterov=True``), AMSGrad
-(``amsgrad=True``), AdamW's Adam part and AdaMax (``infinity_norm=True``) --
-goes through :func:`family_update`, which steps every leaf with one of two
-formulations:
+Every member -- Adam, NAdam (``nesterov=True``), AMSGrad (``amsgrad=True``),
+AdamW's Adam part, AdaMax (``infinity_norm=True``), lazy Adam's dense leaves,
+the 8-bit aliases and the torch/Keras builders -- runs through
+:func:`tree_update`, which owns flattening, None leaves, the count, the
+checks, the NaN guard for invalid traced hyperparameters, the casts and the
+fused tail ``-lr * (u + wd * p)`` (:class:`Tail`). Per leaf it runs the
+storage's step: :func:`dense_step` for arrays, which uses one of two
+formulations,
 
 - :func:`_in_place_step` (float32 and wider moments, and 16-bit moments of
   16-bit or float32 params through :func:`_in_place_narrow_step`): the moments
   update in place and the update is read off the stored moments;
 - :func:`_moment_step`, the general path (float16 moments, complex params,
-  AMSGrad, AdaMax): rescaled arithmetic that neither overflows nor underflows.
+  AMSGrad, AdaMax): rescaled arithmetic that neither overflows nor underflows;
 
+or a storage format's step (:mod:`adamfx._formats`) around :class:`LeafMath`.
 The variants are parameters of these, not copies of them. The constructors
 (:mod:`adamfx._adam`) and the compiled eager path (:mod:`adamfx._fast`) build
 on this module; it imports neither.
@@ -60,6 +65,7 @@ class AdamState(NamedTuple):
 
 
 ScaleByAdamState = AdamState  # optax's name for the same thing.
+ScaleByAmsgradState = AdamState  # optax's name for scale_by_amsgrad's state.
 
 
 class AdaMaxState(AdamState):
@@ -435,83 +441,6 @@ def nan_where(invalid: Any, u: jax.Array) -> jax.Array:
   return jnp.where(invalid, jnp.asarray(jnp.nan, u.dtype), u)
 
 
-def _family_update(
-    updates: optax.Updates,
-    state: AdamState,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
-    *,
-    nesterov: bool = False,
-    amsgrad: bool = False,
-    infinity_norm: bool = False,
-) -> tuple[optax.Updates, AdamState]:
-  """Applies :func:`_moment_step` to every leaf and stores the results."""
-  _checks.adam_like_state(state, 'adamax' if infinity_norm else 'adam')
-  updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
-  _checks.check_matching_trees(updates, state.mu)
-  _checks.check_hyperparam_dtype('b1', b1)
-  _checks.check_hyperparam_dtype('b2', b2)
-  count = optax.safe_increment(state.count)
-  invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
-  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
-  m_leaves = treedef.flatten_up_to(state.mu)
-  v_leaves = treedef.flatten_up_to(state.nu)
-  if amsgrad:
-    vm_leaves = treedef.flatten_up_to(state.nu_max)
-  else:
-    vm_leaves = [None] * len(g_leaves)
-  out_u, out_m, out_v, out_vm = [], [], [], []
-  scalars = {}
-  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
-    if g is None:
-      for out in (out_u, out_m, out_v, out_vm):
-        out.append(None)
-      continue
-    cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
-    if not (infinity_norm or amsgrad) and _in_place_narrow(cdt, m.dtype, v.dtype):
-      _checks.check_decay_in_dtype('b1', b1, cdt)
-      _checks.check_decay_in_dtype('b2', b2, cdt)
-      k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
-      u, m_new, v_new = _in_place_narrow_step(g, m, v, k, count, i, nesterov=nesterov)
-      out_u.append(u.astype(g.dtype))
-      out_m.append(m_new)
-      out_v.append(v_new)
-      out_vm.append(None)
-      continue
-    u, m_new, v_new, vm_new = _moment_step(
-        g, m, v, vm, count, b1, b2, eps, eps_root,
-        nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
-        scalars=scalars,
-    )
-    out_u.append(nan_where(invalid, u).astype(g.dtype))
-    if not infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
-      # Stored as computed: the in-place formulation's moments always fit,
-      # and a clamp here would keep XLA from updating m and v in place.
-      out_m.append(m_new)
-      out_v.append(v_new)
-      out_vm.append(vm_new)
-      continue
-    out_m.append(_numerics.saturate(m_new, m.dtype))
-    # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
-    # would return 0.999 * nu as nu (see adamfx._rounding).
-    # A positive nu stored as 0 (float16 underflow) would make the next step
-    # m_hat / eps, inf in float16: keep_positive stores the smallest instead.
-    out_v.append(_numerics.keep_positive(
-        _rounding.store_second_moment(v_new, v.dtype, count, i), v_new))
-    out_vm.append(None if vm is None else _numerics.keep_positive(
-        _numerics.saturate(vm_new, vm.dtype), vm_new))
-  unflatten = functools.partial(jax.tree.unflatten, treedef)
-  new_state = (AdaMaxState if infinity_norm else AdamState)(
-      count=count,
-      mu=unflatten(out_m),
-      nu=unflatten(out_v),
-      nu_max=unflatten(out_vm) if amsgrad else None,
-  )
-  return unflatten(out_u), new_state
-
-
 def _mu_dtype(param_dtype: Any, mu_dtype: Any) -> Any:
   """``mu_dtype`` for one leaf: its complex counterpart for complex params."""
   if (
@@ -535,6 +464,8 @@ def _family_init(
   zeros = lambda dtype: jax.tree.map(
       lambda p: _numerics.zeros_like(p, dtype), params
   )
+  nu = zeros(nu_dtype)
+  _checks.warn_float16_second_moment(nu)  # where float16 stops being safe
   return AdamState(
       count=jnp.zeros([], jnp.int32),
       # mu_dtype names a precision: complex params keep a complex mu (a real
@@ -542,6 +473,221 @@ def _family_init(
       mu=jax.tree.map(
           lambda p: _numerics.zeros_like(p, _mu_dtype(p.dtype, mu_dtype)), params
       ),
-      nu=zeros(nu_dtype),
+      nu=nu,
       nu_max=zeros(nu_dtype) if amsgrad else None,
+  )
+
+
+class LeafMath(NamedTuple):
+  """The core's per-leaf Adam math, handed to a storage format's ``step``.
+
+  ``math(g, m, v, vm=None)`` takes the gradient and the decoded (float32 or
+  wider) moments and returns ``(update, m_new, v_new, vm_new)`` before any
+  storage cast (:func:`_moment_step`); ``vm`` is AMSGrad's running maximum
+  (None without it). ``step_size`` is the learning rate (``-lr``, a Python
+  number) a format may apply inside its own loop (it then returns
+  ``scaled=True``); None when the leaf's tail must run first (decay).
+  """
+
+  count: Any
+  hps: dict[str, Any]
+  nesterov: bool = False
+  amsgrad: bool = False
+  infinity_norm: bool = False
+  step_size: Optional[float] = None
+  scalars: Optional[dict[Any, Any]] = None  # the step's scalars, per dtype
+
+  def __call__(self, g, m, v, vm=None):
+    return _moment_step(
+        g, m, v, vm, count=self.count, **self.hps, nesterov=self.nesterov,
+        amsgrad=self.amsgrad, infinity_norm=self.infinity_norm, scalars=self.scalars,
+    )
+
+
+def dense_step(g, m, v, vm, leaf_index, math):
+  """The step of one leaf whose moments are arrays (dense storage, any dtype).
+
+  Returns ``(update, mu, nu, nu_max, scaled=False)``, the moments as stored:
+  bfloat16 moments of float32 arithmetic take :func:`_in_place_narrow_step`,
+  the rest :func:`_moment_step` and the storage casts below.
+  """
+  b1, b2, eps, eps_root = (math.hps[k] for k in ('b1', 'b2', 'eps', 'eps_root'))
+  count, nesterov = math.count, math.nesterov
+  cdt = _numerics.compute_dtype(g.dtype, m.dtype, v.dtype)
+  if not (math.infinity_norm or math.amsgrad) and _in_place_narrow(cdt, m.dtype, v.dtype):
+    _checks.check_decay_in_dtype('b1', b1, cdt)
+    _checks.check_decay_in_dtype('b2', b2, cdt)
+    k = _leaf_scalars(math.scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
+    u, m_new, v_new = _in_place_narrow_step(g, m, v, k, count, leaf_index, nesterov=nesterov)
+    return u, m_new, v_new, None, False
+  u, m_new, v_new, vm_new = math(g, m, v, vm)
+  if not math.infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
+    # Stored as computed: the in-place formulation's moments always fit,
+    # and a clamp here would keep XLA from updating m and v in place.
+    return u, m_new, v_new, vm_new, False
+  # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
+  # would return 0.999 * nu as nu (see adamfx._rounding).
+  # A positive nu stored as 0 (float16 underflow) would make the next step
+  # m_hat / eps, inf in float16: keep_positive stores the smallest instead.
+  v_s = _numerics.keep_positive(
+      _rounding.store_second_moment(v_new, v.dtype, count, leaf_index), v_new)
+  vm_s = None if vm is None else _numerics.keep_positive(
+      _numerics.saturate(vm_new, vm.dtype), vm_new)
+  return u, _numerics.saturate(m_new, m.dtype), v_s, vm_s, False
+
+
+def default_step(fmt, g, m, v, vm, leaf_index, math):
+  """A format's step without a fused one: decode, :class:`LeafMath`, encode.
+
+  An element whose gradient is not finite keeps its stored history (its
+  update is NaN, as for float32 Adam), so that one bad element does not
+  poison a block's scale. Returns ``(update, mu, nu, nu_max, False)``.
+  """
+  olds = [fmt.decode(x, s) for x, s in ((m, True), (v, False))]
+  if vm is not None:
+    olds.append(fmt.decode(vm, False))
+  u, *news = math(g, olds[0], olds[1], olds[2] if vm is not None else None)
+  bad = ~jnp.isfinite(g)
+  stored = []
+  for old, new, like, signed in zip(olds, news, (m, v, vm), (True, False, False)):
+    new = jnp.where(bad, old.astype(new.dtype), new)
+    stored.append(fmt.encode(new, signed, count=math.count, leaf_index=leaf_index, like=like))
+  if vm is None:
+    stored.append(None)
+  return (u, *stored, False)
+
+
+class Tail(NamedTuple):
+  """The fused tail ``-lr * (u + wd * p)`` of one tree update, leaf by leaf.
+
+  Applied to each update after its cast to the gradient's dtype, with the
+  numbers of optax's chain (``add_decayed_weights``, then
+  ``scale_by_learning_rate``, each cast back to the update's dtype): AdamW's
+  decay where ``decay_on`` (the mask, as optax's: it sees the params), then
+  the learning rate. Options that act on the final update (update clipping,
+  cautious masking, param rounding) plug in here, in :func:`apply_tail`.
+  """
+
+  lr_static: Any = None  # -lr as a Python number (hashed), or None
+  lr_size: Any = None  # else -lr as an array, or -schedule(count)
+  lr_kind: Optional[str] = None  # 'number', 'array', 'schedule' or None: no lr
+  decay_static: Any = None  # weight decay as a Python number, or None
+  decay_size: Any = None  # else an array
+  decay_on: Optional[tuple[bool, ...]] = None  # per leaf; None: no decay
+  params: Optional[list[Any]] = None  # the params' leaves, for the decay
+
+
+def apply_tail(u: jax.Array, i: int, tail: Optional[Tail], scaled: bool) -> jax.Array:
+  """Leaf ``i``'s update through ``tail`` (see :class:`Tail`); ``scaled``: the
+  format already applied the learning rate."""
+  if tail is None:
+    return u
+  with jax.numpy_dtype_promotion('standard'):
+    if tail.decay_on is not None and tail.decay_on[i]:
+      size = tail.decay_static if tail.decay_static is not None else tail.decay_size
+      u = (u + size * tail.params[i]).astype(u.dtype)
+    if tail.lr_kind is not None and not scaled:
+      if tail.lr_static is not None:
+        u = (tail.lr_static * u).astype(u.dtype)
+      else:
+        size = tail.lr_size.astype(u.dtype) if tail.lr_kind == 'schedule' else tail.lr_size
+        u = (size * u).astype(u.dtype)
+  return u
+
+
+def _step_size(tail: Optional[Tail], i: int) -> Optional[float]:
+  """The learning rate a format may fuse into leaf ``i``'s step, or None."""
+  if tail is None or tail.lr_static is None:
+    return None
+  if tail.decay_on is not None and tail.decay_on[i]:
+    return None  # the decay comes first
+  return tail.lr_static
+
+
+def tree_update(
+    updates: optax.Updates,
+    state: AdamState,
+    hps: dict[str, Any],
+    *,
+    fmt: Any = None,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    infinity_norm: bool = False,
+    tail: Optional[Tail] = None,
+    who: Optional[str] = None,
+    state_type: Optional[type] = None,
+) -> tuple[optax.Updates, AdamState]:
+  """The one tree driver of the Adam family.
+
+  Owns what every member shares: the state check, the format's coercion of
+  restored moments (``fmt.prepare``), the tree check, None leaves, the
+  count, the NaN guard for invalid traced hyperparameters, the cast of each
+  update to its gradient's dtype and the fused tail (:class:`Tail`). Per
+  leaf it runs the storage's step: :func:`dense_step` (``fmt`` None: arrays
+  of any floating dtype), ``fmt.step(g, m, v, vm, leaf_index, math)`` or
+  :func:`default_step`, with the core's :class:`LeafMath` (the torch/Keras
+  builders' own arithmetic is such a step, their state ``state_type``).
+  """
+  b1, b2, eps, eps_root = (hps[k] for k in ('b1', 'b2', 'eps', 'eps_root'))
+  state = _checks.adam_like_state(
+      state, who or ('scale_by_adamax' if infinity_norm else 'scale_by_adam'))
+  if fmt is not None:
+    prepare = getattr(fmt, 'prepare', lambda tree, signed, what: tree)
+    state = state._replace(
+        mu=prepare(state.mu, True, 'mu'), nu=prepare(state.nu, False, 'nu'),
+        nu_max=prepare(state.nu_max, False, 'nu_max') if amsgrad else None,
+    )
+  updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
+  if fmt is None:
+    _checks.check_matching_trees(updates, state.mu)
+    step = dense_step
+  else:
+    is_stored = lambda x: x is None or fmt.is_stored(x)
+    _checks.check_matching_trees(
+        updates, jax.tree.map(fmt.param_like, state.mu, is_leaf=is_stored))
+    step = getattr(fmt, 'step', None) or functools.partial(default_step, fmt)
+  _checks.check_hyperparam_dtype('b1', b1)
+  _checks.check_hyperparam_dtype('b2', b2)
+  count = optax.safe_increment(state.count)
+  invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
+  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+  m_leaves = treedef.flatten_up_to(state.mu)
+  v_leaves = treedef.flatten_up_to(state.nu)
+  vm_leaves = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
+  # Each leaf's index (stochastic rounding, the tail's per-leaf lists): its
+  # place among the params, optax.MaskedNode places (other multi_transform
+  # partitions, or the eager path's other leaves) counted.
+  positions = _rounding.leaf_positions(updates)
+  math = LeafMath(count, hps, nesterov, amsgrad, infinity_norm, None, {})
+  outs = []
+  for i, g, m, v, vm in zip(positions, g_leaves, m_leaves, v_leaves, vm_leaves):
+    if g is None:
+      outs.append((None,) * 4)
+      continue
+    u, m_s, v_s, vm_s, scaled = step(g, m, v, vm, i, math._replace(step_size=_step_size(tail, i)))
+    u = apply_tail(nan_where(invalid, u).astype(g.dtype), i, tail, scaled)
+    outs.append((u, m_s, v_s, vm_s))
+  u, mu, nu, nu_max = (jax.tree.unflatten(treedef, list(c)) for c in zip(*outs)) if outs else (
+      (jax.tree.unflatten(treedef, []),) * 4)
+  new_state = (state_type or (AdaMaxState if infinity_norm else AdamState))(
+      count=count, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None)
+  return u, new_state
+
+
+def _family_update(
+    updates: optax.Updates,
+    state: AdamState,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    *,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    infinity_norm: bool = False,
+) -> tuple[optax.Updates, AdamState]:
+  """:func:`tree_update` of dense moments, with the hyperparameters as arguments."""
+  return tree_update(
+      updates, state, {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root},
+      nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm,
   )

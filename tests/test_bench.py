@@ -133,3 +133,23 @@ def test_cli_bench_refuses_bad_repeats_before_work(value, capsys, monkeypatch):
 def test_bench_function_refuses_bad_repeats():
   with pytest.raises(ValueError, match='`repeats` must be an int >= 1'):
     _bench.bench('tiny', repeats=0)
+
+
+def test_modes_are_honoured_for_registered_cases_and_documented(capsys):
+  """`--cases 8bit --modes eager` ran jit+donate silently; --modes had no help."""
+  from adamfx import _bench
+
+  result = _bench.bench('tiny', cases=('8bit',), modes=('eager',), repeats=1, torch_cols=False)
+  assert [(r['case'], r['mode']) for r in result['rows']] == [('8bit', 'eager')]
+  with pytest.raises(SystemExit):
+    _cli.main(['bench', '--help'])
+  assert 'eager (update called' in ' '.join(capsys.readouterr().out.split())
+
+
+def test_version_flag(capsys):
+  import adamfx
+
+  with pytest.raises(SystemExit) as exit_info:
+    _cli.main(['--version'])
+  assert exit_info.value.code == 0
+  assert capsys.readouterr().out.strip() == f'adamfx {adamfx.__version__}'

@@ -371,6 +371,75 @@ def test_8bit_state_in_memory_refuses_another_block_size():
     adamfx.convert_state(state, tx.init(params))
 
 
+# ------------------------------------------- issue 24: saves never lose a checkpoint
+
+
+def _full_disk(*args, **kwargs):
+  import errno  # noqa: PLC0415
+
+  raise OSError(errno.ENOSPC, 'No space left on device (simulated)')
+
+
+@pytest.mark.parametrize('failure', ['full_disk', 'str_leaf'])
+def test_failed_orbax_save_keeps_the_last_checkpoint(tmp_path, monkeypatch, failure):
+  """force=True used to delete the old checkpoint before writing the new one."""
+  from orbax.checkpoint import type_handlers  # noqa: PLC0415
+
+  good = adamfx.adam(1e-3).init({'w': jnp.arange(3.0)})
+  path = tmp_path / 'ckpt'
+  adamfx.save_orbax(path, good)
+  newer = jax.tree.map(lambda x: x + 1, good)
+  if failure == 'full_disk':
+    async def serialize(*args, **kwargs):
+      _full_disk()
+
+    monkeypatch.setattr(type_handlers.ArrayHandler, 'serialize', serialize)
+    with pytest.raises(OSError, match='No space left'):
+      adamfx.save_orbax(path, newer, force=True)
+    monkeypatch.undo()
+  else:
+    with pytest.raises(TypeError, match=r"save_orbax .*`\['note'\]` \(str"):
+      adamfx.save_orbax(path, {'state': newer, 'note': 'a string'}, force=True)
+  back = adamfx.restore_orbax(path, good)
+  jax.tree.map(np.testing.assert_array_equal, back, good)
+  assert sorted(os.listdir(tmp_path)) == ['ckpt']  # no partial copy left behind
+  adamfx.save_orbax(path, newer, force=True)  # and a good save still replaces it
+  jax.tree.map(np.testing.assert_array_equal, adamfx.restore_orbax(path, good), newer)
+  assert sorted(os.listdir(tmp_path)) == ['ckpt']
+
+
+def test_failed_npz_save_keeps_the_last_file_and_cleans_up(tmp_path, monkeypatch):
+  good = {'w': jnp.arange(3.0)}
+  path = tmp_path / 's.npz'
+  adamfx.save_npz(path, good)
+
+  def savez(f, **arrays):
+    f.write(b'PK\x03\x04 half a zip')  # part of the file made it to disk
+    _full_disk()
+
+  monkeypatch.setattr(np, 'savez', savez)
+  with pytest.raises(OSError, match='No space left'):
+    adamfx.save_npz(path, {'w': jnp.ones(3)})
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == ['s.npz']  # no s.npz.tmp-<pid>
+  jax.tree.map(np.testing.assert_array_equal, adamfx.restore_npz(path, good), good)
+
+
+def test_str_leaves_are_refused_at_save_and_restore(tmp_path, monkeypatch):
+  """save_npz wrote a str leaf that restore_npz could not read (a raw TypeError)."""
+  tree = {'w': jnp.ones(2), 'name': 'run-7'}
+  with pytest.raises(TypeError, match=r"save_npz .*`\['name'\]` \(str 'run-7'\)"):
+    adamfx.save_npz(tmp_path / 's.npz', tree)
+  assert not os.listdir(tmp_path)
+  # A file holding one anyway (written before the check existed).
+  from adamfx import _checkpoint  # noqa: PLC0415
+
+  monkeypatch.setattr(_checkpoint, '_refuse_unstorable', lambda *a: None)
+  adamfx.save_npz(tmp_path / 's.npz', tree)
+  with pytest.raises(adamfx.CheckpointError, match=r"leaf `\['name'\]` as 'str"):
+    adamfx.restore_npz(tmp_path / 's.npz', tree)
+
+
 # ------------------------------------------------------------------ issue 18
 
 

@@ -107,6 +107,8 @@ def _dtype_groups(params):
     groups.setdefault(jnp.dtype(leaf.dtype), []).append(i)
   return list(groups.values())
 
+_B8 = adamfx.Blockwise8bit(min_size=_C8)
+_B8_ROWS = adamfx.Blockwise8bit(block_size=64, min_size=_C8)  # lazy: a row is whole blocks
 _MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
 _inject = adamfx.inject_hyperparams
 _oinject = optax.inject_hyperparams
@@ -141,6 +143,12 @@ CONTRACTS = [
              eight_bit=True, rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8, **_WD)),
     Contract('scale_by_adam8bit', lambda: adamfx.scale_by_adam8bit(min_8bit_size=_C8),
              eight_bit=True, rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(-1.0, min_size=_C8)),
+    # moments=Blockwise8bit(): the 8-bit storage as a parameter of every member.
+    Contract('amsgrad_8bit', lambda: adamfx.amsgrad(LR, moments=_B8), eight_bit=True),
+    Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True),
+    Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True),
+    Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8_ROWS), eight_bit=True,
+             sparse=True),
     Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR),
              packed=True),
     Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
@@ -1098,6 +1106,10 @@ _BUILDERS = {
     'torch_adam': (adamfx.torch_adam, {}), 'torch_adamw': (adamfx.torch_adamw, _WD),
     'keras_adam': (adamfx.keras_adam, {}), 'keras_adamw': (adamfx.keras_adamw, _WD),
     'stable_adamw': (adamfx.stable_adamw, _WD),
+    'amsgrad_8bit': (adamfx.amsgrad, dict(moments=_B8)),
+    'nadamw_8bit': (adamfx.nadamw, dict(moments=_B8, **_WD)),
+    'adamw_8bit': (adamfx.adamw, dict(moments=_B8, **_WD)),
+    'lazy_adam_8bit': (adamfx.lazy_adam, dict(moments=_B8_ROWS)),
     'adam_cautious': (adamfx.adam, dict(cautious=True)),
     'adamw_clip': (adamfx.adamw, dict(update_clipping=True, **_WD)),
     'adamw_decouple_lr': (adamfx.adamw, dict(weight_decay=1e-3, decouple_lr=True)),

@@ -282,3 +282,53 @@ def test_diagnostics_refuse_adamax():
   with pytest.raises(ValueError, match='AdaMax'):
     adamfx.adam_diagnostics(state)
   assert isinstance(state[0], adamfx.AdamState)  # still a drop-in state
+
+
+@pytest.mark.parametrize('member', ['torch_adam', 'keras_adam', 'adam'])
+def test_amsgrad_snr_is_that_of_the_step_taken(member):
+  """torch/Keras keep nu_max as the max of the *raw* nu; optax/adamfx bias-correct it.
+
+  Reference: float64 NumPy AMSGrad of each convention. With eps = 0 the step
+  |update| / lr is the SNR coordinate by coordinate, so the two must agree.
+  """
+  b1, b2, lr = 0.9, 0.999, 1e-2
+  grads = [np.array([1.0, -2.0, 0.5]), np.array([0.1, -0.1, 3.0]), np.array([0.2, 0.3, -0.4])]
+  eps = {'epsilon': 0.0} if member == 'keras_adam' else {'eps': 0.0}
+  tx = getattr(adamfx, member)(lr, amsgrad=True, **eps)
+  state = tx.init(jnp.zeros(3))
+  m = v = vmax = np.zeros(3)
+  for t, g in enumerate(grads, 1):
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, jnp.zeros(3))
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+    if member == 'adam':  # max of the bias-corrected nu
+      vmax = np.maximum(vmax, v / (1 - b2**t))
+      v_hat = vmax
+    else:  # max of the raw nu, corrected at use
+      vmax = np.maximum(vmax, v)
+      v_hat = vmax / (1 - b2**t)
+  snr = np.abs(m / (1 - b1**t)) / np.sqrt(v_hat)
+  d = adamfx.adam_diagnostics(state, updates, lr, b1=b1, b2=b2, eps=0.0)
+  # float32 1 - 0.999**3 (= 0.003) carries ~2e-5 relative error (an ulp of
+  # 0.997 over 0.003); its square root half that.
+  np.testing.assert_allclose(float(d['snr_max']), snr.max(), rtol=3e-5)
+  np.testing.assert_allclose(float(d['snr_max']), float(d['step_max']), rtol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(quantiles=(0.5, -0.1)), r'each of `quantiles` must be a number in \[0, 1\], got -0.1'),
+    (dict(quantiles=(1.5,)), r'`quantiles` .* got 1.5'),
+    (dict(b2=1.0), r'`b2` must be in \[0, 1\), got 1.0'),
+    (dict(b1=-0.5), r'`b1` must be in \[0, 1\), got -0.5'),
+    (dict(eps=-1.0), r'`eps` must be a number >= 0, got -1.0'),
+    (dict(learning_rate=0.0), r'`learning_rate` must be > 0 and finite, got 0.0'),
+    (dict(learning_rate=-1e-3), r'`learning_rate` must be > 0 and finite, got -0.001'),
+])
+def test_diagnostics_validate_their_arguments(kwargs, match):
+  """Quantiles outside [0, 1] made a key `snr_q-10`, lr = 0 a step_max of inf,
+  b2 = 1 a raw ZeroDivisionError."""
+  tx = adamfx.adam(1e-3)
+  params = jnp.ones(3)
+  updates, state = tx.update(params, tx.init(params))
+  lr = kwargs.pop('learning_rate', 1e-3)
+  with pytest.raises(ValueError, match=match):
+    adamfx.adam_diagnostics(state, updates, lr, **kwargs)

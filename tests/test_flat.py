@@ -112,3 +112,34 @@ def test_pack_state_refuses_a_state_it_did_not_make():
   tx = adamfx.pack_state(adamfx.adam(1e-2))
   with pytest.raises(TypeError, match='PackedState'):
     tx.update(PARAMS, adamfx.adam(1e-2).init(PARAMS), PARAMS)
+
+
+def test_pack_state_names_the_users_leaf_not_the_buffer():
+  """An int32 param leaf was reported as buffer `['int32']`."""
+  params = {'w': jnp.ones((4, 4)), 'step': jnp.zeros(3, jnp.int32)}
+  with pytest.raises(TypeError, match=r"params leaf `\['step'\]` has dtype int32"):
+    adamfx.pack_state(adamfx.adam(1e-3)).init(params)
+
+
+@pytest.mark.parametrize('member', ['adam8bit', 'adamw8bit'])
+def test_pack_state_keeps_8bit_tree_numbers(member):
+  """min_8bit_size was applied to the packed buffer: 100-element biases were
+  quantized in blocks shared with a large weight (updates up to 112 % off).
+  Now each leaf keeps the tree's storage (8-bit in its own blocks, or float32)
+  and the updates are the tree's to float32 rounding."""
+  rng = np.random.default_rng(0)
+  shapes = {'w': (64, 100), 'b': (100,), 'c': (50,), 'v': (4100,)}
+  params = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  make = lambda: getattr(adamfx, member)(1e-3)
+  tree, packed = make(), adamfx.pack_state(make())
+  tree_state, packed_state = tree.init(params), packed.init(params)
+  quantized = lambda x: isinstance(x, adamfx.QuantizedArray)
+  kinds = lambda tree: sorted(type(x).__name__ for x in jax.tree.leaves(tree, is_leaf=quantized))
+  assert kinds(packed_state[0].mu) == kinds(tree_state[0].mu)  # 2 x 8-bit, 2 x float32
+  for _ in range(3):
+    grads = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+    want, tree_state = jax.jit(tree.update)(grads, tree_state, params)
+    got, packed_state = jax.jit(packed.update)(grads, packed_state, params)
+    for k in shapes:  # float32 rounding: 2 ulps of the leaf's largest update
+      top = float(jnp.max(jnp.abs(want[k])))
+      np.testing.assert_allclose(got[k], want[k], rtol=0, atol=2 * 2.0**-23 * top, err_msg=k)

@@ -19,6 +19,7 @@ from conftest import no_recompile
 from conftest import optax_promotion
 
 import adamfx
+from adamfx import _fast
 from adamfx import _quant
 
 
@@ -399,13 +400,13 @@ def test_eager_8bit_compiles_once_per_configuration():
   tx = adamfx.scale_by_adam8bit(min_8bit_size=256, block_size=128)
   state = tx.init(params)
   tx.update(params, state)
-  before = _quant._eager_8bit._cache_size()
+  before = _fast._leaf_update._cache_size()
   for b1 in (0.8, 0.85):  # rebuilt, as inject_hyperparams does, with array values
     again = adamfx.scale_by_adam8bit(jnp.float32(b1), min_8bit_size=256, block_size=128)
     again.update(params, state)
-  assert _quant._eager_8bit._cache_size() - before <= 1
+  assert _fast._leaf_update._cache_size() - before <= 1
   again.update(params, state)
-  assert _quant._eager_8bit._cache_size() - before <= 1
+  assert _fast._leaf_update._cache_size() - before <= 1
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -431,3 +432,71 @@ def test_adam8bit_learning_rate_inside_the_step_is_the_chain(dtype, monkeypatch)
   u3, _ = fused.update(g, s1, params)
   u4, _ = chain.update(g, s2, params)
   np.testing.assert_array_equal(np.asarray(u3['w']), np.asarray(u4['w']))
+
+
+def test_states_of_the_other_storage_are_refused_by_name():
+  """An adam8bit state given to adam blamed the gradient tree; an adam state
+  given to adam8bit was accepted and kept float32 moments."""
+  params = {'w': jnp.ones((64, 128)), 'b': jnp.ones(3)}
+  with pytest.raises(TypeError, match=r'state.mu holds 8-bit moments .* at `\[.w.\]`'):
+    adamfx.adam(1e-3).update(params, adamfx.adam8bit(1e-3).init(params), params)
+  with pytest.raises(TypeError, match=r'state.mu holds 8-bit moments'):
+    jax.jit(adamfx.adamw(1e-3).update)(params, adamfx.adamw8bit(1e-3).init(params), params)
+  for update in (adamfx.adam8bit(1e-3).update, jax.jit(adamfx.adam8bit(1e-3).update)):
+    with pytest.raises(TypeError, match=r"leaf `\['w'\]` holds float32 moments of 8192"):
+      update(params, adamfx.adam(1e-3).init(params), params)
+
+
+@pytest.mark.parametrize('member', ['adam8bit', 'adamw8bit'])
+def test_optax_inject_hyperparams_works_on_8bit(member):
+  """'`block_size` must be a positive int, got Array(256...)': optax made the
+  structural defaults arrays. They default to None now."""
+  params = {'w': jnp.linspace(-1, 1, 8192).reshape(64, 128), 'b': jnp.ones(3)}
+  tx = optax.inject_hyperparams(getattr(adamfx, member))(1e-3)
+  state = tx.init(params)
+  assert state.inner_state[0].mu['w'].scale.shape == (32,)  # 8192 / block_size 256
+  assert state.inner_state[0].mu['b'].dtype == jnp.float32  # min_8bit_size 4096
+  step = jax.jit(tx.update)
+  # The same values as float32 arrays, as inject_hyperparams feeds them.
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  hps = dict(b1=f32(0.9), b2=f32(0.999), eps=f32(1e-8), eps_root=f32(0.0))
+  if member == 'adamw8bit':
+    hps['weight_decay'] = f32(1e-4)
+  ref = getattr(adamfx, member)(f32(1e-3), **hps)
+  ref_state = ref.init(params)
+  for g in (params, jax.tree.map(lambda x: -0.5 * x, params)):
+    with optax_promotion():
+      updates, state = step(g, state, params)
+    want, ref_state = jax.jit(ref.update)(g, ref_state, params)
+    jax.tree.map(np.testing.assert_array_equal, updates, want)
+  with pytest.raises(TypeError, match=r"`block_size` must be a Python int, got a traced .*static_args"):
+    tx = optax.inject_hyperparams(adamfx.adam8bit)(1e-3, block_size=128)
+    jax.jit(tx.update)(params, tx.init(params), params)
+
+
+@pytest.mark.xfail(strict=True, reason='issue 24 item 4: 8-bit nu rounds to the nearest code'
+                   ' and stalls against its block max; fix (stochastic rounding of the nu'
+                   ' codes) pending in the storage-format rework')
+def test_8bit_nu_does_not_stall():
+  """One element per 256-block keeps |g| = 1, the others drop 100x at step 200.
+
+  Reference: float32 Adam's nu (a float64 transcription of blockwise 8-bit
+  Adam with round-to-nearest gives the library's 1.656 at step 401, 15.0 at
+  step 1700; with stochastic rounding of the codes 0.998 and 0.982)."""
+  n = 1024
+  rng = np.random.default_rng(1)
+  tx, tx32 = adamfx.scale_by_adam8bit(min_8bit_size=1), adamfx.scale_by_adam()
+  params = jnp.zeros(n)
+  state, state32 = tx.init(params), tx32.init(params)
+  step, step32 = jax.jit(tx.update), jax.jit(tx32.update)
+  others = np.ones(n, bool)
+  others[::256] = False
+  for t in range(1, 402):
+    g = (1.0 if t <= 200 else 0.01) * np.sign(rng.standard_normal(n))
+    g[::256] = 1.0
+    g = jnp.asarray(g, jnp.float32)
+    _, state = step(g, state)
+    _, state32 = step32(g, state32)
+  nu8 = np.asarray(_quant.dequantize(state.nu, signed=False, block_size=256))
+  ratio = float(np.median(nu8[others] / np.asarray(state32.nu)[others]))
+  assert abs(ratio - 1) < 0.05, ratio  # today: 1.656

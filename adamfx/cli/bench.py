@@ -165,7 +165,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--in-step', action='store_true',
                       help='time jitted training steps of a small transformer LM instead: the'
                            ' optimiser\'s marginal cost over plain SGD (see adamfx.cli.step_bench)')
-  parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES))
+  parser.add_argument('--modes', nargs='+', choices=MODES, default=None,
+                      help='how each step is run: jit+donate (jitted, state and params'
+                           ' donated), jit (jitted, nothing donated), eager (update called'
+                           ' outside jit). Default: all three for the tree cases and'
+                           ' jit+donate for the registered ones; given, every case runs in'
+                           ' exactly these')
   parser.add_argument('--repeats', type=_positive_int, default=None,
                       help='interleaved repeats, >= 1 (default: the preset\'s)')
   parser.add_argument('--no-flat', action='store_true',
@@ -395,7 +400,7 @@ def _torch_runner(name, params, grads, fused):
 
 
 
-def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
+def bench(preset_name: str = 'default', cases=None, modes=None, repeats=None,
           flat=True, torch_cols=True, progress=None) -> dict[str, Any]:
   """Runs the benchmark; returns a JSON-ready dict (``rows`` and ``machine``)."""
   import jax
@@ -422,9 +427,12 @@ def bench(preset_name: str = 'default', cases=None, modes=MODES, repeats=None,
   plan = []
   for case in [c for c in cases if c != SPARSE_CASE]:
     if case in CASE_REGISTRY:
-      plan.append((case, 'jit+donate', False))  # registered cases: jitted, donated
+      # Registered cases: jitted and donated unless modes are asked for
+      # (`--modes eager` ran them jit+donate, silently).
+      for mode in ('jit+donate',) if modes is None else modes:
+        plan.append((case, mode, False))
       continue
-    for mode in modes:
+    for mode in MODES if modes is None else modes:
       plan.append((case, mode, False))
       if flat and case in ('tiny', 'transformer'):
         plan.append((case, mode, 'flat'))

@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='adamfx', description='The adamfx command: adamfx demo, adamfx bench and adamfx memory.'
   )
+  from adamfx import __version__  # noqa: PLC0415
+
+  parser.add_argument('--version', action='version', version=f'adamfx {__version__}')
   sub = parser.add_subparsers(dest='command', required=True)
   for name, (module, help_text) in _COMMANDS.items():
     p = sub.add_parser(name, help=help_text)
