@@ -260,6 +260,7 @@ class Stable(Adam):
       if wd and (self.decay_mask is None or self.decay_mask[i]):
         u = u + wd * _f64(p)
       out.append(-step_lr * u)
+    return out
 
 
 def dynamic_map8(signed: bool) -> np.ndarray:
