@@ -117,8 +117,22 @@ def inject_hyperparams(
     # Check the arguments now, not at init; a schedule (any callable, as
     # optax.inject_hyperparams takes for every numeric hyperparameter) is
     # checked by its value at step 0, the first value the factory will get.
-    inner_factory(*[_at_step_0(a) for a in args],
-                  **{k: _at_step_0(v) for k, v in kwargs.items()})
+    # The learning rate stays a schedule: every builder takes one as it is,
+    # and some check it as such (decouple_lr=True needs max_lr with one).
+    sig = inspect.signature(inner_factory)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+      inner_factory(*[_at_step_0(a) for a in args],
+                    **{k: _at_step_0(v) for k, v in kwargs.items()})
+    else:
+      try:
+        bound = sig.bind(*args, **kwargs)
+      except TypeError:
+        inner_factory(*args, **kwargs)  # let the factory say what is wrong
+        raise
+      inner_factory(**{
+          k: v if k in ('learning_rate', 'lr') else _at_step_0(v)
+          for k, v in bound.arguments.items()
+      })
     static = tuple(dict.fromkeys(user_static + _structural(inner_factory, args, kwargs)))
 
     def build(tree):
