@@ -1,0 +1,285 @@
+r"""4-bit blockwise Adam moments (Li et al. 2023): about 1.06 bytes/param for both.
+
+:class:`Blockwise4bit` is a storage format for the ``moments=`` argument of
+the Adam builders. Each large leaf's moment is kept as 4-bit codes, two a
+byte, and one float32 scale per block of ``block_size`` elements:
+:math:`4 + 32 / 128 = 4.25` bits per moment, :math:`1.0625` bytes per
+parameter for ``mu`` and ``nu`` together (8-bit: 2.03, float32: 8). The
+codes and maps are :mod:`adamfx._codec4`'s.
+
+A step decodes the moments to float32, runs Adam's float32 arithmetic and
+encodes the new moments, inside the same jitted function: only what is
+kept between steps changes. Leaves smaller than ``min_size`` (biases,
+norms) keep float32 moments, as with 8-bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adamfx import _codec4
+from adamfx import _numerics
+from adamfx import _rounding
+
+# Recorded with every checkpoint that holds 4-bit moments (with the maps and
+# block size): a change of what the codes mean changes this.
+CODE_FORMAT = 'adamfx-4bit-v1'
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class Quantized4bit:
+  """A moment stored in 4 bits: packed ``codes`` and per-block ``scale``.
+
+  A pytree with the children ``codes`` and ``scale`` (and ``col`` for a
+  rank-1 normalised second moment); the configuration that gives the codes
+  their meaning (``shape``, ``block_size``, ``code_map``, ``rank1``) is
+  static auxiliary data, so it survives ``jax.tree`` maps, ``jit``, orbax and
+  ``nnx.update``, and states of different configurations have different tree
+  structures.
+
+  Attributes:
+    codes: uint8, two codes a byte (:func:`adamfx._codec4.pack`); the
+      param's shape with the last axis halved when blocks run along it,
+      else one axis of ``n_blocks * block_size // 2``.
+    scale: float32, one per block (blockwise; the block's largest element,
+      signed for ``mu``), or the row maxima of a rank-1 normalised matrix.
+    col: the column maxima (rank-1 only), else None.
+    shape: the param's shape (static).
+    block_size: elements per block (static).
+    code_map: the name of the 16-value map (static; see
+      :func:`adamfx._codec4.code_map`).
+    rank1: whether ``scale`` and ``col`` are a rank-1 normaliser (static).
+  """
+
+  __slots__ = ('codes', 'scale', 'col', 'shape', 'block_size', 'code_map', 'rank1')
+
+  def __init__(self, codes, scale, col=None, shape=(), block_size=128, code_map='dynamic',
+               rank1=False):
+    self.codes = codes
+    self.scale = scale
+    self.col = col
+    self.shape = tuple(shape)
+    self.block_size = block_size
+    self.code_map = code_map
+    self.rank1 = rank1
+
+  def tree_flatten_with_keys(self):
+    keys = jax.tree_util.GetAttrKey
+    children = [(keys('codes'), self.codes), (keys('scale'), self.scale)]
+    if self.rank1:
+      children.append((keys('col'), self.col))
+    return tuple(children), (self.shape, self.block_size, self.code_map, self.rank1)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    shape, block_size, code_map, rank1 = aux
+    codes, scale, *col = children
+    return cls(codes, scale, col[0] if col else None, shape, block_size, code_map, rank1)
+
+  @property
+  def signed(self) -> bool:
+    return _codec4.signed_map(self.code_map)
+
+  def config(self) -> dict[str, Any]:
+    """What gives the codes their meaning, as checkpoints record it."""
+    return {'format': CODE_FORMAT, 'block_size': self.block_size, 'code_map': self.code_map,
+            'rank1': bool(self.rank1)}
+
+  def __repr__(self) -> str:
+    col = f', col={self.col!r}' if self.rank1 else ''
+    return (f'Quantized4bit(codes={self.codes!r}, scale={self.scale!r}{col},'
+            f' shape={self.shape}, block_size={self.block_size},'
+            f' code_map={self.code_map!r}, rank1={self.rank1})')
+
+
+def _check_int(name: str, value: Any, low: int, what: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f'`{name}` must be an int >= {low}{what}, got {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise4bit:
+  r"""Adam's moments in 4 bits per element: a storage format for ``moments=``.
+
+  Per large leaf, each moment is stored as 4-bit codes (two a byte) of a
+  16-value map and one float32 scale per block of ``block_size`` elements
+  of the leaf (along its last axis when that divides, else along the
+  flattened leaf):
+
+  .. math::
+
+    \mathrm{deq}(c)_i = \mathrm{map}_{c_i}\, s_B, \qquad
+    c_i = \mathrm{round}(x_i / s_B) \text{ to the map},
+
+  with :math:`s_B` the largest element of element :math:`i`'s block
+  :math:`B` (for ``mu``, the element of largest magnitude with its sign).
+
+  * ``mu`` uses ``mu_map='dynamic'``, the signed dynamic map of torchao's
+    ``AdamW4bit`` and Li et al.;
+  * ``nu`` uses ``nu_map='power2'`` (default): the powers of two from
+    :math:`2^{-15}` to 1 of the block's largest value, zero-free, so a
+    positive second moment never decodes to 0 (a step above Adam's bound)
+    and elements whose gradients are up to ~180x below their block's
+    largest keep their own second moment. ``'linear'`` is torchao's
+    ``linspace(0, 1, 17)[1:]``: it floors ``nu`` at a sixteenth of the
+    block's largest, which slows (stalls) the steps of small elements
+    sharing a block with a large one.
+  * ``rank1=True``: the second moment of 2-D leaves (whose rows split into
+    blocks) is normalised by :math:`\min(\max_k \nu_{ik}, \max_k \nu_{kj})`
+    instead of its block's largest (Li et al. 2023, section 4.2): an outlier
+    then inflates only its own row's and column's scale.
+  * ``rounding='stochastic'`` (default): the codes are rounded up or down at
+    random, unbiased (bits hashed from the step count, the leaf and the
+    element, so a step is deterministic), so small changes of a moment --
+    the second moment's decay by ``b2`` -- accumulate instead of being
+    rounded away each step (the stall of round-to-nearest). ``'nearest'``
+    rounds to the nearest value, as torchao does.
+
+  Bytes: :math:`2 (4 + 32 / \mathrm{block\_size}) / 8` per parameter for
+  both moments, 1.0625 at the default block of 128 (:meth:`nbytes`).
+
+  Attributes:
+    block_size: elements per block (one float32 scale each), even, >= 2;
+      default 128 (Li et al.: moments have outlier patterns that larger
+      blocks miss).
+    min_size: leaves with fewer elements keep float32 moments; default
+      4096, as 8-bit.
+    mu_map: the first moment's map: ``'dynamic'``.
+    nu_map: the second moment's map: ``'power2'`` or ``'linear'``.
+    rank1: rank-1 normalisation of 2-D leaves' second moment.
+    rounding: ``'stochastic'`` or ``'nearest'``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> fmt = adamfx.Blockwise4bit()
+    >>> p = jnp.zeros((64, 256))
+    >>> fmt.applies(p), fmt.nbytes(p) / p.size
+    (True, 0.53125)
+    >>> stored = fmt.encode(jnp.linspace(-1, 1, p.size).reshape(p.shape), True,
+    ...                     count=jnp.int32(1), leaf_index=0)
+    >>> stored.codes.shape, stored.scale.shape
+    ((64, 128), (64, 2))
+    >>> fmt.decode(stored, True).shape
+    (64, 256)
+
+  References:
+    Li, Chen & Zhu, `Memory Efficient Optimizers with 4-bit States
+    <https://arxiv.org/abs/2309.01507>`_, NeurIPS 2023.
+  """
+
+  block_size: int = 128
+  min_size: int = 4096
+  mu_map: str = 'dynamic'
+  nu_map: str = 'power2'
+  rank1: bool = False
+  rounding: str = 'stochastic'
+
+  def __post_init__(self):
+    _check_int('block_size', self.block_size, 2, ' and even')
+    if self.block_size % 2:
+      raise ValueError(f'`block_size` must be an even int >= 2 (two codes a byte), got'
+                       f' {self.block_size!r}.')
+    _check_int('min_size', self.min_size, 0, '')
+    if self.mu_map not in _codec4.MAPS or not _codec4.signed_map(self.mu_map):
+      raise ValueError(f"`mu_map` must be 'dynamic' (a signed map), got {self.mu_map!r}.")
+    if self.nu_map not in _codec4.MAPS or _codec4.signed_map(self.nu_map):
+      raise ValueError(
+          f"`nu_map` must be 'power2' or 'linear' (zero-free maps), got {self.nu_map!r}.")
+    if not isinstance(self.rank1, bool):
+      raise ValueError(f'`rank1` must be a bool, got {self.rank1!r}.')
+    if self.rounding not in ('stochastic', 'nearest'):
+      raise ValueError(
+          f"`rounding` must be 'stochastic' or 'nearest', got {self.rounding!r}.")
+
+  # --- the protocol ------------------------------------------------------------
+
+  def applies(self, param: Any) -> bool:
+    """Whether ``param``'s moments are stored in 4 bits (else float32)."""
+    dtype = jnp.dtype(getattr(param, 'dtype', None) or jnp.result_type(param))
+    size = math.prod(np.shape(param))
+    return bool(jnp.issubdtype(dtype, jnp.floating) and size >= max(self.min_size, 1))
+
+  def _rank1(self, shape: tuple[int, ...], signed: bool) -> bool:
+    return (self.rank1 and not signed and len(shape) == 2
+            and shape[-1] % self.block_size == 0 and shape[0] > 0)
+
+  def _map(self, signed: bool) -> str:
+    return self.mu_map if signed else self.nu_map
+
+  def init(self, param: Any, signed: bool) -> Quantized4bit:
+    """Zero moments for ``param`` (an array or a ``jax.ShapeDtypeStruct``).
+
+    The codes and scales are built from ``param``'s float32 zeros, so under
+    ``jit(init)`` they follow its sharding where their shapes allow.
+    """
+    shape = tuple(np.shape(param))
+    zeros = _numerics.zeros_like(param, jnp.float32)
+    bs = self.block_size
+    if self._rank1(shape, signed):
+      return Quantized4bit(_half_last(zeros), zeros[:, 0], zeros[0, :], shape, bs,
+                           self._map(signed), True)
+    _, pad = _codec4.block_view(shape, bs)
+    if pad < 0:
+      codes = _half_last(zeros)
+    else:
+      codes = jnp.zeros(_codec4.codes_shape(shape, bs), jnp.uint8)
+    scale = _codec4.to_blocks(zeros, bs)[..., 0]
+    return Quantized4bit(codes, scale, None, shape, bs, self._map(signed), False)
+
+  def _bits(self, shape: tuple[int, ...], count: Any, leaf_index: int, signed: bool):
+    if self.rounding != 'stochastic':
+      return None
+    # mu and nu of one leaf draw independent bits.
+    return _rounding.random_bits(shape, count, 2 * leaf_index + (0 if signed else 1))
+
+  def encode(self, x: jax.Array, signed: bool, *, count: Any, leaf_index: int) -> Quantized4bit:
+    """``x`` (float32, the param's shape) stored in 4 bits.
+
+    Non-finite elements are stored as 0 and stay out of their block's scale
+    (the caller keeps their previous moments if it wants them).
+    """
+    x = x.astype(jnp.float32)
+    x = jnp.where(jnp.isfinite(x), x, 0)
+    shape, bs = tuple(x.shape), self.block_size
+    name = self._map(signed)
+    if self._rank1(shape, signed):
+      bits = self._bits(_codec4.block_view(shape, bs)[0], count, leaf_index, signed)
+      codes, row, col = _codec4.quantize_rank1(x, name, bs, bits)
+      return Quantized4bit(codes, row, col, shape, bs, name, True)
+    bits = self._bits(_codec4.block_view(shape, bs)[0], count, leaf_index, signed)
+    codes, scale = _codec4.quantize(x, name, bs, bits)
+    return Quantized4bit(codes, scale, None, shape, bs, name, False)
+
+  def decode(self, stored: Quantized4bit, signed: bool) -> jax.Array:
+    """The float32 moment of ``stored``, shaped like its param."""
+    del signed  # the map is recorded in stored
+    if stored.rank1:
+      return _codec4.dequantize_rank1(stored.codes, stored.scale, stored.col, stored.shape,
+                                      stored.code_map, stored.block_size)
+    return _codec4.dequantize(stored.codes, stored.scale, stored.shape, stored.code_map,
+                              stored.block_size)
+
+  def config(self) -> dict[str, Any]:
+    """The configuration checkpoints record: restoring into another one is refused."""
+    return {'format': CODE_FORMAT, **dataclasses.asdict(self)}
+
+  def nbytes(self, param: Any) -> int:
+    """Bytes of one moment of ``param`` (codes and scales; float32 if not quantized)."""
+    shape = tuple(np.shape(param))
+    if not self.applies(param):
+      return 4 * math.prod(shape)
+    codes = math.prod(_codec4.codes_shape(shape, self.block_size))
+    return codes + 4 * math.prod(_codec4.scale_shape(shape, self.block_size))
+
+
+def _half_last(zeros: jax.Array) -> jax.Array:
+  """uint8 zeros of ``zeros.shape`` with the last axis halved, laid out like ``zeros``."""
+  half = zeros.shape[-1] // 2
+  return zeros[..., :half].astype(jnp.uint8)
