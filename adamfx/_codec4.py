@@ -39,6 +39,7 @@ Everything here is elementwise arithmetic, compares and selects: no gather
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -383,3 +384,25 @@ def dequantize_rank1(
   k = unpack(packed_blocks(codes, shape, block_size))
   v = from_blocks(decode(k, name), shape, block_size)
   return v * rank1_scale(row, col)
+
+
+# --- random bits for stochastic rounding -------------------------------------------
+
+
+def block_bits(rows: int, block_size: int, count: Any, salt: int, row0: Any = 0) -> jax.Array:
+  """uint32 bits for ``rows`` blocks starting at block ``row0`` of a leaf.
+
+  :func:`adamfx._rounding.random_bits` over the leaf's blocked view
+  ``(n_blocks, block_size)`` (element index ``row * block_size + i``),
+  restricted to rows ``row0 .. row0 + rows``: a leaf stepped chunk by chunk
+  draws the same bits as in one piece.
+  """
+  from adamfx import _rounding  # noqa: PLC0415
+
+  key = _rounding._mix32(jnp.asarray(count).astype(_U32) ^ _U32(0x9E3779B9))
+  key = _rounding._mix32(key + _U32((salt * 0x85EBCA6B + 0x27D4EB2F) % 2**32))
+  index = jax.lax.iota(_U32, rows * block_size).reshape(rows, block_size)
+  index = index + jnp.asarray(row0).astype(_U32) * _U32(block_size)
+  x = index * _U32(0x9E3779B1) + key
+  x = (x ^ (x >> _U32(16))) * _U32(0x7FEB352D)
+  return x ^ (x >> _U32(15))

@@ -23,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adamfx import _checks
 from adamfx import _codec4
 from adamfx import _numerics
-from adamfx import _rounding
+from adamfx import _quant
+from adamfx import _update
 
 # Recorded with every checkpoint that holds 4-bit moments (with the maps and
 # block size): a change of what the codes mean changes this.
@@ -213,12 +215,17 @@ class Blockwise4bit:
   def _map(self, signed: bool) -> str:
     return self.mu_map if signed else self.nu_map
 
-  def init(self, param: Any, signed: bool) -> Quantized4bit:
+  def init(self, param: Any, signed: bool) -> Any:
     """Zero moments for ``param`` (an array or a ``jax.ShapeDtypeStruct``).
 
-    The codes and scales are built from ``param``'s float32 zeros, so under
-    ``jit(init)`` they follow its sharding where their shapes allow.
+    A :class:`Quantized4bit` where :meth:`applies`, else zeros in the
+    param's compute dtype. The codes and scales are built from ``param``'s
+    float32 zeros, so under ``jit(init)`` they follow its sharding where
+    their shapes allow.
     """
+    if not self.applies(param):
+      dtype = jnp.dtype(getattr(param, 'dtype', None) or jnp.result_type(param))
+      return _numerics.zeros_like(param, _numerics.compute_dtype(dtype))
     shape = tuple(np.shape(param))
     zeros = _numerics.zeros_like(param, jnp.float32)
     bs = self.block_size
@@ -230,36 +237,48 @@ class Blockwise4bit:
       codes = _half_last(zeros)
     else:
       codes = jnp.zeros(_codec4.codes_shape(shape, bs), jnp.uint8)
-    scale = _codec4.to_blocks(zeros, bs)[..., 0]
+    scale = _quant._with_auto_axes(
+        lambda z: _codec4.to_blocks(z, bs)[..., 0],
+        lambda sh: _quant._scale_sharding(sh, _codec4.scale_shape(shape, bs)),
+        zeros,
+    )
     return Quantized4bit(codes, scale, None, shape, bs, self._map(signed), False)
 
-  def _bits(self, shape: tuple[int, ...], count: Any, leaf_index: int, signed: bool):
+  def _bits(self, rows: int, count: Any, leaf_index: int, signed: bool, row0: Any = 0):
     if self.rounding != 'stochastic':
       return None
-    # mu and nu of one leaf draw independent bits.
-    return _rounding.random_bits(shape, count, 2 * leaf_index + (0 if signed else 1))
+    # mu and nu (and AMSGrad's nu_max) of one leaf draw independent bits.
+    salt = 3 * leaf_index + (0 if signed else 1)
+    return _codec4.block_bits(rows, self.block_size, count, salt, row0)
 
-  def encode(self, x: jax.Array, signed: bool, *, count: Any, leaf_index: int) -> Quantized4bit:
-    """``x`` (float32, the param's shape) stored in 4 bits.
+  def encode(self, x: jax.Array, signed: bool, *, count: Any, leaf_index: int,
+             like: Any = None) -> Any:
+    """``x`` (float32, the param's shape) stored as ``like`` is (4-bit or not).
 
     Non-finite elements are stored as 0 and stay out of their block's scale
-    (the caller keeps their previous moments if it wants them).
+    (the core keeps the previous moments of a non-finite gradient).
     """
+    if like is not None and not self.is_stored(like):
+      return _numerics.saturate(x, like.dtype)
     x = x.astype(jnp.float32)
     x = jnp.where(jnp.isfinite(x), x, 0)
     shape, bs = tuple(x.shape), self.block_size
     name = self._map(signed)
+    view, _ = _codec4.block_view(shape, bs)
+    bits = self._bits(math.prod(view[:-1]), count, leaf_index, signed)
     if self._rank1(shape, signed):
-      bits = self._bits(_codec4.block_view(shape, bs)[0], count, leaf_index, signed)
       codes, row, col = _codec4.quantize_rank1(x, name, bs, bits)
       return Quantized4bit(codes, row, col, shape, bs, name, True)
-    bits = self._bits(_codec4.block_view(shape, bs)[0], count, leaf_index, signed)
+    if bits is not None:
+      bits = bits.reshape(view)
     codes, scale = _codec4.quantize(x, name, bs, bits)
     return Quantized4bit(codes, scale, None, shape, bs, name, False)
 
-  def decode(self, stored: Quantized4bit, signed: bool) -> jax.Array:
-    """The float32 moment of ``stored``, shaped like its param."""
+  def decode(self, stored: Any, signed: bool) -> jax.Array:
+    """The float32 moment of ``stored``, shaped like its param (arrays pass through)."""
     del signed  # the map is recorded in stored
+    if not self.is_stored(stored):
+      return stored
     if stored.rank1:
       return _codec4.dequantize_rank1(stored.codes, stored.scale, stored.col, stored.shape,
                                       stored.code_map, stored.block_size)
@@ -268,15 +287,173 @@ class Blockwise4bit:
 
   def config(self) -> dict[str, Any]:
     """The configuration checkpoints record: restoring into another one is refused."""
-    return {'format': CODE_FORMAT, **dataclasses.asdict(self)}
+    return {'format': 'Blockwise4bit', 'code_format': CODE_FORMAT,
+            **dataclasses.asdict(self)}
 
   def nbytes(self, param: Any) -> int:
     """Bytes of one moment of ``param`` (codes and scales; float32 if not quantized)."""
     shape = tuple(np.shape(param))
     if not self.applies(param):
-      return 4 * math.prod(shape)
+      dtype = jnp.dtype(getattr(param, 'dtype', None) or jnp.result_type(param))
+      return math.prod(shape) * np.dtype(_numerics.compute_dtype(dtype)).itemsize
     codes = math.prod(_codec4.codes_shape(shape, self.block_size))
     return codes + 4 * math.prod(_codec4.scale_shape(shape, self.block_size))
+
+  def is_stored(self, x: Any) -> bool:
+    """Whether ``x`` is one 4-bit moment (a pytree node of the state)."""
+    return isinstance(x, Quantized4bit)
+
+  def param_like(self, stored: Any) -> Any:
+    """Something shaped like the param ``stored`` belongs to."""
+    if self.is_stored(stored):
+      return jax.ShapeDtypeStruct(stored.shape, jnp.float32)
+    return stored
+
+  def prepare(self, tree: Any, signed: bool, what: str) -> Any:
+    """Moments handed back by a container (Flax NNX mappings) as :class:`Quantized4bit`.
+
+    A moment stored with another configuration (a checkpoint restored into
+    another format) is refused: its codes would be read with the wrong map
+    or blocks.
+    """
+    name = self._map(signed)
+
+    def fix(path, x):
+      if not self.is_stored(x):
+        return x
+      rank1 = self._rank1(x.shape, signed)
+      if (x.block_size, x.code_map, bool(x.rank1)) != (self.block_size, name, rank1):
+        raise ValueError(
+            f'state.{what} leaf {_checks._leaf_name(path)} was stored with'
+            f' block_size={x.block_size}, code_map={x.code_map!r}, rank1={x.rank1}, but'
+            f' this optimiser has {self!r} (block_size={self.block_size},'
+            f' code_map={name!r}, rank1={rank1}): the codes would be read wrongly.'
+            ' Build the optimiser with the format of the state, or start from a'
+            ' fresh init.'
+        )
+      want = _codec4.codes_shape(x.shape, x.block_size)
+      if tuple(np.shape(x.codes)) != want:
+        raise ValueError(
+            f'state.{what} leaf {_checks._leaf_name(path)}: codes have shape'
+            f' {tuple(np.shape(x.codes))}, but a param of shape {x.shape} in blocks of'
+            f' {x.block_size} needs {want}.'
+        )
+      return x
+
+    return jax.tree_util.tree_map_with_path(fix, tree, is_leaf=lambda x: x is None or
+                                            self.is_stored(x))
+
+  # --- the fused step ------------------------------------------------------------
+
+  def step(self, g, m, v, vm, leaf_index, math_):
+    """One leaf's step: ``(update, mu, nu, nu_max, scaled)``.
+
+    Quantized leaves without AMSGrad run :func:`_fused_step`: the moments
+    decoded, Adam's float32 arithmetic, the new moments encoded, chunk by
+    chunk of whole blocks for large leaves (so the float32 temporaries stay
+    in cache; blocks are independent and the random bits are indexed by the
+    element, so chunks give the one-piece result bit for bit). Other leaves
+    decode, step and encode (``scaled`` False: the core applies the
+    learning rate).
+    """
+    if not self.is_stored(m) or vm is not None or m.rank1 or v.rank1:
+      return _generic_step(self, g, m, v, vm, leaf_index, math_)
+    return _fused_step(self, g, m, v, leaf_index, math_)
+
+
+def _generic_step(fmt, g, m, v, vm, leaf_index, math_):
+  """Decode, the core's math, encode (a non-finite gradient keeps its history)."""
+  olds = [fmt.decode(m, True), fmt.decode(v, False)]
+  if vm is not None:
+    olds.append(fmt.decode(vm, False))
+  u, *news = math_(g, olds[0], olds[1], olds[2] if vm is not None else None)
+  bad = ~jnp.isfinite(g)
+  stored = []
+  for old, new, like, signed in zip(olds, news, (m, v, vm), (True, False, False)):
+    new = jnp.where(bad, old.astype(new.dtype), new)
+    stored.append(fmt.encode(new, signed, count=math_.count, leaf_index=leaf_index, like=like))
+  if vm is None:
+    stored.append(None)
+  return (u, *stored, False)
+
+
+def _fused_step(fmt, g, m, v, leaf_index, math_):
+  """The 4-bit step of a blockwise-quantized leaf (see :meth:`Blockwise4bit.step`)."""
+  bs = fmt.block_size
+  shape = tuple(g.shape)
+  view, _ = _codec4.block_view(shape, bs)
+  rows = math.prod(view[:-1])
+  hps = dict(math_.hps)
+  arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
+  step_size = math_.step_size
+  scaled = step_size is not None and g.dtype == jnp.float32
+
+  def blocks(gb, mc, ms, vc, vs, count, arrays, row0):
+    """One run of whole blocks: gb (r, bs); mc, vc (r, bs // 2); ms, vs (r,)."""
+    h = {**hps, **arrays}
+    m_old = _codec4.decode(_codec4.unpack(mc), fmt.mu_map) * ms[:, None]
+    v_old = _codec4.decode(_codec4.unpack(vc), fmt.nu_map) * vs[:, None]
+    u, m_new, v_new, _ = _update._moment_step(
+        gb, m_old, v_old, None, count=count, **h,
+        nesterov=math_.nesterov, amsgrad=False, infinity_norm=False)
+    bad = ~jnp.isfinite(gb)
+    m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+    v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+    if m_new.dtype == jnp.float32:
+      m_new, v_new, u = _quant._materialized_step(
+          gb, m_new, v_new, bad, count, h, nesterov=math_.nesterov)
+      if scaled:
+        u = step_size * u
+    else:  # float64 under x64: back to float32 storage
+      m_new = _numerics.saturate(m_new, jnp.float32)
+      v_new = _numerics.saturate(v_new, jnp.float32)
+    r = gb.shape[0]
+    out = [u]
+    for x, signed, name in ((m_new, True, fmt.mu_map), (v_new, False, fmt.nu_map)):
+      scale = _codec4.block_scale(x, signed)
+      bits = fmt._bits(r, count, leaf_index, signed, row0)
+      out += [_codec4.pack(_codec4.encode(_codec4.normalize(x, scale), name, bits)), scale]
+    return tuple(out)
+
+  def run(g, mc, ms, vc, vs, count, arrays):
+    gb = _codec4.to_blocks(g, bs).reshape(rows, bs)
+    mc = mc.reshape(rows, bs // 2)
+    vc = vc.reshape(rows, bs // 2)
+    ms, vs = ms.reshape(rows), vs.reshape(rows)
+    chunk = _quant._chunks(shape, bs)
+    if chunk is None or _quant._explicit_sharding(g) is not None:
+      u, mc, ms, vc, vs = blocks(gb, mc, ms, vc, vs, count, arrays, 0)
+    else:
+      n = rows // chunk
+      split = lambda x: x.reshape((n, chunk) + x.shape[1:])
+      gs, mc, ms, vc, vs = map(split, (gb, mc, ms, vc, vs))
+      take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+      u_dtype = jax.eval_shape(
+          lambda: blocks(gs[0], mc[0], ms[0], vc[0], vs[0], count, arrays, 0))[0].dtype
+      u = jnp.zeros(gs.shape, u_dtype)
+
+      def body(i, carry):
+        # The codes and scales update in place, chunk by chunk.
+        u, mc, ms, vc, vs = carry
+        outs = blocks(take(gs, i), take(mc, i), take(ms, i), take(vc, i), take(vs, i),
+                      count, arrays, i * chunk)
+        put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
+        return tuple(put(a, b) for a, b in zip((u, mc, ms, vc, vs), outs))
+
+      u, mc, ms, vc, vs = jax.lax.fori_loop(0, n, body, (u, mc, ms, vc, vs))
+    cshape = _codec4.codes_shape(shape, bs)
+    sshape = _codec4.scale_shape(shape, bs)
+    u = _codec4.from_blocks(u.reshape(view), shape, bs)
+    return u, mc.reshape(cshape), ms.reshape(sshape), vc.reshape(cshape), vs.reshape(sshape)
+
+  shardings = lambda sh: (
+      sh, jax.typeof(m.codes).sharding, jax.typeof(m.scale).sharding,
+      jax.typeof(v.codes).sharding, jax.typeof(v.scale).sharding)
+  u, mc, ms, vc, vs = _quant._with_auto_axes(
+      run, shardings, g, m.codes, m.scale, v.codes, v.scale, math_.count, arrays)
+  mu = Quantized4bit(mc, ms, None, shape, bs, fmt.mu_map, False)
+  nu = Quantized4bit(vc, vs, None, shape, bs, fmt.nu_map, False)
+  return u, mu, nu, None, scaled
 
 
 def _half_last(zeros: jax.Array) -> jax.Array:
