@@ -1,13 +1,17 @@
 """adamfx: Adam as a first-class JAX citizen, a drop-in for optax's Adam family."""
 
 from adamfx._adam import adam
+from adamfx._adam import adam8bit
 from adamfx._adam import adamax
 from adamfx._adam import adamw
+from adamfx._adam import adamw8bit
 from adamfx._adam import amsgrad
 from adamfx._adam import nadam
 from adamfx._adam import nadamw
 from adamfx._adam import scale_by_adam
+from adamfx._adam import scale_by_adam8bit
 from adamfx._adam import scale_by_adamax
+from adamfx._adam import scale_by_amsgrad
 from adamfx._averaging import EmaParamsState
 from adamfx._averaging import averaged_params
 from adamfx._averaging import ema_params
@@ -27,11 +31,10 @@ from adamfx._diagnostics import adam_step_bound
 from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
+from adamfx._formats.blockwise8bit import Blockwise8bit
+from adamfx._formats.dense import Dense
 from adamfx._inject import inject_hyperparams
 from adamfx._quant import QuantizedArray
-from adamfx._quant import adam8bit
-from adamfx._quant import adamw8bit
-from adamfx._quant import scale_by_adam8bit
 from adamfx._sharding import state_layout
 from adamfx._sharding import zero1_shardings
 from adamfx._sparse import LazyAdamState
@@ -45,14 +48,19 @@ from adamfx._sparse_grad import row_sparse_grad
 from adamfx._sparse_grad import value_and_row_sparse_grad
 from adamfx._torch_state import from_torch_state
 from adamfx._torch_state import to_torch_state
+from adamfx._update import AdaMaxState
 from adamfx._update import AdamState
 from adamfx._update import ScaleByAdamState
+from adamfx._update import ScaleByAmsgradState
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaMaxState",
     "AdamState",
+    "Blockwise8bit",
     "CheckpointError",
+    "Dense",
     "EmaParamsState",
     "FrameworkAdamState",
     "LazyAdamState",
@@ -60,6 +68,7 @@ __all__ = (
     "QuantizedArray",
     "RowSparse",
     "ScaleByAdamState",
+    "ScaleByAmsgradState",
     "adam",
     "adam_diagnostics",
     "adam_step_bound",
@@ -89,6 +98,7 @@ __all__ = (
     "scale_by_adam",
     "scale_by_adam8bit",
     "scale_by_adamax",
+    "scale_by_amsgrad",
     "scale_by_lazy_adam",
     "sparse_clip_by_global_norm",
     "sparse_global_norm",

@@ -342,3 +342,11 @@ def check_chain_state(state: Any, links: int) -> None:
       f' (a tuple of {links} states, the Adam state first), and then the one'
       ' returned by the previous update.'
   )
+
+
+def check_adam_args(b1: Any, b2: Any, eps: Any, eps_root: Any) -> None:
+  """Checks Adam's concrete hyperparameters (see :func:`check_decay`)."""
+  check_decay('b1', b1)
+  check_decay('b2', b2)
+  check_non_negative('eps', eps)
+  check_non_negative('eps_root', eps_root)

@@ -385,3 +385,41 @@ def scale_by_learning_rate(learning_rate: Any, traced: Any) -> Any:
     return new_updates, plan.new_state
 
   return optax.GradientTransformation(traced.init, update_fn)
+
+
+def format_update(
+    updates: Any,
+    state: Any,
+    hps: dict[str, Any],
+    *,
+    fmt: Any,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    step_size: Any = None,
+) -> tuple[Any, Any]:
+  """``_update.format_update``, compiled once per configuration when eager.
+
+  The compiled call is shared by every transformation of one configuration
+  (array hyperparameters are its arguments, the format is hashed), so
+  rebuilding the transformation with new values (``inject_hyperparams``)
+  does not recompile. Under a trace or ``jax_disable_jit``: the traced
+  driver itself.
+  """
+  static, arrays = [], {}
+  for k, v in hps.items():
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+      static.append((k, v))
+    else:
+      arrays[k] = v
+  flags = dict(fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, step_size=step_size)
+  if not eager(updates, state, arrays):
+    return _update.format_update(updates, state, hps, **flags)
+  return _eager_format(updates, state, arrays, static=tuple(static), **flags)
+
+
+@functools.partial(
+    jax.jit, static_argnames=('static', 'fmt', 'nesterov', 'amsgrad', 'step_size'))
+def _eager_format(updates, state, arrays, *, static, fmt, nesterov, amsgrad, step_size):
+  return _update.format_update(
+      updates, state, {**dict(static), **arrays},
+      fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, step_size=step_size)

@@ -34,9 +34,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from adamfx import _adam
 from adamfx import _checks
 from adamfx import _codec8
 from adamfx import _numerics
@@ -435,263 +433,132 @@ def _check_8bit_args(block_size: Any, min_8bit_size: Any) -> None:
     raise ValueError(f'`min_8bit_size` must be an int >= 0, got {min_8bit_size!r}.')
 
 
-def _scale_by_adam8bit(
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
+def init_moment(p: Any, signed: bool, block_size: int, min_size: int) -> Any:
+  """One leaf's zero moment: a :class:`QuantizedArray` or, for a leaf too small
+  (or not real floating), zeros in its compute dtype."""
+  dtype = jnp.dtype(getattr(p, 'dtype', None) or jnp.result_type(p))
+  shape = tuple(np.shape(p))
+  if not (jnp.issubdtype(dtype, jnp.floating) and math.prod(shape) >= max(min_size, 1)):
+    return _numerics.zeros_like(p, _numerics.compute_dtype(dtype))
+  zeros = _numerics.zeros_like(p, jnp.float32)  # laid out like p
+  return QuantizedArray(
+      codes=_numerics.zeros_like(p, jnp.uint8),
+      # A slice of p's blocked zeros, so that under jit(init) the scales
+      # follow p's sharding (plain zeros would land on one device). Under
+      # explicit sharding the (small) scales are replicated.
+      scale=_with_auto_axes(
+          lambda z: _to_blocks(z, block_size)[..., 0],
+          lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
+          zeros,
+      ),
+      block_size=block_size,
+      signed=signed,
+  )
+
+
+def leaf_step(
+    g: jax.Array,
+    m: Any,
+    v: Any,
+    vm: Any,
+    count: jax.Array,
+    hps: dict[str, Any],
     *,
     nesterov: bool,
+    amsgrad: bool,
     block_size: int,
-    min_8bit_size: int,
     step_size: Optional[float] = None,
-) -> optax.GradientTransformation:
-  """:func:`scale_by_adam8bit`, its updates times ``step_size`` if given.
+) -> tuple[jax.Array, Any, Any, Any, bool]:
+  """One leaf of the 8-bit step: ``(update, mu, nu, nu_max, scaled)``.
 
-  ``step_size`` (``-learning_rate``, a Python number) is applied as
-  ``optax.scale_by_learning_rate`` applies it (``step_size * u`` in the
-  update's dtype) but inside the compiled step: for a chunked leaf (see
-  :func:`_chunked`), inside its loop, sparing a pass over the updates.
+  ``m``, ``v`` (and AMSGrad's ``vm``) are :class:`QuantizedArray` or, for a
+  small leaf, arrays in the compute dtype. ``scaled`` says whether
+  ``step_size`` was applied (inside a chunked leaf's loop, float32 only).
   """
-  _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
-  _check_8bit_args(block_size, min_8bit_size)
-
-  def init_fn(params):
-    _checks.check_param_leaves(params)
-
-    def init_leaf(p, signed):
-      dtype = jnp.dtype(getattr(p, 'dtype', None) or jnp.result_type(p))
-      shape = tuple(np.shape(p))
-      if not (jnp.issubdtype(dtype, jnp.floating) and math.prod(shape) >= max(min_8bit_size, 1)):
-        return _numerics.zeros_like(p, _numerics.compute_dtype(dtype))
-      zeros = _numerics.zeros_like(p, jnp.float32)  # laid out like p
-      return QuantizedArray(
-          codes=_numerics.zeros_like(p, jnp.uint8),
-          # A slice of p's blocked zeros, so that under jit(init) the scales
-          # follow p's sharding (plain zeros would land on one device). Under
-          # explicit sharding the (small) scales are replicated.
-          scale=_with_auto_axes(
-              lambda z: _to_blocks(z, block_size)[..., 0],
-              lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
-              zeros,
-          ),
-          block_size=block_size,
-          signed=signed,
-      )
-
-    mu = jax.tree.map(lambda p: init_leaf(p, True), params)
-    nu = jax.tree.map(lambda p: init_leaf(p, False), params)
-    return _update.AdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
-
-  def update_impl(updates, state):
-    state = _checks.adam_like_state(state, 'scale_by_adam8bit')
-    state = state._replace(
-        mu=_as_quantized(state.mu, True, block_size, 'mu'),
-        nu=_as_quantized(state.nu, False, block_size, 'nu'),
-    )
-    updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
-    shapes = jax.tree.map(
-        lambda x: x.codes if _is_quantized(x) else x, state.mu, is_leaf=_is_leaf
-    )
-    _checks.check_matching_trees(updates, shapes)
-    _checks.check_hyperparam_dtype('b1', b1)
-    _checks.check_hyperparam_dtype('b2', b2)
-    count = optax.safe_increment(state.count)
-    invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
-    g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_update._is_none)
-    m_leaves = treedef.flatten_up_to(state.mu)
-    v_leaves = treedef.flatten_up_to(state.nu)
-    out_u, out_m, out_v = [], [], []
-    for g, m, v in zip(g_leaves, m_leaves, v_leaves):
-      if g is None:
-        out_u.append(None)
-        out_m.append(None)
-        out_v.append(None)
-        continue
-      step = functools.partial(
-          _update._moment_step, count=count, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-          nesterov=nesterov, amsgrad=False, infinity_norm=False,
-      )
-      if not _is_quantized(m):
-        u, m_new, v_new, _ = step(g, m, v, None)
-        out_m.append(_numerics.saturate(m_new, m.dtype))
-        out_v.append(_numerics.saturate(v_new, v.dtype))
-      else:
-
-        # count and array hyperparameters are arguments, not closures: under
-        # auto_axes they must carry the function's (auto) mesh types.
-        hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
-        arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
-
-        def step_blocks(g, m, v, count, arrays, hps=hps):
-          hps = {**hps, **arrays}
-          m_old = dequantize(m, signed=True, block_size=block_size)
-          v_old = dequantize(v, signed=False, block_size=block_size)
-          u, m_new, v_new, _ = _update._moment_step(
-              g, m_old, v_old, None, count=count, **hps,
-              nesterov=nesterov, amsgrad=False, infinity_norm=False,
-          )
-          # A non-finite element keeps its history and stays out of its
-          # block's absmax (else one NaN gradient would poison the block).
-          # From finite moments, the float32 step's m and v are finite
-          # exactly where g is (it clips g below the square's overflow), so
-          # this reads g alone: each moment's loops need not recompute the
-          # other moment.
-          bad = ~jnp.isfinite(g)
-          m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
-          v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
-          if m_new.dtype != jnp.float32:
-            return (
-                u,
-                quantize(m_new, signed=True, block_size=block_size),
-                quantize(v_new, signed=False, block_size=block_size),
-            )
-          m_new, v_new, u = _materialized_step(
-              g, m_new, v_new, bad, count, hps, nesterov=nesterov)
-          if step_size is not None and g.dtype == jnp.float32:
-            u = step_size * u  # the learning rate, inside the chunk loop
-          return (
-              u,
-              _quantize_finite(m_new, signed=True, block_size=block_size),
-              _quantize_finite(v_new, signed=False, block_size=block_size),
-          )
-
-        def quantized_step(g, m, v, count, arrays):
-          chunks = _chunks(g.shape, block_size)
-          if chunks is None or _explicit_sharding(g) is not None:
-            return step_blocks(g, m, v, count, arrays)
-          return _chunked(step_blocks, chunks, block_size, g, m, v, count, arrays)
-
-        shardings = lambda sh, m=m, v=v: (
-            sh,
-            jax.tree.map(lambda a: jax.typeof(a).sharding, m),
-            jax.tree.map(lambda a: jax.typeof(a).sharding, v),
-        )
-        u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
-        out_m.append(m_q)
-        out_v.append(v_q)
-      u = _update.nan_where(invalid, u).astype(g.dtype)
-      if step_size is not None and not (_is_quantized(m) and g.dtype == jnp.float32):
-        u = step_size * u  # as optax.scale_by_learning_rate, after the cast
-      out_u.append(u)
-    unflatten = functools.partial(jax.tree.unflatten, treedef)
-    state = _update.AdamState(count=count, mu=unflatten(out_m), nu=unflatten(out_v))
-    return unflatten(out_u), state
-
-  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
-  static = tuple(sorted(
-      (k, v) for k, v in hps.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-  ))
-  arrays = {k: v for k, v in hps.items() if k not in dict(static)}
-  config = static + (
-      ('nesterov', bool(nesterov)), ('block_size', block_size), ('min_8bit_size', min_8bit_size),
-      ('step_size', step_size),
+  step = functools.partial(
+      _update._moment_step, count=count, **hps,
+      nesterov=nesterov, amsgrad=amsgrad, infinity_norm=False,
   )
+  if not _is_quantized(m):
+    u, m_new, v_new, vm_new = step(g, m, v, vm)
+    vm_new = None if vm is None else _numerics.saturate(vm_new, vm.dtype)
+    return u, _numerics.saturate(m_new, m.dtype), _numerics.saturate(v_new, v.dtype), vm_new, False
+  # count and array hyperparameters are arguments, not closures: under
+  # auto_axes they must carry the function's (auto) mesh types.
+  arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
+  if amsgrad:
+    return (*_amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size), False)
 
-  def update_fn(updates, state, params=None):
-    del params
-    # Called eagerly (outside jit), run the step as one compiled call rather
-    # than as a few hundred separate operations per leaf. The compiled call
-    # is shared by every transformation of this configuration (array
-    # hyperparameters are its arguments), so rebuilding the transformation
-    # with new values (inject_hyperparams) does not recompile.
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((updates, state, arrays))):
-      return update_impl(updates, state)
-    return _eager_8bit(updates, state, arrays, config=config)
+  def step_blocks(g, m, v, count, arrays, hps=hps):
+    hps = {**hps, **arrays}
+    m_old = dequantize(m, signed=True, block_size=block_size)
+    v_old = dequantize(v, signed=False, block_size=block_size)
+    u, m_new, v_new, _ = _update._moment_step(
+        g, m_old, v_old, None, count=count, **hps,
+        nesterov=nesterov, amsgrad=False, infinity_norm=False,
+    )
+    # A non-finite element keeps its history and stays out of its
+    # block's absmax (else one NaN gradient would poison the block).
+    # From finite moments, the float32 step's m and v are finite
+    # exactly where g is (it clips g below the square's overflow), so
+    # this reads g alone: each moment's loops need not recompute the
+    # other moment.
+    bad = ~jnp.isfinite(g)
+    m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+    v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+    if m_new.dtype != jnp.float32:
+      return (
+          u,
+          quantize(m_new, signed=True, block_size=block_size),
+          quantize(v_new, signed=False, block_size=block_size),
+      )
+    m_new, v_new, u = _materialized_step(
+        g, m_new, v_new, bad, count, hps, nesterov=nesterov)
+    if step_size is not None and g.dtype == jnp.float32:
+      u = step_size * u  # the learning rate, inside the chunk loop
+    return (
+        u,
+        _quantize_finite(m_new, signed=True, block_size=block_size),
+        _quantize_finite(v_new, signed=False, block_size=block_size),
+    )
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  def quantized_step(g, m, v, count, arrays):
+    chunks = _chunks(g.shape, block_size)
+    if chunks is None or _explicit_sharding(g) is not None:
+      return step_blocks(g, m, v, count, arrays)
+    return _chunked(step_blocks, chunks, block_size, g, m, v, count, arrays)
+
+  shardings = lambda sh: (
+      sh,
+      jax.tree.map(lambda a: jax.typeof(a).sharding, m),
+      jax.tree.map(lambda a: jax.typeof(a).sharding, v),
+  )
+  u, m_q, v_q = _with_auto_axes(quantized_step, shardings, g, m, v, count, arrays)
+  return u, m_q, v_q, None, step_size is not None and g.dtype == jnp.float32
 
 
-def scale_by_adam8bit(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-) -> optax.GradientTransformation:
-  r""":func:`adamfx.scale_by_adam` with its moments stored in 8 bits per element.
+def _amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size):
+  """AMSGrad's 8-bit leaf step: the running maximum ``vm`` is stored like ``nu``.
 
-  The update is Adam's (the same float32 code as :func:`adamfx.scale_by_adam`),
-  computed from the dequantized moments; only what is stored between steps
-  changes. Each leaf with at least ``min_8bit_size`` real floating elements
-  keeps ``mu`` and ``nu`` as :class:`QuantizedArray`: uint8 codes of the
-  dynamic map (signed for ``mu``, unsigned for ``nu``) and one float32 scale
-  per block of ``block_size`` elements.
-
-  .. math::
-
-    \begin{align*}
-      m, v &\leftarrow \mathrm{deq}(\mathrm{mu}), \mathrm{deq}(\mathrm{nu}) \\
-      m, v, u &\leftarrow \text{Adam's step from } m, v, g_t
-        \text{ in float32 (see scale\_by\_adam)} \\
-      \mathrm{mu}, \mathrm{nu} &\leftarrow \mathrm{q}_{\pm}(m),\ \mathrm{q}_{+}(v)
-    \end{align*}
-
-  where :math:`\mathrm{q}(x)_i = \arg\min_c |x_i / s_B - \mathrm{map}_c|` with
-  :math:`s_B = \max_{j \in B} |x_j|` the absmax of element :math:`i`'s block
-  :math:`B`, and :math:`\mathrm{deq}(c)_i = \mathrm{map}_{c_i} s_B`.
-
-  An element whose new moment is not finite (a NaN or inf gradient) keeps its
-  previous moments, and the rest of its block is quantized as if it were not
-  there: one bad element does not wipe its block. The update for that element
-  is what float32 Adam returns (NaN); guard the params with
-  ``optax.apply_if_finite`` as usual.
-
-  Args:
-    b1: decay of the first moment, in [0, 1); default 0.9.
-    b2: decay of the second moment, in [0, 1); default 0.999.
-    eps: added to the root of the second moment, >= 0; default 1e-8.
-    eps_root: added inside the root, >= 0; default 0.
-    nesterov: NAdam's momentum (Dozat 2016).
-    block_size: elements per quantization block (one float32 scale each),
-      a positive int; default 256 (Dettmers et al. use 2048 on GPUs; smaller
-      blocks isolate outliers better for 1.5 % more memory).
-    min_8bit_size: leaves with fewer elements keep float32 moments; default
-      4096, as bitsandbytes.
-
-  Returns:
-    An ``optax.GradientTransformation`` whose state is an
-    :class:`adamfx.AdamState` with :class:`QuantizedArray` (or float32) leaves
-    in ``mu`` and ``nu``.
-
-  Raises:
-    ValueError: for hyperparameters outside their ranges (see
-      :func:`adamfx.scale_by_adam`), a ``block_size`` < 1 or a negative
-      ``min_8bit_size``; at update time, if the gradient tree does not match.
-    TypeError: for non-numeric hyperparameters or integer params.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import adamfx
-    >>> tx = adamfx.scale_by_adam8bit(min_8bit_size=256)
-    >>> state = tx.init({'w': jnp.zeros((4, 256)), 'b': jnp.zeros(4)})
-    >>> state.mu['w'].codes.dtype, state.mu['w'].scale.shape, state.mu['b'].dtype
-    (dtype('uint8'), (4, 1), dtype('float32'))
-    >>> update = jax.jit(tx.update)  # one compiled step, as in training
-    >>> updates, state = update({'w': jnp.ones((4, 256)), 'b': -jnp.ones(4)}, state)
-    >>> updates['b']  # the first step is sign(g), as for float32 Adam
-    Array([-1., -1., -1., -1.], dtype=float32)
-
-  References:
-    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
-    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
-
-    Kingma & Ba, `Adam: A Method for Stochastic Optimization
-    <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+  Decodes the three moments, runs the float32 AMSGrad step and re-encodes
+  them, in one piece (no chunk loop); a non-finite gradient element keeps
+  its history, as in :func:`leaf_step`.
   """
-  return _scale_by_adam8bit(
-      b1, b2, eps, eps_root,
-      nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
-  )
 
+  def run(g, m, v, vm, count, arrays):
+    hps_all = {**hps, **arrays}
+    olds = [dequantize(x, signed=s, block_size=block_size)
+            for x, s in ((m, True), (v, False), (vm, False))]
+    u, *news = _update._moment_step(
+        g, *olds, count=count, **hps_all, nesterov=nesterov, amsgrad=True, infinity_norm=False)
+    bad = ~jnp.isfinite(g)
+    news = [jnp.where(bad, old.astype(new.dtype), new) for old, new in zip(olds, news)]
+    return (u, *(quantize(x, signed=s, block_size=block_size)
+                 for x, s in zip(news, (True, False, False))))
 
-@functools.partial(jax.jit, static_argnames=('config',))
-def _eager_8bit(updates: Any, state: Any, arrays: dict[str, Any], *, config: Any) -> Any:
-  """:func:`scale_by_adam8bit`'s update, compiled once per configuration."""
-  return _scale_by_adam8bit(**dict(config), **arrays).update(updates, state)
+  shardings = lambda sh: (sh, *(jax.tree.map(lambda a: jax.typeof(a).sharding, x)
+                                for x in (m, v, vm)))
+  return _with_auto_axes(run, shardings, g, m, v, vm, count, arrays)
 
 
 def _as_quantized(tree: Any, signed: bool, block_size: int, what: str) -> Any:
@@ -753,146 +620,3 @@ def _is_code_mapping(x: Any) -> bool:
   except (AttributeError, TypeError):
     return False
   return keys == {'codes', 'scale'}
-
-
-def adam8bit(
-    learning_rate: _update.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
-
-  :func:`scale_by_adam8bit` followed by ``optax.scale_by_learning_rate``: the
-  update :math:`-\alpha_t \hat m_t / (\sqrt{\hat v_t + \bar\varepsilon} +
-  \varepsilon)` of :func:`adamfx.adam`, with ``mu`` and ``nu`` kept between
-  steps as uint8 codes plus one float32 scale per block of ``block_size``.
-
-  Args:
-    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
-    b1: decay of the first moment, in [0, 1); default 0.9.
-    b2: decay of the second moment, in [0, 1); default 0.999.
-    eps: added to the root of the second moment, >= 0; default 1e-8.
-    eps_root: added inside the root, >= 0; default 0.
-    nesterov: NAdam's momentum.
-    block_size: elements per quantization block; default 256.
-    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``.
-
-  Raises:
-    ValueError: for hyperparameters outside their ranges.
-    TypeError: for a learning rate that is neither a number nor a schedule.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import adamfx
-    >>> loss = lambda w: jnp.sum((w - 3.0) ** 2)
-    >>> params = jnp.zeros(8192)
-    >>> tx = adamfx.adam8bit(learning_rate=0.1)
-    >>> state = tx.init(params)
-    >>> state[0].mu.codes.nbytes + state[0].mu.scale.nbytes  # vs 32768 in float32
-    8320
-    >>> step = jax.jit(tx.update)
-    >>> for _ in range(200):
-    ...   updates, state = step(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> bool(jnp.allclose(params, 3.0, atol=2e-2))
-    True
-
-  References:
-    Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
-    Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
-  """
-  chain = optax.chain(
-      scale_by_adam8bit(
-          b1, b2, eps, eps_root,
-          nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
-      ),
-      _adam._scale_by_learning_rate(learning_rate),
-  )
-  fused = None
-  if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
-    # A number: the chain's numbers and state, with the learning rate applied
-    # inside the 8-bit step (one pass over the updates less).
-    fused = _scale_by_adam8bit(
-        b1, b2, eps, eps_root, nesterov=nesterov, block_size=block_size,
-        min_8bit_size=min_8bit_size, step_size=-learning_rate,
-    )
-
-  def update_fn(updates, state, params=None, **extra_args):
-    _checks.check_chain_state(state, 2)
-    if fused is None:
-      return chain.update(updates, state, params, **extra_args)
-    updates, inner = fused.update(updates, state[0], params)
-    return updates, (inner, *state[1:])
-
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
-
-
-def adamw8bit(
-    learning_rate: _update.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: _update.ScalarOrSchedule = 1e-4,
-    mask: Optional[Any] = None,
-    *,
-    nesterov: bool = False,
-    block_size: int = 256,
-    min_8bit_size: int = 4096,
-) -> optax.GradientTransformationExtraArgs:
-  r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
-
-  .. math::
-
-    \theta_t \leftarrow \theta_{t-1} - \alpha_t \left(\hat m_t /
-      (\sqrt{\hat v_t + \bar\varepsilon} + \varepsilon)
-      + \lambda \theta_{t-1}\right)
-
-  Args:
-    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
-    b1: decay of the first moment, in [0, 1); default 0.9.
-    b2: decay of the second moment, in [0, 1); default 0.999.
-    eps: added to the root of the second moment, >= 0; default 1e-8.
-    eps_root: added inside the root, >= 0; default 0.
-    weight_decay: :math:`\lambda` >= 0, or a schedule; default 1e-4.
-    mask: a tree of booleans (or a function of the params returning one)
-      selecting the leaves to decay.
-    nesterov: NAdamW's momentum.
-    block_size: elements per quantization block; default 256.
-    min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
-
-  Raises:
-    ValueError: for hyperparameters outside their ranges.
-
-  Examples:
-    >>> import jax, jax.numpy as jnp
-    >>> import adamfx
-    >>> tx = adamfx.adamw8bit(1e-2, weight_decay=0.1)
-    >>> params = {'w': jnp.ones(2)}
-    >>> updates, _ = jax.jit(tx.update)({'w': jnp.zeros(2)}, tx.init(params), params)
-    >>> updates['w']
-    Array([-0.001, -0.001], dtype=float32)
-
-  References:
-    Loshchilov & Hutter, `Decoupled Weight Decay Regularization
-    <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
-  """
-  return _adam._decoupled_decay_chain(
-      scale_by_adam8bit(
-          b1, b2, eps, eps_root,
-          nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
-      ),
-      learning_rate, weight_decay, mask,
-  )

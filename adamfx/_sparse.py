@@ -224,7 +224,7 @@ def _check_ids(path: Any, update: RowSparse) -> None:
     )
 
 
-def _check_leaf(path: Any, update: RowSparse, ref: Any) -> None:
+def _check_leaf(path: Any, update: RowSparse, ref: Any, check_dtype: bool = True) -> None:
   """Checks a RowSparse gradient against the state leaf (shape, dtype)."""
   name = _checks._leaf_name(path)
   try:
@@ -239,7 +239,7 @@ def _check_leaf(path: Any, update: RowSparse, ref: Any) -> None:
         f' but the leaf has shape {shape}: values must be [k, *row_shape] of the'
         ' leaf and num_rows its first dimension.'
     )
-  if jnp.dtype(update.values.dtype) != jnp.dtype(ref.dtype):
+  if check_dtype and jnp.dtype(update.values.dtype) != jnp.dtype(ref.dtype):
     raise TypeError(
         f'RowSparse gradient for leaf {name} has values of dtype'
         f' {np.dtype(update.values.dtype).name}, but the leaf is'
@@ -313,13 +313,43 @@ def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
   return RowSparse(ids, u, g.num_rows), m, v, last
 
 
+def _sparse_leaf_format(g, m, v, last, count, fmt, math, i):
+  """Lazy Adam on the touched rows of one leaf stored in ``fmt``: a gather of
+  the rows' stored moments, the format's decode, the core's math, the
+  format's encode and a scatter, so a step costs the rows it touches."""
+  ids, g_rows, valid = coalesce(g)
+  m_rows = fmt.gather_rows(m, ids)
+  v_rows = fmt.gather_rows(v, ids)
+  m_old, v_old = fmt.decode(m_rows, True), fmt.decode(v_rows, False)
+  if last is not None:
+    gap = (count - 1) - last.at[ids].get(mode='fill', fill_value=0)
+    shape = (ids.shape[0],) + (1,) * (m_old.ndim - 1)
+    cdt = m_old.dtype
+    d1 = jax.lax.pow(jnp.asarray(math.hps['b1'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
+    d2 = jax.lax.pow(jnp.asarray(math.hps['b2'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
+    m_old, v_old = m_old * d1, v_old * d2
+    last = last.at[ids].set(count, mode='drop')
+  u, m_new, v_new, _ = math(g_rows, m_old, v_old)
+  bad = ~jnp.isfinite(g_rows)  # a non-finite element keeps its history
+  m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
+  v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+  m_rows = fmt.encode(m_new, True, count=count, leaf_index=i, like=m_rows)
+  v_rows = fmt.encode(v_new, False, count=count, leaf_index=i, like=v_rows)
+  u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
+  return (RowSparse(ids, u, g.num_rows), fmt.scatter_rows(m, ids, m_rows),
+          fmt.scatter_rows(v, ids, v_rows), last)
+
+
 def scale_by_lazy_adam(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
+    nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
+    moments: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Adam's moment ratio, updating only the rows a :class:`RowSparse` gradient touches.
 
@@ -355,8 +385,14 @@ def scale_by_lazy_adam(
     b2: decay of the second moment, in [0, 1); default 0.999.
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params'.
+    nu_dtype: storage dtype of the second moment; default: the params'.
     catch_up: keep ``last_step`` and decay a row's moments over the steps it
       missed (costs an int32 per row).
+    moments: the moments' storage format (see :func:`adamfx.scale_by_adam`):
+      with :class:`adamfx.Blockwise8bit`, a step gathers the touched rows'
+      codes and scales, decodes, steps, encodes and scatters them back (a
+      quantized table's rows must be whole blocks).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -385,13 +421,19 @@ def scale_by_lazy_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
+  fmt, mu_dtype, nu_dtype = _adam._storage(moments, mu_dtype, nu_dtype)
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
+  hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
+  formatted = None if fmt is None else _adam._scale_by_format(
+      b1, b2, eps, eps_root, fmt=fmt, nesterov=False, amsgrad=False)
 
   def init_fn(params):
-    base = _update._family_init(params, None, None, False)
+    base = (_update._family_init(params, mu_dtype, nu_dtype, False) if fmt is None
+            else formatted.init(params))
     last = None
     if catch_up:
-      last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, base.mu)
+      params = jax.tree.map(lambda p: p if hasattr(p, 'ndim') else jnp.asarray(p), params)
+      last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, params)
     return LazyAdamState(count=base.count, mu=base.mu, nu=base.nu, last_step=last)
 
   def update_fn(updates, state, params=None):
@@ -418,7 +460,8 @@ def scale_by_lazy_adam(
       l_leaves = [None] * len(leaves)
     sparse = [i for i, u in enumerate(leaves) if _is_sparse(u)]
     for i in sparse:
-      _check_leaf(paths[i], leaves[i], m_leaves[i])
+      _check_leaf(paths[i], leaves[i], m_leaves[i] if fmt is None else fmt.param_like(m_leaves[i]),
+                  check_dtype=fmt is None and mu_dtype is None)
       _check_ids(paths[i], leaves[i])
 
     # Dense leaves: adamfx.adam's own update, on the tree with the sparse
@@ -427,10 +470,12 @@ def scale_by_lazy_adam(
     hole = lambda xs: jax.tree.unflatten(
         treedef, [None if i in sparse else x for i, x in enumerate(xs)]
     )
-    dense_updates, dense_state = _fast.family_update(
-        hole(leaves), _update.AdamState(state.count, hole(m_leaves), hole(v_leaves)),
-        b1, b2, eps, eps_root,
-    )
+    dense_state = _update.AdamState(state.count, hole(m_leaves), hole(v_leaves))
+    if fmt is None:
+      dense_updates, dense_state = _fast.family_update(
+          hole(leaves), dense_state, b1, b2, eps, eps_root)
+    else:
+      dense_updates, dense_state = formatted.update(hole(leaves), dense_state)
     count = dense_state.count
     out_u = treedef.flatten_up_to(dense_updates)
     out_m = treedef.flatten_up_to(dense_state.mu)
@@ -444,11 +489,16 @@ def scale_by_lazy_adam(
       _checks.check_hyperparam_dtype('b1', b1)
       _checks.check_hyperparam_dtype('b2', b2)
       scalars = {}
+      math = _update.LeafMath(count, hps, nesterov=False, amsgrad=False)
       for i in sparse:
-        out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf(
-            leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count,
-            b1, b2, eps, eps_root, scalars, i,
-        )
+        if fmt is None:
+          out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf(
+              leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count,
+              b1, b2, eps, eps_root, scalars, i,
+          )
+        else:
+          out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf_format(
+              leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count, fmt, math, i)
     unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
     new_state = LazyAdamState(
         count=count, mu=unflatten(out_m), nu=unflatten(out_v),
@@ -539,9 +589,12 @@ def lazy_adam(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     *,
+    nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
-) -> optax.GradientTransformation:
+    moments: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""Lazy Adam: Adam that updates only the rows a :class:`RowSparse` gradient touches.
 
   :func:`scale_by_lazy_adam` followed by the learning rate. Dense gradient
@@ -565,11 +618,14 @@ def lazy_adam(
     b2: decay of the second moment, in [0, 1); default 0.999.
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment; default: the params'.
+    nu_dtype: storage dtype of the second moment; default: the params'.
     catch_up: decay a row's moments over the steps it missed when it is next
       touched (see :func:`scale_by_lazy_adam`).
+    moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
 
   Returns:
-    An ``optax.GradientTransformation``; its state is ``(LazyAdamState,
+    An ``optax.GradientTransformationExtraArgs`` (optax's chain); its state is ``(LazyAdamState,
     optax.ScaleByScheduleState or EmptyState)``.
 
   Raises:
@@ -602,7 +658,8 @@ def lazy_adam(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
   return optax.chain(
-      scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
+      scale_by_lazy_adam(
+          b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
       _sparse_learning_rate(learning_rate),
   )
 
@@ -613,11 +670,14 @@ def lazy_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
+    mu_dtype: Optional[Any] = None,
     weight_decay: Any = 1e-4,
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
+    nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
-) -> optax.GradientTransformation:
+    moments: Optional[Any] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""Lazy AdamW: :func:`lazy_adam` with AdamW's decoupled decay on the touched rows.
 
   Dense leaves get :func:`adamfx.adamw`'s update, ``-lr * (u + wd * p)``; a
@@ -630,14 +690,18 @@ def lazy_adamw(
     b2: decay of the second moment, in [0, 1); default 0.999.
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
+    mu_dtype: storage dtype of the first moment (:func:`adamfx.adamw`'s
+      sixth argument, as optax's).
     weight_decay: :math:`\lambda` >= 0, a number or array (for a schedule,
       wrap with :func:`adamfx.inject_hyperparams`); default 1e-4.
     mask: a tree of booleans (or a function of the params returning one)
       selecting the leaves to decay, as in ``optax.add_decayed_weights``.
+    nu_dtype: storage dtype of the second moment.
     catch_up: see :func:`scale_by_lazy_adam`.
+    moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
 
   Raises:
     ValueError: as :func:`lazy_adam`, and for a negative ``weight_decay``.
@@ -660,7 +724,8 @@ def lazy_adamw(
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
   return optax.chain(
-      scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
+      scale_by_lazy_adam(
+          b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
       _sparse_decay(weight_decay, mask),
       _sparse_learning_rate(learning_rate),
   )

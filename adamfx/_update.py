@@ -60,6 +60,7 @@ class AdamState(NamedTuple):
 
 
 ScaleByAdamState = AdamState  # optax's name for the same thing.
+ScaleByAmsgradState = AdamState  # optax's name for scale_by_amsgrad's state.
 
 
 class AdaMaxState(AdamState):
@@ -541,3 +542,110 @@ def _family_init(
       nu=zeros(nu_dtype),
       nu_max=zeros(nu_dtype) if amsgrad else None,
   )
+
+
+class LeafMath(NamedTuple):
+  """The core's per-leaf Adam math, handed to a storage format's ``step``.
+
+  ``math(g, m, v, vm=None)`` takes the gradient and the decoded (float32 or
+  wider) moments and returns ``(update, m_new, v_new, vm_new)`` before any
+  storage cast (:func:`_moment_step`); ``vm`` is AMSGrad's running maximum
+  (None without it). ``step_size`` is the fused learning rate (``-lr``, a
+  Python number) a format may apply inside its own loop (it then says so).
+  """
+
+  count: Any
+  hps: dict[str, Any]
+  nesterov: bool
+  amsgrad: bool
+  step_size: Optional[float] = None
+
+  def __call__(self, g, m, v, vm=None):
+    return _moment_step(
+        g, m, v, vm, count=self.count, **self.hps,
+        nesterov=self.nesterov, amsgrad=self.amsgrad, infinity_norm=False,
+    )
+
+
+def default_step(fmt, g, m, v, vm, leaf_index, math):
+  """A format's step without a fused one: decode, :class:`LeafMath`, encode.
+
+  An element whose gradient is not finite keeps its stored history (its
+  update is NaN, as for float32 Adam), so that one bad element does not
+  poison a block's scale. Returns ``(update, mu, nu, nu_max, False)``.
+  """
+  olds = [fmt.decode(x, s) for x, s in ((m, True), (v, False))]
+  if vm is not None:
+    olds.append(fmt.decode(vm, False))
+  u, *news = math(g, olds[0], olds[1], olds[2] if vm is not None else None)
+  bad = ~jnp.isfinite(g)
+  stored = []
+  for old, new, like, signed in zip(olds, news, (m, v, vm), (True, False, False)):
+    new = jnp.where(bad, old.astype(new.dtype), new)
+    stored.append(fmt.encode(new, signed, count=math.count, leaf_index=leaf_index, like=like))
+  if vm is None:
+    stored.append(None)
+  return (u, *stored, False)
+
+
+def format_update(
+    updates: optax.Updates,
+    state: AdamState,
+    hps: dict[str, Any],
+    *,
+    fmt: Any,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    step_size: Optional[float] = None,
+    who: str = 'scale_by_adam',
+) -> tuple[optax.Updates, AdamState]:
+  """The tree driver for moments stored in a format object ``fmt``.
+
+  Owns what every member shares: the state check, the format's coercion of
+  restored moments (``fmt.prepare``), the tree check, None leaves, the
+  count, the NaN guard for invalid traced hyperparameters, the cast of each
+  update to its gradient's dtype and the fused learning rate
+  (``step_size``). Per leaf it calls ``fmt.step(g, m, v, vm, leaf_index,
+  math)`` (or :func:`default_step`) with :class:`LeafMath`.
+  """
+  b1, b2, eps, eps_root = (hps[k] for k in ('b1', 'b2', 'eps', 'eps_root'))
+  state = _checks.adam_like_state(state, who)
+  prepare = getattr(fmt, 'prepare', lambda tree, signed, what: tree)
+  state = state._replace(
+      mu=prepare(state.mu, True, 'mu'), nu=prepare(state.nu, False, 'nu'),
+      nu_max=prepare(state.nu_max, False, 'nu_max') if amsgrad else None,
+  )
+  updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
+  is_stored = lambda x: x is None or fmt.is_stored(x)
+  shapes = jax.tree.map(fmt.param_like, state.mu, is_leaf=is_stored)
+  _checks.check_matching_trees(updates, shapes)
+  _checks.check_hyperparam_dtype('b1', b1)
+  _checks.check_hyperparam_dtype('b2', b2)
+  count = optax.safe_increment(state.count)
+  invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
+  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+  m_leaves = treedef.flatten_up_to(state.mu)
+  v_leaves = treedef.flatten_up_to(state.nu)
+  vm_leaves = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
+  math = LeafMath(count, hps, nesterov, amsgrad, step_size)
+  step = getattr(fmt, 'step', None) or functools.partial(default_step, fmt)
+  out_u, out_m, out_v, out_vm = [], [], [], []
+  for i, (g, m, v, vm) in enumerate(zip(g_leaves, m_leaves, v_leaves, vm_leaves)):
+    if g is None:
+      for out in (out_u, out_m, out_v, out_vm):
+        out.append(None)
+      continue
+    u, m_s, v_s, vm_s, scaled = step(g, m, v, vm, i, math)
+    u = nan_where(invalid, u).astype(g.dtype)
+    if step_size is not None and not scaled:
+      u = step_size * u  # as optax.scale_by_learning_rate, after the cast
+    out_u.append(u)
+    out_m.append(m_s)
+    out_v.append(v_s)
+    out_vm.append(vm_s)
+  unflatten = functools.partial(jax.tree.unflatten, treedef)
+  new_state = AdamState(
+      count=count, mu=unflatten(out_m), nu=unflatten(out_v),
+      nu_max=unflatten(out_vm) if amsgrad else None,
+  )
+  return unflatten(out_u), new_state

@@ -85,6 +85,7 @@ class Contract(NamedTuple):
 
 
 _C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
+_B8 = adamfx.Blockwise8bit(min_size=_C8)
 _MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
 _inject = adamfx.inject_hyperparams
 _oinject = optax.inject_hyperparams
@@ -118,6 +119,11 @@ CONTRACTS = [
              eight_bit=True),
     Contract('scale_by_adam8bit', lambda: adamfx.scale_by_adam8bit(min_8bit_size=_C8),
              eight_bit=True),
+    # moments=Blockwise8bit(): the 8-bit storage as a parameter of every member.
+    Contract('amsgrad_8bit', lambda: adamfx.amsgrad(LR, moments=_B8), eight_bit=True),
+    Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True),
+    Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True),
+    Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8), eight_bit=True),
     Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR),
              packed=True),
     Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),

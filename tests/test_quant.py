@@ -19,6 +19,7 @@ from conftest import no_recompile
 from conftest import optax_promotion
 
 import adamfx
+from adamfx import _fast
 from adamfx import _quant
 
 
@@ -384,13 +385,13 @@ def test_eager_8bit_compiles_once_per_configuration():
   tx = adamfx.scale_by_adam8bit(min_8bit_size=256, block_size=128)
   state = tx.init(params)
   tx.update(params, state)
-  before = _quant._eager_8bit._cache_size()
+  before = _fast._eager_format._cache_size()
   for b1 in (0.8, 0.85):  # rebuilt, as inject_hyperparams does, with array values
     again = adamfx.scale_by_adam8bit(jnp.float32(b1), min_8bit_size=256, block_size=128)
     again.update(params, state)
-  assert _quant._eager_8bit._cache_size() - before <= 1
+  assert _fast._eager_format._cache_size() - before <= 1
   again.update(params, state)
-  assert _quant._eager_8bit._cache_size() - before <= 1
+  assert _fast._eager_format._cache_size() - before <= 1
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
