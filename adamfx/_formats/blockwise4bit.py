@@ -266,11 +266,11 @@ class Blockwise4bit:
     name = self._map(signed)
     view, _ = _codec4.block_view(shape, bs)
     bits = self._bits(math.prod(view[:-1]), count, leaf_index, signed)
+    if bits is not None:
+      bits = bits.reshape(view)
     if self._rank1(shape, signed):
       codes, row, col = _codec4.quantize_rank1(x, name, bs, bits)
       return Quantized4bit(codes, row, col, shape, bs, name, True)
-    if bits is not None:
-      bits = bits.reshape(view)
     codes, scale = _codec4.quantize(x, name, bs, bits)
     return Quantized4bit(codes, scale, None, shape, bs, name, False)
 
@@ -342,6 +342,41 @@ class Blockwise4bit:
 
     return jax.tree_util.tree_map_with_path(fix, tree, is_leaf=lambda x: x is None or
                                             self.is_stored(x))
+
+  # --- lazy Adam: rows of an embedding table -------------------------------------
+
+  def gather_rows(self, stored: Any, ids: Any) -> Any:
+    """Rows ``ids`` of a stored moment (ids out of range read zeros), for lazy Adam.
+
+    A 4-bit table's blocks must lie within its rows (the last axis a
+    multiple of ``block_size``), so that a row's codes and scales are its
+    own; a rank-1 normalised moment is refused (its column maxima span every
+    row).
+    """
+    get = lambda x: x.at[ids].get(mode='fill', fill_value=0)
+    if not self.is_stored(stored):
+      return get(stored)
+    shape = stored.shape
+    if len(shape) < 2 or shape[-1] % self.block_size or stored.rank1:
+      why = ('rank1=True normalises by column maxima over every row' if stored.rank1 else
+             f'its rows are not whole blocks (last axis a multiple of block_size='
+             f'{self.block_size})')
+      raise ValueError(
+          f'Lazy Adam with moments={self!r} cannot update rows of a leaf of shape {shape}:'
+          f' {why}. Pass Blockwise4bit(block_size=b) with b dividing'
+          f' {shape[-1] if shape else 1} (and rank1=False).'
+      )
+    rows = (int(np.shape(ids)[0]),) + tuple(shape[1:])
+    return Quantized4bit(get(stored.codes), get(stored.scale), None, rows, stored.block_size,
+                         stored.code_map, False)
+
+  def scatter_rows(self, stored: Any, ids: Any, rows: Any) -> Any:
+    """``stored`` with rows ``ids`` set to ``rows`` (ids out of range dropped)."""
+    put = lambda x, r: x.at[ids].set(r, mode='drop')
+    if not self.is_stored(stored):
+      return put(stored, rows)
+    return Quantized4bit(put(stored.codes, rows.codes), put(stored.scale, rows.scale), None,
+                         stored.shape, stored.block_size, stored.code_map, False)
 
   # --- the fused step ------------------------------------------------------------
 
