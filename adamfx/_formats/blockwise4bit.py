@@ -124,14 +124,18 @@ class Blockwise4bit:
 
   * ``mu`` uses ``mu_map='dynamic'``, the signed dynamic map of torchao's
     ``AdamW4bit`` and Li et al.;
-  * ``nu`` uses ``nu_map='power2'`` (default): the powers of two from
-    :math:`2^{-15}` to 1 of the block's largest value, zero-free, so a
-    positive second moment never decodes to 0 (a step above Adam's bound)
-    and elements whose gradients are up to ~180x below their block's
-    largest keep their own second moment. ``'linear'`` is torchao's
-    ``linspace(0, 1, 17)[1:]``: it floors ``nu`` at a sixteenth of the
-    block's largest, which slows (stalls) the steps of small elements
-    sharing a block with a large one.
+  * ``nu`` uses ``nu_map='linear'`` (default), torchao's zero-free
+    ``linspace(0, 1, 17)[1:]``: a positive second moment never decodes to 0
+    (its step would exceed Adam's bound), but it is floored at a sixteenth
+    of its block's largest, so elements whose gradients stay ~4x or more
+    below their block's largest take steps smaller than Adam's (``rank1``
+    confines that to an outlier's row and column). ``'power2'`` (the powers
+    of two from :math:`2^{-15}` to 1) reaches 3e-5 of the block's largest,
+    but its stochastically rounded codes wander a level or more away from
+    the true second moment (gaps as wide as the values), and the steps of
+    small elements came out 1.2x-3x Adam's in the stall test of issue 24
+    (``'linear'``: 0.99x-1.2x of the true ``nu`` until its floor); it is
+    kept as an option, not the default.
   * ``rank1=True``: the second moment of 2-D leaves (whose rows split into
     blocks) is normalised by :math:`\min(\max_k \nu_{ik}, \max_k \nu_{kj})`
     instead of its block's largest (Li et al. 2023, section 4.2): an outlier
@@ -153,7 +157,7 @@ class Blockwise4bit:
     min_size: leaves with fewer elements keep float32 moments; default
       4096, as 8-bit.
     mu_map: the first moment's map: ``'dynamic'``.
-    nu_map: the second moment's map: ``'power2'`` or ``'linear'``.
+    nu_map: the second moment's map: ``'linear'`` or ``'power2'``.
     rank1: rank-1 normalisation of 2-D leaves' second moment.
     rounding: ``'stochastic'`` or ``'nearest'``.
 
@@ -179,7 +183,7 @@ class Blockwise4bit:
   block_size: int = 128
   min_size: int = 4096
   mu_map: str = 'dynamic'
-  nu_map: str = 'power2'
+  nu_map: str = 'linear'
   rank1: bool = False
   rounding: str = 'stochastic'
 
@@ -193,7 +197,7 @@ class Blockwise4bit:
       raise ValueError(f"`mu_map` must be 'dynamic' (a signed map), got {self.mu_map!r}.")
     if self.nu_map not in _codec4.MAPS or _codec4.signed_map(self.nu_map):
       raise ValueError(
-          f"`nu_map` must be 'power2' or 'linear' (zero-free maps), got {self.nu_map!r}.")
+          f"`nu_map` must be 'linear' or 'power2' (zero-free maps), got {self.nu_map!r}.")
     if not isinstance(self.rank1, bool):
       raise ValueError(f'`rank1` must be a bool, got {self.rank1!r}.')
     if self.rounding not in ('stochastic', 'nearest'):
