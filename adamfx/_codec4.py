@@ -248,18 +248,33 @@ def block_view(shape: tuple[int, ...], block_size: int) -> tuple[tuple[int, ...]
 def codes_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
   """Shape of the packed uint8 codes of a leaf of ``shape``.
 
-  The param's shape with the last axis halved where blocks run along it,
-  else ``(n_blocks * block_size // 2,)``.
+  The param's shape with the last axis halved wherever the blocks need no
+  padding and that axis is even (blocks along the last axis, or along the
+  flattened leaf when its size is a multiple of ``block_size``): the same
+  bytes, laid out like the param (so sharded like it, and the param's shape
+  can be read back from them). Otherwise ``(n_blocks * block_size // 2,)``.
 
   Examples:
     >>> from adamfx import _codec4
-    >>> _codec4.codes_shape((64, 256), 128), _codec4.codes_shape((1000, 10), 128)
-    ((64, 128), (5056,))
+    >>> _codec4.codes_shape((64, 256), 128), _codec4.codes_shape((4, 64), 128)
+    ((64, 128), (4, 32))
+    >>> _codec4.codes_shape((1000, 10), 128)
+    (5056,)
   """
-  view, pad = block_view(tuple(shape), block_size)
-  if pad < 0:
-    return tuple(shape[:-1]) + (shape[-1] // 2,)
+  shape = tuple(shape)
+  view, pad = block_view(shape, block_size)
+  if pad <= 0 and len(shape) >= 1 and shape[-1] % 2 == 0:
+    return shape[:-1] + (shape[-1] // 2,)
   return (view[0] * block_size // 2,)
+
+
+def shape_from_codes(codes_shape_: tuple[int, ...], block_size: int) -> tuple[int, ...] | None:
+  """The param shape whose codes have ``codes_shape_``, where it is unambiguous (else None)."""
+  if not codes_shape_:
+    return None
+  shape = tuple(codes_shape_[:-1]) + (2 * codes_shape_[-1],)
+  return shape if codes_shape(shape, block_size) == tuple(codes_shape_) and (
+      block_view(shape, block_size)[1] <= 0) else None
 
 
 def scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:

@@ -72,7 +72,8 @@ class Contract(NamedTuple):
   # name, instead of one moment per leaf;
   # ``eight_bit``: moments of leaves (or packed buffers) of >= ``_C8`` elements are
   # uint8 codes + float32 block scales, smaller ones keep their compute dtype
-  # (float32 for 16-bit floats), as adamfx/_quant.py documents.
+  # (float32 for 16-bit floats), as adamfx/_quant.py documents; 4-bit rows
+  # (Blockwise4bit: uint8 codes, two a byte, + float32 scales) say it too.
   # ``wide_moments``: moments of 16-bit params are stored in float32 (the
   # framework-exact builders, as adamfx/_conventions.py documents).
   packed: bool = False
@@ -86,6 +87,7 @@ class Contract(NamedTuple):
 
 _C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias not
 _B8 = adamfx.Blockwise8bit(min_size=_C8)
+_B4 = adamfx.Blockwise4bit(min_size=_C8)
 _MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
 _inject = adamfx.inject_hyperparams
 _oinject = optax.inject_hyperparams
@@ -124,6 +126,15 @@ CONTRACTS = [
     Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True),
     Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True),
     Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8), eight_bit=True),
+    # moments=Blockwise4bit(): 4-bit codes (two a byte) + float32 block scales.
+    Contract('adam4bit', lambda: adamfx.adam4bit(LR, min_4bit_size=_C8), eight_bit=True),
+    Contract('adamw4bit', lambda: adamfx.adamw4bit(LR, min_4bit_size=_C8, **_WD),
+             eight_bit=True),
+    Contract('amsgrad_4bit', lambda: adamfx.amsgrad(LR, moments=_B4), eight_bit=True),
+    Contract('nadam_4bit', lambda: adamfx.nadam(LR, moments=_B4), eight_bit=True),
+    Contract('lazy_adam_4bit', lambda: adamfx.lazy_adam(LR, moments=_B4), eight_bit=True),
+    Contract('inject_adam4bit', lambda: _inject(adamfx.adam4bit)(LR, min_4bit_size=_C8),
+             eight_bit=True),
     Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR),
              packed=True),
     Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
@@ -267,14 +278,16 @@ _QUANTIZED = 'uint8 codes + float32 scales'
 
 
 def _moment_kinds(tree):
-  """Each moment leaf's dtype, or ``_QUANTIZED`` for an 8-bit QuantizedArray."""
+  """Each moment leaf's dtype, or ``_QUANTIZED`` for an 8-bit QuantizedArray (or 4-bit)."""
+  quantized = (adamfx.QuantizedArray, adamfx.Quantized4bit)
+
   def kind(x):
-    if isinstance(x, adamfx.QuantizedArray):
+    if isinstance(x, quantized):
       assert (x.codes.dtype, x.scale.dtype) == (jnp.uint8, jnp.float32), x
       return _QUANTIZED
     return jnp.asarray(x).dtype
 
-  return jax.tree.map(kind, tree, is_leaf=lambda x: isinstance(x, adamfx.QuantizedArray))
+  return jax.tree.map(kind, tree, is_leaf=lambda x: isinstance(x, quantized))
 
 
 def _expected_moment_kinds(c, params, name):

@@ -236,11 +236,11 @@ class Blockwise4bit:
     if self._rank1(shape, signed):
       return Quantized4bit(_half_last(zeros), zeros[:, 0], zeros[0, :], shape, bs,
                            self._map(signed), True)
-    _, pad = _codec4.block_view(shape, bs)
-    if pad < 0:
+    cshape = _codec4.codes_shape(shape, bs)
+    if cshape == shape[:-1] + (shape[-1] // 2,):
       codes = _half_last(zeros)
     else:
-      codes = jnp.zeros(_codec4.codes_shape(shape, bs), jnp.uint8)
+      codes = jnp.zeros(cshape, jnp.uint8)
     scale = _quant._with_auto_axes(
         lambda z: _codec4.to_blocks(z, bs)[..., 0],
         lambda sh: _quant._scale_sharding(sh, _codec4.scale_shape(shape, bs)),
@@ -323,6 +323,8 @@ class Blockwise4bit:
     name = self._map(signed)
 
     def fix(path, x):
+      if _is_code_mapping(x):
+        x = self._from_mapping(path, x, signed, what)
       if not self.is_stored(x):
         return x
       rank1 = self._rank1(x.shape, signed)
@@ -344,8 +346,30 @@ class Blockwise4bit:
         )
       return x
 
-    return jax.tree_util.tree_map_with_path(fix, tree, is_leaf=lambda x: x is None or
-                                            self.is_stored(x))
+    is_leaf = lambda x: x is None or self.is_stored(x) or _is_code_mapping(x)
+    return jax.tree_util.tree_map_with_path(fix, tree, is_leaf=is_leaf)
+
+  def _from_mapping(self, path: Any, x: Any, signed: bool, what: str) -> Quantized4bit:
+    """A :class:`Quantized4bit` rebuilt from a container's ``{'codes', 'scale'[, 'col']}``.
+
+    Containers that keep arrays but not the pytree's static data (Flax NNX's
+    ``nnx.Optimizer`` hands state nodes back as mappings) lose the param's
+    shape; it is read back from the codes' shape, which holds it wherever a
+    leaf's blocks need no padding (see :func:`adamfx._codec4.codes_shape`).
+    """
+    codes, scale = _quant._unwrap(x['codes']), _quant._unwrap(x['scale'])
+    shape = _codec4.shape_from_codes(tuple(np.shape(codes)), self.block_size)
+    if shape is None:
+      raise ValueError(
+          f'state.{what} leaf {_checks._leaf_name(path)} came back as a mapping of'
+          f' arrays (codes of shape {tuple(np.shape(codes))}) without the param\'s shape,'
+          f' which a leaf whose blocks are padded does not record in its codes. Use a'
+          f' block_size dividing the leaf\'s size, a min_size above it, or keep the'
+          ' state as returned by the optimiser.'
+      )
+    col = _quant._unwrap(x['col']) if 'col' in x else None
+    return Quantized4bit(codes, scale, col, shape, self.block_size, self._map(signed),
+                         col is not None)
 
   # --- lazy Adam: rows of an embedding table -------------------------------------
 
@@ -467,19 +491,19 @@ def _fused_step(fmt, g, m, v, leaf_index, math_):
       split = lambda x: x.reshape((n, chunk) + x.shape[1:])
       gs, mc, ms, vc, vs = map(split, (gb, mc, ms, vc, vs))
       take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-      u_dtype = jax.eval_shape(
-          lambda: blocks(gs[0], mc[0], ms[0], vc[0], vs[0], count, arrays, 0))[0].dtype
-      u = jnp.zeros(gs.shape, u_dtype)
 
       def body(i, carry):
-        # The codes and scales update in place, chunk by chunk.
-        u, mc, ms, vc, vs = carry
+        # The codes and scales update in place, chunk by chunk, and each
+        # chunk's update overwrites that chunk of the gradient (read first):
+        # with the gradient donated, no update-sized buffer is allocated.
+        gs, mc, ms, vc, vs = carry
         outs = blocks(take(gs, i), take(mc, i), take(ms, i), take(vc, i), take(vs, i),
                       count, arrays, i * chunk)
+        outs = (outs[0].astype(gs.dtype),) + outs[1:]
         put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
-        return tuple(put(a, b) for a, b in zip((u, mc, ms, vc, vs), outs))
+        return tuple(put(a, b) for a, b in zip((gs, mc, ms, vc, vs), outs))
 
-      u, mc, ms, vc, vs = jax.lax.fori_loop(0, n, body, (u, mc, ms, vc, vs))
+      u, mc, ms, vc, vs = jax.lax.fori_loop(0, n, body, (gs, mc, ms, vc, vs))
     cshape = _codec4.codes_shape(shape, bs)
     sshape = _codec4.scale_shape(shape, bs)
     u = _codec4.from_blocks(u.reshape(view), shape, bs)
@@ -493,6 +517,14 @@ def _fused_step(fmt, g, m, v, leaf_index, math_):
   mu = Quantized4bit(mc, ms, None, shape, bs, fmt.mu_map, False)
   nu = Quantized4bit(vc, vs, None, shape, bs, fmt.nu_map, False)
   return u, mu, nu, None, scaled
+
+
+def _is_code_mapping(x: Any) -> bool:
+  try:
+    keys = set(x.keys())
+  except (AttributeError, TypeError):
+    return False
+  return keys in ({'codes', 'scale'}, {'codes', 'scale', 'col'})
 
 
 def _half_last(zeros: jax.Array) -> jax.Array:
