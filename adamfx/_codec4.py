@@ -23,7 +23,9 @@ The maps (all sorted, float32):
   value instead of 1/16, so elements whose gradients are far below their
   block's largest do not have their second moment floored at a sixteenth
   of it (their steps would stall at a quarter of Adam's and less). Coding
-  and decoding are exponent-bit arithmetic.
+  and decoding are exponent-bit arithmetic. Not the default of
+  :class:`adamfx.Blockwise4bit`: stochastically rounded, codes whose gaps
+  are as wide as their values wander a level or more from the true moment.
 
 Rounding is to the nearest value (ties down) or stochastic: ``x`` between
 neighbours ``lo <= x < hi`` becomes ``hi`` with probability ``(x - lo) / (hi
