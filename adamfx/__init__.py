@@ -13,6 +13,8 @@ from adamfx._adam import scale_by_adam8bit
 from adamfx._adam import scale_by_adamax
 from adamfx._adam import scale_by_amsgrad
 from adamfx._adam import stable_adamw
+from adamfx._adam4bit import adam4bit
+from adamfx._adam4bit import adamw4bit
 from adamfx._averaging import EmaParamsState
 from adamfx._averaging import averaged_params
 from adamfx._averaging import ema_params
@@ -32,6 +34,8 @@ from adamfx._diagnostics import adam_step_bound
 from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
+from adamfx._formats.blockwise4bit import Blockwise4bit
+from adamfx._formats.blockwise4bit import Quantized4bit
 from adamfx._formats.blockwise8bit import Blockwise8bit
 from adamfx._formats.dense import Dense
 from adamfx._inject import inject_hyperparams
@@ -60,6 +64,7 @@ __version__ = "0.1.0"
 __all__ = (
     "AdaMaxState",
     "AdamState",
+    "Blockwise4bit",
     "Blockwise8bit",
     "CheckpointError",
     "Dense",
@@ -68,6 +73,7 @@ __all__ = (
     "LazyAdamState",
     "MultiSteps",
     "PackedState",
+    "Quantized4bit",
     "QuantizedArray",
     "RowSparse",
     "ScaleByAdamState",
@@ -75,9 +81,11 @@ __all__ = (
     "adam",
     "adam_diagnostics",
     "adam_step_bound",
+    "adam4bit",
     "adam8bit",
     "adamax",
     "adamw",
+    "adamw4bit",
     "adamw8bit",
     "amsgrad",
     "averaged_params",

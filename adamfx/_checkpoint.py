@@ -61,9 +61,10 @@ def _configs(tree: Any) -> dict[str, dict[str, Any]]:
   params' paths, shapes and dtypes, in packing order).
   """
   from adamfx._flat import PackedState  # noqa: PLC0415 (import cycle)
+  from adamfx._formats.blockwise4bit import Quantized4bit  # noqa: PLC0415
   from adamfx._quant import QuantizedArray  # noqa: PLC0415
 
-  is_node = lambda x: isinstance(x, (QuantizedArray, PackedState))
+  is_node = lambda x: isinstance(x, (QuantizedArray, Quantized4bit, PackedState))
   out: dict[str, dict[str, Any]] = {}
 
   def visit(prefix, tree, inherited):
@@ -76,6 +77,11 @@ def _configs(tree: Any) -> dict[str, dict[str, Any]]:
         config = {**inherited, 'block_size': node.block_size, 'signed': bool(node.signed),
                   'code_map': _CODE_MAP}
         for child in ('codes', 'scale'):
+          out[f'{here}/{child}' if here else child] = config
+      elif isinstance(node, Quantized4bit):
+        # 4-bit moments: the code format, block size, map and rank-1 flag.
+        config = {**inherited, **node.config()}
+        for child in ('codes', 'scale') + (('col',) if node.rank1 else ()):
           out[f'{here}/{child}' if here else child] = config
       elif inherited:
         out[here] = dict(inherited)
@@ -137,8 +143,9 @@ def _check_configs(saved: dict[str, Any], target: Any, where: str) -> None:
         f'The checkpoint {where} was saved with another configuration: '
         + '; '.join(problems[:6])
         + (f' and {len(problems) - 6} more' if len(problems) > 6 else '')
-        + '. Build the optimiser (8-bit block_size, min_8bit_size; pack_state over the'
-        ' same params) as the checkpoint was saved.'
+        + '. Build the optimiser (8-bit block_size, min_8bit_size; Blockwise4bit\'s'
+        ' block_size, min_size, maps, rank1; pack_state over the same params) as the'
+        ' checkpoint was saved.'
     )
 
 

@@ -17,8 +17,8 @@ from adamfx import _numerics
 from adamfx import _update
 
 STRUCTURAL_ARGS = frozenset({
-    'amsgrad', 'block_size', 'mask', 'min_8bit_size', 'moments', 'mu_dtype', 'nesterov',
-    'nu_dtype',
+    'amsgrad', 'block_size', 'mask', 'min_4bit_size', 'min_8bit_size', 'moments', 'mu_dtype',
+    'nesterov', 'nu_dtype',
 })
 
 

@@ -13,7 +13,7 @@
 # ---
 
 # %% [markdown]
-# # Adam state in about 2 bytes per parameter
+# # Adam state in about 2 (or 1) bytes per parameter
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/adamfx/adamfx/blob/main/notebooks/04_memory.ipynb)
 #
@@ -136,3 +136,58 @@ if FULL:
   display(Markdown(mb.format_times(mb.step_times())))
 else:
   print('skipped (FULL = False)')
+
+# %% [markdown]
+# ## 5. 4-bit moments: about 1 byte per parameter
+#
+# `adamfx.adam4bit(lr)` is `adamfx.adam(lr, moments=adamfx.Blockwise4bit())` (Li et al. 2023;
+# torchao's `AdamW4bit`): 4-bit codes, two a byte, and a float32 scale per block of 128, so
+# 1.0625 bytes/param for both moments on quantized leaves. `mu` uses the signed dynamic
+# map, `nu` the zero-free linear map `linspace(0, 1, 17)[1:]` (a positive `nu` never
+# decodes to 0), and the codes are rounded stochastically: with round-to-nearest
+# (`rounding='nearest'`, torchao's rule) the small elements' `nu` in issue 24's stall test
+# stays on its code and their steps shrink.
+
+# %%
+for name, p in models.items():
+  n = mb.param_count(p)
+  b4 = mb.state_bytes(jax.eval_shape(adamfx.adam4bit(1e-3).init, p)) / n
+  b4_all = mb.state_bytes(jax.eval_shape(
+      adamfx.adam(1e-3, moments=adamfx.Blockwise4bit(min_size=0)).init, p)) / n
+  print(f'{name}: adam4bit {b4:.3f} bytes/param, min_size=0 {b4_all:.3f}')
+  assert b4_all <= 1.1
+
+# %%
+def stall(fmt, steps=600):
+  """One element per 128-block keeps |g| = 1; the others drop 100x at step 200."""
+  rng = np.random.default_rng(0)
+  n = 128 * 8
+  small = np.arange(n) % 128 != 0
+  g = rng.choice([-1.0, 1.0], size=(steps, n)).astype(np.float32)
+  g[200:, small] *= 0.01
+  tx = adamfx.scale_by_adam(moments=fmt)
+  body = lambda s, g: (tx.update(g, s)[1], None)
+  state, _ = jax.jit(lambda gs: jax.lax.scan(body, tx.init(gs[0]), gs))(jnp.asarray(g))
+  truth = np.zeros(n)
+  for gi in g.astype(np.float64):
+    truth = 0.999 * truth + 0.001 * gi * gi
+  return float(np.median(np.asarray(fmt.decode(state.nu, False))[small] / truth[small]))
+
+
+near = stall(adamfx.Blockwise4bit(min_size=0, rounding='nearest'))
+sr = stall(adamfx.Blockwise4bit(min_size=0))
+print(f'stored / true nu of the small elements, 400 steps after the drop: nearest {near:.2f},'
+      f' stochastic {sr:.2f}')
+assert near > 1.8 and 0.8 < sr < 1.25
+
+# %%
+losses = {name: mb.train(digits, make, seeds, steps) for name, make in {
+    'float32': lambda lr: adamfx.adam(lr),
+    '4-bit (adam4bit)': lambda lr: adamfx.adam4bit(lr),
+}.items()}
+base = losses['float32']
+threshold = max(0.01 * base.mean(), base.max() - base.min())
+for name, x in losses.items():
+  print(f'{name}: digits final loss {x.mean():.4f} (delta {x.mean() - base.mean():+.4f},'
+        f' threshold {threshold:.4f})')
+assert abs(losses['4-bit (adam4bit)'].mean() - base.mean()) <= threshold

@@ -85,7 +85,7 @@ def test_registered_cases_rows_and_registry_is_open():
 
   import adamfx
 
-  assert {'bf16', 'bf16_state', '8bit'} <= set(_bench.CASE_REGISTRY)
+  assert {'bf16', 'bf16_state', '8bit', '4bit'} <= set(_bench.CASE_REGISTRY)
   extra = _bench.register_case(_bench.Case(
       'test_case', lambda trees, preset: {'w': jnp.ones(64)},
       lambda: ('optax.sgd', optax.sgd(1e-3)), lambda: adamfx.adam(1e-3), 'a test row'))

@@ -74,7 +74,8 @@ class Contract(NamedTuple):
   # name, instead of one moment per leaf;
   # ``eight_bit``: moments of leaves (or packed buffers) of >= ``_C8`` elements are
   # uint8 codes + float32 block scales, smaller ones keep their compute dtype
-  # (float32 for 16-bit floats), as adamfx/_quant.py documents.
+  # (float32 for 16-bit floats), as adamfx/_quant.py documents; 4-bit rows
+  # (Blockwise4bit: uint8 codes, two a byte, + float32 scales) say it too.
   # ``wide_moments``: moments of 16-bit params are stored in float32 (the
   # framework-exact builders, as adamfx/_conventions.py documents).
   packed: bool = False
@@ -109,6 +110,7 @@ def _dtype_groups(params):
 
 _B8 = adamfx.Blockwise8bit(min_size=_C8)
 _B8_ROWS = adamfx.Blockwise8bit(block_size=64, min_size=_C8)  # lazy: a row is whole blocks
+_B4 = adamfx.Blockwise4bit(min_size=_C8)
 _MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
 _inject = adamfx.inject_hyperparams
 _oinject = optax.inject_hyperparams
@@ -149,6 +151,15 @@ CONTRACTS = [
     Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True),
     Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8_ROWS), eight_bit=True,
              sparse=True),
+    # moments=Blockwise4bit(): 4-bit codes (two a byte) + float32 block scales.
+    Contract('adam4bit', lambda: adamfx.adam4bit(LR, min_4bit_size=_C8), eight_bit=True),
+    Contract('adamw4bit', lambda: adamfx.adamw4bit(LR, min_4bit_size=_C8, **_WD),
+             eight_bit=True),
+    Contract('amsgrad_4bit', lambda: adamfx.amsgrad(LR, moments=_B4), eight_bit=True),
+    Contract('nadam_4bit', lambda: adamfx.nadam(LR, moments=_B4), eight_bit=True),
+    Contract('lazy_adam_4bit', lambda: adamfx.lazy_adam(LR, moments=_B4), eight_bit=True),
+    Contract('inject_adam4bit', lambda: _inject(adamfx.adam4bit)(LR, min_4bit_size=_C8),
+             eight_bit=True),
     Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR),
              packed=True),
     Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
@@ -322,14 +333,16 @@ _QUANTIZED = 'uint8 codes + float32 scales'
 
 
 def _moment_kinds(tree):
-  """Each moment leaf's dtype, or ``_QUANTIZED`` for an 8-bit QuantizedArray."""
+  """Each moment leaf's dtype, or ``_QUANTIZED`` for an 8-bit QuantizedArray (or 4-bit)."""
+  quantized = (adamfx.QuantizedArray, adamfx.Quantized4bit)
+
   def kind(x):
-    if isinstance(x, adamfx.QuantizedArray):
+    if isinstance(x, quantized):
       assert (x.codes.dtype, x.scale.dtype) == (jnp.uint8, jnp.float32), x
       return _QUANTIZED
     return jnp.asarray(x).dtype
 
-  return jax.tree.map(kind, tree, is_leaf=lambda x: isinstance(x, adamfx.QuantizedArray))
+  return jax.tree.map(kind, tree, is_leaf=lambda x: isinstance(x, quantized))
 
 
 def _expected_moment_kinds(c, params, name):
@@ -1110,6 +1123,11 @@ _BUILDERS = {
     'nadamw_8bit': (adamfx.nadamw, dict(moments=_B8, **_WD)),
     'adamw_8bit': (adamfx.adamw, dict(moments=_B8, **_WD)),
     'lazy_adam_8bit': (adamfx.lazy_adam, dict(moments=_B8_ROWS)),
+    'adam4bit': (adamfx.adam4bit, dict(min_4bit_size=_C8)),
+    'adamw4bit': (adamfx.adamw4bit, dict(min_4bit_size=_C8, **_WD)),
+    'amsgrad_4bit': (adamfx.amsgrad, dict(moments=_B4)),
+    'nadam_4bit': (adamfx.nadam, dict(moments=_B4)),
+    'lazy_adam_4bit': (adamfx.lazy_adam, dict(moments=_B4)),
     'adam_cautious': (adamfx.adam, dict(cautious=True)),
     'adamw_clip': (adamfx.adamw, dict(update_clipping=True, **_WD)),
     'adamw_decouple_lr': (adamfx.adamw, dict(weight_decay=1e-3, decouple_lr=True)),
@@ -1124,7 +1142,7 @@ _BUILDERS = {
 _REUSES = {'adam_mu_bf16': 'adam', 'adam_nu_bf16': 'adam', 'pack_adam': 'adam',
            'pack_adamw': 'adamw', 'pack_amsgrad': 'amsgrad', 'pack_adam8bit': 'adam8bit',
            'ema_params': 'adam', 'multisteps_adam': 'adam',
-           'inject_stable_adamw': 'stable_adamw', **{f'inject_{n}': n for n in
+           'inject_stable_adamw': 'stable_adamw', 'inject_adam4bit': 'adam4bit', **{f'inject_{n}': n for n in
                                    ('adam', 'nadam', 'amsgrad', 'adamw', 'nadamw', 'adamax',
                                     'adam8bit', 'adamw8bit')}}
 
@@ -1151,7 +1169,7 @@ def test_contract_inject_hyperparams_with_a_schedule_on_every_numeric_hyperparam
   sig = inspect.signature(builder)
   # optax's wrapper injects every argument it is given unless told (the
   # structural ones adamfx keeps static by itself; 8-bit's block_size: issue 18 item 9).
-  static = tuple(k for k in ('mask', 'catch_up', 'min_8bit_size', 'block_size')
+  static = tuple(k for k in ('mask', 'catch_up', 'min_8bit_size', 'min_4bit_size', 'block_size')
                  if k in sig.parameters)
   scheds = {}
   for name, param in sig.parameters.items():

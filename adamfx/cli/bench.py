@@ -124,6 +124,18 @@ def _adamfx_8bit():
   return adamfx.adam8bit(1e-3)
 
 
+def _adamfx_8bit_baseline():
+  import adamfx
+
+  return 'adamfx.adam8bit', adamfx.adam8bit(1e-3)
+
+
+def _adamfx_4bit():
+  import adamfx
+
+  return adamfx.adam4bit(1e-3)
+
+
 register_case(Case(
     'bf16', _bf16_tree, _optax_adam, _adamfx_adam,
     'transformer-like tree of bfloat16 params: adamfx.adam vs optax.adam'))
@@ -134,6 +146,9 @@ register_case(Case(
 register_case(Case(
     '8bit', lambda trees, preset: trees['large'], _adamfx_adam_f32, _adamfx_8bit,
     'one large float32 leaf: adamfx.adam8bit vs adamfx.adam'))
+register_case(Case(
+    '4bit', lambda trees, preset: trees['large'], _adamfx_8bit_baseline, _adamfx_4bit,
+    'the same large leaf: adamfx.adam4bit vs adamfx.adam8bit'))
 
 
 SPARSE_CASE = 'sparse'  # the embedding-table case, its own columns: adamfx.cli.bench_sparse
