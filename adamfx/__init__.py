@@ -28,6 +28,8 @@ from adamfx._flat import PackedState
 from adamfx._flat import pack_state
 from adamfx._flat import ravel_params
 from adamfx._inject import inject_hyperparams
+from adamfx._param_rounding import ParamRoundingState
+from adamfx._param_rounding import kahan_init
 from adamfx._quant import QuantizedArray
 from adamfx._quant import adam8bit
 from adamfx._quant import adamw8bit
@@ -57,6 +59,7 @@ __all__ = (
     "FrameworkAdamState",
     "LazyAdamState",
     "PackedState",
+    "ParamRoundingState",
     "QuantizedArray",
     "RowSparse",
     "ScaleByAdamState",
@@ -73,6 +76,7 @@ __all__ = (
     "ema_params",
     "from_torch_state",
     "inject_hyperparams",
+    "kahan_init",
     "keras_adam",
     "keras_adamw",
     "lazy_adam",

@@ -22,6 +22,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _fast
+from adamfx import _param_rounding
 from adamfx import _update
 from adamfx._update import AdaMaxState
 from adamfx._update import ScalarOrSchedule
@@ -292,6 +293,7 @@ def adam(
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
     amsgrad: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam: a drop-in for ``optax.adam``, with sturdier numerics.
 
@@ -317,6 +319,11 @@ def adam(
     nu_dtype: storage dtype of the second moment; default: the params' dtype.
     nesterov: NAdam (``optax.nadam``).
     amsgrad: AMSGrad (``optax.amsgrad``).
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is
@@ -344,13 +351,14 @@ def adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
-  return _chain_learning_rate(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
       learning_rate, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad,
-  )
+  ), param_rounding)
 
 
 def adamw(
@@ -366,6 +374,7 @@ def adamw(
     nu_dtype: Optional[Any] = None,
     nesterov: bool = False,
     amsgrad: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with decoupled weight decay, a drop-in for ``optax.adamw``.
 
@@ -393,6 +402,11 @@ def adamw(
     nu_dtype: storage dtype of the second moment; default: the params' dtype.
     nesterov: NAdamW (``optax.nadamw``).
     amsgrad: AMSGrad's maximum of the second moment.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -415,14 +429,15 @@ def adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  return _chain_learning_rate(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad,
       ),
       learning_rate, b1, b2, eps, eps_root, decay=(weight_decay, mask),
       nesterov=nesterov, amsgrad=amsgrad,
-  )
+  ), param_rounding)
 
 
 def _decoupled_decay_chain(
@@ -515,6 +530,8 @@ def adamax(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
+    *,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaMax, a drop-in for ``optax.adamax``.
 
@@ -527,6 +544,11 @@ def adamax(
     b1: decay of the first moment, in [0, 1); default 0.9.
     b2: decay of the infinity norm, in [0, 1); default 0.999.
     eps: added to ``|g|``, >= 0; default 1e-8.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -547,9 +569,10 @@ def adamax(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, section 7.1.
   """
-  return _chain_learning_rate(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
       scale_by_adamax(b1, b2, eps), learning_rate, b1, b2, eps, 0.0, infinity_norm=True
-  )
+  ), param_rounding)
 
 
 nadam = functools.partial(adam, nesterov=True)
@@ -565,6 +588,8 @@ def amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
+    *,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: :func:`adam` with ``amsgrad=True`` (``optax.amsgrad``'s defaults).
 
@@ -575,11 +600,19 @@ def amsgrad(
     eps: added to the root of the second moment, >= 0.
     eps_root: added inside the root, >= 0.
     mu_dtype: storage dtype of the first moment.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
   """
-  return adam(learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True)
+  return adam(
+      learning_rate, b1, b2, eps, eps_root, mu_dtype, amsgrad=True,
+      param_rounding=param_rounding,
+  )
 
 
 # Arguments that change what the state is or how it is laid out, not a value

@@ -40,6 +40,7 @@ from adamfx import _adam
 from adamfx import _checks
 from adamfx import _codec8
 from adamfx import _numerics
+from adamfx import _param_rounding
 from adamfx import _update
 
 
@@ -765,6 +766,7 @@ def adam8bit(
     nesterov: bool = False,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
 
@@ -782,6 +784,13 @@ def adam8bit(
     nesterov: NAdam's momentum.
     block_size: elements per quantization block; default 256.
     min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
+      The update is written into the gradient's buffer in its dtype
+      (rounded once there), then added to the param as above.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -810,6 +819,7 @@ def adam8bit(
     Dettmers, Lewis, Shleifer & Zettlemoyer, `8-bit Optimizers via Block-wise
     Quantization <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
   """
+  _param_rounding.check_mode(param_rounding)
   chain = optax.chain(
       scale_by_adam8bit(
           b1, b2, eps, eps_root,
@@ -833,7 +843,10 @@ def adam8bit(
     updates, inner = fused.update(updates, state[0], params)
     return updates, (inner, *state[1:])
 
-  return optax.GradientTransformationExtraArgs(chain.init, update_fn)
+  return _param_rounding.with_param_rounding(
+      optax.GradientTransformationExtraArgs(chain.init, update_fn), param_rounding,
+      upcast_gradients=False,
+  )
 
 
 def adamw8bit(
@@ -848,6 +861,7 @@ def adamw8bit(
     nesterov: bool = False,
     block_size: int = 256,
     min_8bit_size: int = 4096,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
 
@@ -869,6 +883,13 @@ def adamw8bit(
     nesterov: NAdamW's momentum.
     block_size: elements per quantization block; default 256.
     min_8bit_size: leaves with fewer elements keep float32 moments; default 4096.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
+      The update is written into the gradient's buffer in its dtype
+      (rounded once there), then added to the param as above.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -889,10 +910,11 @@ def adamw8bit(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  return _adam._decoupled_decay_chain(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_adam._decoupled_decay_chain(
       scale_by_adam8bit(
           b1, b2, eps, eps_root,
           nesterov=nesterov, block_size=block_size, min_8bit_size=min_8bit_size,
       ),
       learning_rate, weight_decay, mask,
-  )
+  ), param_rounding, upcast_gradients=False)

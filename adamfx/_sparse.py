@@ -26,6 +26,7 @@ from adamfx import _adam
 from adamfx import _checks
 from adamfx import _fast
 from adamfx import _numerics
+from adamfx import _param_rounding
 from adamfx import _rounding
 from adamfx import _update
 
@@ -541,6 +542,7 @@ def lazy_adam(
     eps_root: float = 0.0,
     *,
     catch_up: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformation:
   r"""Lazy Adam: Adam that updates only the rows a :class:`RowSparse` gradient touches.
 
@@ -567,6 +569,12 @@ def lazy_adam(
     eps_root: added inside the root, >= 0; default 0.
     catch_up: decay a row's moments over the steps it missed when it is next
       touched (see :func:`scale_by_lazy_adam`).
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
+      A row-sparse update is made dense when its leaf is rounded.
 
   Returns:
     An ``optax.GradientTransformation``; its state is ``(LazyAdamState,
@@ -601,10 +609,11 @@ def lazy_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
-  return optax.chain(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(optax.chain(
       scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
       _sparse_learning_rate(learning_rate),
-  )
+  ), param_rounding)
 
 
 def lazy_adamw(
@@ -617,6 +626,7 @@ def lazy_adamw(
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
     catch_up: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformation:
   r"""Lazy AdamW: :func:`lazy_adam` with AdamW's decoupled decay on the touched rows.
 
@@ -635,6 +645,12 @@ def lazy_adamw(
     mask: a tree of booleans (or a function of the params returning one)
       selecting the leaves to decay, as in ``optax.add_decayed_weights``.
     catch_up: see :func:`scale_by_lazy_adam`.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
+      A row-sparse update is made dense when its leaf is rounded.
 
   Returns:
     An ``optax.GradientTransformation``; ``update`` needs ``params``.
@@ -659,8 +675,9 @@ def lazy_adamw(
     Loshchilov & Hutter, `Decoupled Weight Decay Regularization
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
-  return optax.chain(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(optax.chain(
       scale_by_lazy_adam(b1, b2, eps, eps_root, catch_up=catch_up),
       _sparse_decay(weight_decay, mask),
       _sparse_learning_rate(learning_rate),
-  )
+  ), param_rounding)
