@@ -120,26 +120,43 @@ def _leaf_dtype(p: Any) -> Any:
 
 
 def _rounded_leaf(mode, p, u, c, step, index):
-  """``(update, new compensation)`` of one rounded leaf; ``u`` is float32."""
+  """``(update, new compensation)`` of one rounded leaf; ``u`` is float32
+  (or, from the 8-bit members, the params' dtype).
+
+  Kahan runs in three passes over memory, each in place: the update joins
+  the compensation (``c1 = rn(c + u)``, into ``c``'s buffer), the update
+  returned is read off the param and ``c1`` (into the gradient's buffer),
+  and what that update leaves out becomes the new compensation (``c1 -
+  update``, into ``c``'s buffer again). Optimization barriers keep XLA from
+  fusing the passes into two loops that each read the param and the
+  compensation while the other overwrites them: on donated buffers XLA
+  would then copy both first (4 bytes per bfloat16 param).
+  """
   dtype = jnp.dtype(p.dtype)
   f32 = jnp.float32
   p32 = p.astype(f32)
+  u32 = u.astype(f32)
+  if rounds(u.dtype):
+    # A narrow update (8-bit members) is the rounded number it says it is:
+    # under jit XLA may hand its float32 value through, unrounded, to this
+    # float32 consumer (the convert pair folded; jax#23007).
+    u32 = round_nearest(u32, u.dtype)
   if mode == 'kahan':
-    target = p32 + (c.astype(f32) + u.astype(f32))
-    new = round_nearest(target, dtype)
+    c1 = round_nearest(c.astype(f32) + u32, dtype).astype(dtype)
+    c1 = jax.lax.optimization_barrier(c1)
+    new = round_nearest(p32 + c1.astype(f32), dtype)
   else:
-    target = p32 + u.astype(f32)
     bits = _rounding.random_bits(p.shape, step, index + _LEAF_SALT)
-    new = _rounding.stochastic_round(target, dtype, bits).astype(f32)
-  # The update, and where apply_updates (p + update, rounded to nearest)
-  # lands: ``new`` itself unless the difference is inexact (see module doc).
-  update = round_nearest(new - p32, dtype)
-  landed = round_nearest(p32 + update, dtype)
+    new = _rounding.stochastic_round(p32 + u32, dtype, bits).astype(f32)
+  # The update: apply_updates (p + update, rounded to nearest) lands on
+  # ``new`` itself unless the difference is inexact (see the module doc).
+  update = round_nearest(new - p32, dtype).astype(dtype)
   if mode == 'kahan':
-    # ``target - landed`` is exact in float32 (the two are within an ulp of
-    # each other); it is stored to nearest in the params' dtype.
-    c = round_nearest(target - landed, dtype).astype(dtype)
-  return update.astype(dtype), c
+    update = jax.lax.optimization_barrier(update)
+    # ``c1 - update`` is exact in float32 where the update is (then it is
+    # ``p + c1 - new``, at most half an ulp of ``new``); stored to nearest.
+    c = round_nearest(c1.astype(f32) - update.astype(f32), dtype).astype(dtype)
+  return update, c
 
 
 def with_param_rounding(

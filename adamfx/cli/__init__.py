@@ -1,0 +1,1 @@
+"""adamfx's command-line tools; the library never imports them."""
