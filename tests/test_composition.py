@@ -158,6 +158,23 @@ CONTRACTS = [
     Contract('keras_adamw', lambda: adamfx.keras_adamw(LR, **_WD), complex_params=False,
              wide_moments=True),
     Contract('ema_params', lambda: adamfx.ema_params(adamfx.adam(LR)), lambda: optax.adam(LR)),
+    # param_rounding (issue 20) changes bfloat16/float16 leaves only: the
+    # table's float32 trees keep optax's numbers; the mixed-dtype check runs
+    # the rounding on its 16-bit leaves. Every builder x mode also runs in
+    # tests/test_param_rounding.py (bf16 params, eager == jit, float32 unchanged).
+    Contract('adam_kahan', lambda: adamfx.adam(LR, param_rounding='kahan'), lambda: optax.adam(LR)),
+    Contract('adam_stochastic', lambda: adamfx.adam(LR, param_rounding='stochastic'),
+             lambda: optax.adam(LR)),
+    Contract('adam8bit_kahan',
+             lambda: adamfx.adam8bit(LR, min_8bit_size=_C8, param_rounding='kahan'),
+             eight_bit=True),
+    Contract('lazy_adam_kahan', lambda: adamfx.lazy_adam(LR, param_rounding='kahan'),
+             lambda: optax.adam(LR)),
+    Contract('torch_adamw_kahan', lambda: adamfx.torch_adamw(LR, param_rounding='kahan', **_WD),
+             lambda: optax.adamw(LR, **_WD), param_rounded=True, complex_params=False,
+             wide_moments=True),
+    Contract('keras_adam_stochastic', lambda: adamfx.keras_adam(LR, param_rounding='stochastic'),
+             complex_params=False, wide_moments=True),
 ]
 contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
 modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])

@@ -216,13 +216,17 @@ def sgd_floor(m: Model, params_dtype: Any) -> dict[str, float]:
   return measure(m, optax.sgd(1e-3), params_dtype)
 
 
-def memory_table(models: list[str], only: list[str] | None = None) -> list[dict[str, Any]]:
-  """One row per (model, optimizer): bytes per param and the SGD floor beside it."""
+def memory_table(models: list[Any], only: list[str] | None = None) -> list[dict[str, Any]]:
+  """One row per (model, optimizer): bytes per param and the SGD floor beside it.
+
+  ``models``: names in :data:`MODELS` or :class:`Model` objects; ``only``:
+  keep the rows whose label contains one of these strings.
+  """
   import jax.numpy as jnp
 
   out = []
   for name in models:
-    m = model(name)
+    m = name if isinstance(name, Model) else model(name)
     floors = {}
     for label, dtype, make in rows():
       if only and not any(o in label for o in only):
@@ -452,7 +456,7 @@ def format_overhead(table: list[dict[str, Any]]) -> str:
 # --------------------------------------------------------------------- CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: Any, json_flag: bool = True) -> None:
   parser.add_argument('--models', nargs='+', choices=MODELS, default=list(MODELS))
   parser.add_argument('--only', nargs='+', default=None,
                       help='keep the rows whose label contains one of these strings')
@@ -463,7 +467,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--seeds', type=int, default=3)
   parser.add_argument('--overhead', action='store_true',
                       help='time Kahan/stochastic against nearest (jitted donated step)')
-  parser.add_argument('--json', action='store_true', help='print JSON instead of tables')
+  if json_flag:
+    parser.add_argument('--json', action='store_true', help='print JSON instead of tables')
 
 
 def run(args: argparse.Namespace) -> int:
