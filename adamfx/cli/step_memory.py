@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -343,7 +344,7 @@ def quality_rows(lr: float):
 
 
 def quality_table(tasks: list[str], seeds: int = 3, steps: dict[str, int] | None = None,
-                  only: list[str] | None = None) -> list[dict[str, Any]]:
+                  only: list[str] | None = None, progress: bool = False) -> list[dict[str, Any]]:
   """Final loss over ``seeds`` seeds per row and task, against float32 params' Adam."""
   import jax
 
@@ -370,6 +371,8 @@ def quality_table(tasks: list[str], seeds: int = 3, steps: dict[str, int] | None
       row['gap'] = row['mean'] - ref['mean']
       row['within'] = bool(row['gap'] <= ref['threshold'])
       out.append(row)
+      if progress:
+        print(f'  {task}: {label}: {row["mean"]:.5f}', file=sys.stderr, flush=True)
     jax.clear_caches()
   return out
 
@@ -479,7 +482,8 @@ def run(args: argparse.Namespace) -> int:
     steps = None
     if args.quality_steps:
       steps = {'teacher-student': args.quality_steps, 'charlm': args.quality_steps}
-    result['quality'] = quality_table(['teacher-student', 'charlm'], args.seeds, steps, args.only)
+    result['quality'] = quality_table(['teacher-student', 'charlm'], args.seeds, steps, args.only,
+                                      progress=True)
   if getattr(args, 'overhead', False):
     result['overhead'] = overhead()
   if args.json:
