@@ -40,6 +40,8 @@ from adamfx._formats.blockwise8bit import Blockwise8bit
 from adamfx._formats.dense import Dense
 from adamfx._inject import inject_hyperparams
 from adamfx._multisteps import MultiSteps
+from adamfx._param_rounding import ParamRoundingState
+from adamfx._param_rounding import kahan_init
 from adamfx._quant import QuantizedArray
 from adamfx._sharding import state_layout
 from adamfx._sharding import zero1_shardings
@@ -74,6 +76,7 @@ __all__ = (
     "MultiSteps",
     "PackedState",
     "Quantized4bit",
+    "ParamRoundingState",
     "QuantizedArray",
     "RowSparse",
     "ScaleByAdamState",
@@ -93,6 +96,7 @@ __all__ = (
     "ema_params",
     "from_torch_state",
     "inject_hyperparams",
+    "kahan_init",
     "keras_adam",
     "keras_adamw",
     "lazy_adam",

@@ -22,6 +22,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _fast
+from adamfx import _param_rounding
 from adamfx import _stable
 from adamfx import _update
 from adamfx._formats.blockwise8bit import Blockwise8bit
@@ -383,6 +384,7 @@ def adam(
     update_clipping: bool = False,
     cautious: bool = False,
     moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam: a drop-in for ``optax.adam``, with sturdier numerics.
 
@@ -417,6 +419,11 @@ def adam(
       tensor by ``1 / max(mean(mask), 1e-3)``; the decay is not masked.
     moments: the moments' storage format (:class:`Dense`,
       :class:`Blockwise8bit`); see :func:`scale_by_adam`.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; its state is
@@ -445,14 +452,15 @@ def adam(
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
   fmt, _, _ = _storage(moments, mu_dtype, nu_dtype)
-  return _chain_learning_rate(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad, moments=moments,
       ),
       learning_rate, b1, b2, eps, eps_root, nesterov=nesterov, amsgrad=amsgrad, fmt=fmt,
       stable=_stable.options(update_clipping, cautious),
-  )
+  ), param_rounding)
 
 
 def adamw(
@@ -473,6 +481,7 @@ def adamw(
     decouple_lr: bool = False,
     max_lr: Optional[Any] = None,
     moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW: Adam with decoupled weight decay, a drop-in for ``optax.adamw``.
 
@@ -515,6 +524,11 @@ def adamw(
       learning rate (a number). Required with a schedule.
     moments: the moments' storage format (:class:`Dense`,
       :class:`Blockwise8bit`); see :func:`scale_by_adam`.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -541,7 +555,8 @@ def adamw(
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
   fmt, _, _ = _storage(moments, mu_dtype, nu_dtype)
-  return _chain_learning_rate(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
       scale_by_adam(
           b1, b2, eps, eps_root, mu_dtype,
           nu_dtype=nu_dtype, nesterov=nesterov, amsgrad=amsgrad, moments=moments,
@@ -550,7 +565,7 @@ def adamw(
       decay=(_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask),
       nesterov=nesterov, amsgrad=amsgrad, fmt=fmt,
       stable=_stable.options(update_clipping, cautious),
-  )
+  ), param_rounding)
 
 
 def _decay(weight_decay: Any, learning_rate: Any, decouple_lr: Any, max_lr: Any) -> Any:
@@ -650,6 +665,7 @@ def adamax(
     update_clipping: bool = False,
     cautious: bool = False,
     moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaMax, a drop-in for ``optax.adamax``.
 
@@ -667,6 +683,11 @@ def adamax(
       (accepted so that every member takes the same flags).
     cautious: see :func:`adam`.
     moments: :class:`Dense` storage or None (see :func:`scale_by_adamax`).
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -687,10 +708,11 @@ def adamax(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015, section 7.1.
   """
-  return _chain_learning_rate(
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
       scale_by_adamax(b1, b2, eps, moments=moments), learning_rate, b1, b2, eps, 0.0,
       infinity_norm=True, stable=_stable.options(update_clipping, cautious),
-  )
+  ), param_rounding)
 
 
 nadam = functools.partial(adam, nesterov=True)
@@ -711,6 +733,7 @@ def amsgrad(
     cautious: bool = False,
     nu_dtype: Optional[Any] = None,
     moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   """AMSGrad: :func:`adam` with ``amsgrad=True`` (``optax.amsgrad``'s defaults).
 
@@ -727,6 +750,11 @@ def amsgrad(
     update_clipping: see :func:`adam`; the RMS is taken against the running
       maximum of the second moment, the denominator AMSGrad uses.
     cautious: see :func:`adam`.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -735,6 +763,7 @@ def amsgrad(
       learning_rate, b1, b2, eps, eps_root, mu_dtype,
       nu_dtype=nu_dtype, amsgrad=True, moments=moments,
       update_clipping=update_clipping, cautious=cautious,
+      param_rounding=param_rounding,
   )
 
 
@@ -884,6 +913,7 @@ def adam8bit(
     min_8bit_size: Optional[int] = None,
     update_clipping: bool = False,
     cautious: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 8-bit blockwise moments: about 2.03 bytes of state per parameter.
 
@@ -907,6 +937,11 @@ def adam8bit(
     update_clipping: StableAdamW's per-tensor update clipping, on the
       dequantized new second moment (see :func:`adamfx.adam`).
     cautious: cautious updates (see :func:`adamfx.adam`).
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -939,6 +974,7 @@ def adam8bit(
       learning_rate, b1, b2, eps, eps_root, nesterov=nesterov,
       update_clipping=update_clipping, cautious=cautious,
       moments=Blockwise8bit(block_size=block_size, min_size=min_8bit_size),
+      param_rounding=param_rounding,
   )
 
 
@@ -959,6 +995,7 @@ def adamw8bit(
     cautious: bool = False,
     decouple_lr: bool = False,
     max_lr: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 8-bit blockwise moments (see :func:`adam8bit`, :func:`adamfx.adamw`).
 
@@ -992,6 +1029,11 @@ def adamw8bit(
       (see :func:`adamfx.adamw`).
     max_lr: the peak learning rate for ``decouple_lr``; default: the
       learning rate (a number); required with a schedule.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -1017,6 +1059,7 @@ def adamw8bit(
       update_clipping=update_clipping, cautious=cautious, decouple_lr=decouple_lr,
       max_lr=max_lr,
       moments=Blockwise8bit(block_size=block_size, min_size=min_8bit_size),
+      param_rounding=param_rounding,
   )
 
 
@@ -1038,6 +1081,7 @@ def stable_adamw(
     cautious: bool = False,
     decouple_lr: bool = False,
     max_lr: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""StableAdamW: AdamW with per-tensor update clipping (optimi's ``StableAdamW``).
 
@@ -1085,6 +1129,11 @@ def stable_adamw(
       scaled by the clip factor too (optimi's ``decouple_lr``).
     max_lr: the peak learning rate for ``decouple_lr``, > 0; default: the
       learning rate (a number); required with a schedule.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -1119,4 +1168,5 @@ def stable_adamw(
       learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
       nu_dtype=nu_dtype, update_clipping=True, cautious=cautious,
       decouple_lr=decouple_lr, max_lr=max_lr,
+      param_rounding=param_rounding,
   )

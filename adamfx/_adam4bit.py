@@ -23,6 +23,7 @@ def adam4bit(
     block_size: int = 128,
     min_4bit_size: int = 4096,
     rank1: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 4-bit blockwise moments: about 1.06 bytes of state per parameter.
 
@@ -45,6 +46,11 @@ def adam4bit(
     block_size: elements per quantization block, even; default 128.
     min_4bit_size: leaves with fewer elements keep float32 moments; default 4096.
     rank1: rank-1 normalisation of 2-D leaves' second moment (Li et al.).
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -76,6 +82,7 @@ def adam4bit(
   return _adam.adam(
       learning_rate, b1, b2, eps, eps_root, nesterov=nesterov,
       moments=Blockwise4bit(block_size, min_4bit_size, rank1=rank1),
+      param_rounding=param_rounding,
   )
 
 
@@ -93,6 +100,7 @@ def adamw4bit(
     block_size: int = 128,
     min_4bit_size: int = 4096,
     rank1: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 4-bit blockwise moments (see :func:`adam4bit`, :func:`adamfx.adamw`).
 
@@ -120,6 +128,11 @@ def adamw4bit(
     block_size: elements per quantization block, even; default 128.
     min_4bit_size: leaves with fewer elements keep float32 moments; default 4096.
     rank1: rank-1 normalisation of 2-D leaves' second moment.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -143,4 +156,5 @@ def adamw4bit(
   return _adam.adamw(
       learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=nesterov,
       moments=Blockwise4bit(block_size, min_4bit_size, rank1=rank1),
+      param_rounding=param_rounding,
   )

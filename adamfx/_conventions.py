@@ -47,6 +47,7 @@ import optax
 
 from adamfx import _checks
 from adamfx import _numerics
+from adamfx import _param_rounding
 from adamfx import _update
 
 __all__ = ['FrameworkAdamState', 'keras_adam', 'keras_adamw', 'torch_adam', 'torch_adamw']
@@ -285,7 +286,9 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maximize):
+def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maximize,
+           param_rounding='nearest'):
+  _param_rounding.check_mode(param_rounding)
   _checks.check_learning_rate(learning_rate, 'lr' if convention == 'torch' else 'learning_rate')
   _checks.check_decay('beta1' if convention == 'torch' else 'beta_1', b1)
   _checks.check_decay('beta2' if convention == 'torch' else 'beta_2', b2)
@@ -293,7 +296,7 @@ def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maxim
   for value in (l2, decoupled):
     if value is not None:
       _checks.check_non_negative('weight_decay', value)
-  return _transformation(_Config(
+  return _param_rounding.with_param_rounding(_transformation(_Config(
       convention,
       learning_rate,
       b1,
@@ -303,7 +306,7 @@ def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maxim
       None if decoupled is None or _is_zero(decoupled) else decoupled,
       _check_flag('amsgrad', amsgrad),
       _check_flag('maximize', maximize),
-  ))
+  )), param_rounding)
 
 
 def torch_adam(
@@ -314,6 +317,7 @@ def torch_adam(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformation:
   r"""``torch.optim.Adam``, number for number, as an optax transformation.
 
@@ -344,6 +348,11 @@ def torch_adam(
       ``weight_decay * p``. Default 0.
     amsgrad: keep the maximum of the raw second moment. Default False.
     maximize: ascend the objective instead. Default False.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -374,7 +383,8 @@ def torch_adam(
     Reddi et al., 2018, On the Convergence of Adam and Beyond.
   """
   b1, b2 = _check_pair('betas', betas)
-  return _build('torch', lr, b1, b2, eps, weight_decay, None, amsgrad, maximize)
+  return _build('torch', lr, b1, b2, eps, weight_decay, None, amsgrad, maximize,
+                param_rounding)
 
 
 def torch_adamw(
@@ -385,6 +395,7 @@ def torch_adamw(
     amsgrad: bool = False,
     *,
     maximize: bool = False,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformation:
   r"""``torch.optim.AdamW``, number for number, as an optax transformation.
 
@@ -404,6 +415,11 @@ def torch_adamw(
     weight_decay: decoupled decay >= 0, scaled by ``lr``. Default 1e-2.
     amsgrad: keep the maximum of the raw second moment. Default False.
     maximize: ascend the objective instead. Default False.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`);
@@ -425,7 +441,8 @@ def torch_adamw(
     Loshchilov & Hutter, 2019, Decoupled Weight Decay Regularization.
   """
   b1, b2 = _check_pair('betas', betas)
-  return _build('torch', lr, b1, b2, eps, None, weight_decay, amsgrad, maximize)
+  return _build('torch', lr, b1, b2, eps, None, weight_decay, amsgrad, maximize,
+                param_rounding)
 
 
 def keras_adam(
@@ -434,6 +451,8 @@ def keras_adam(
     beta_2: Any = 0.999,
     epsilon: Any = 1e-7,
     amsgrad: bool = False,
+    *,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformation:
   r"""Keras 3's ``keras.optimizers.Adam``, as an optax transformation.
 
@@ -457,6 +476,11 @@ def keras_adam(
     beta_2: in [0, 1). Default 0.999.
     epsilon: >= 0. Default 1e-7 (Keras's, not optax's 1e-8).
     amsgrad: keep the maximum of the raw second moment. Default False.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`).
@@ -480,7 +504,8 @@ def keras_adam(
   References:
     Kingma & Ba, 2015, Adam: A Method for Stochastic Optimization.
   """
-  return _build('keras', learning_rate, beta_1, beta_2, epsilon, None, None, amsgrad, False)
+  return _build('keras', learning_rate, beta_1, beta_2, epsilon, None, None, amsgrad, False,
+                param_rounding)
 
 
 def keras_adamw(
@@ -490,6 +515,8 @@ def keras_adamw(
     beta_2: Any = 0.999,
     epsilon: Any = 1e-7,
     amsgrad: bool = False,
+    *,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformation:
   r"""Keras 3's ``keras.optimizers.AdamW``, as an optax transformation.
 
@@ -504,6 +531,11 @@ def keras_adamw(
     beta_2: in [0, 1). Default 0.999.
     epsilon: >= 0. Default 1e-7.
     amsgrad: keep the maximum of the raw second moment. Default False.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`);
@@ -525,5 +557,6 @@ def keras_adamw(
     Loshchilov & Hutter, 2019, Decoupled Weight Decay Regularization.
   """
   return _build(
-      'keras', learning_rate, beta_1, beta_2, epsilon, None, weight_decay, amsgrad, False
+      'keras', learning_rate, beta_1, beta_2, epsilon, None, weight_decay, amsgrad, False,
+      param_rounding,
   )

@@ -368,23 +368,22 @@ def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):
 
   gb, mc, ms, vc, vs = xs
   take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-  first = lambda i: step(
-      take(gb, i), QuantizedArray(take(mc, i), take(ms, i), block_size, True),
-      QuantizedArray(take(vc, i), take(vs, i), block_size, False), count, arrays)
-  u_chunk = jax.eval_shape(first, 0)[0]
-  u = jnp.zeros((rows // chunk_rows,) + u_chunk.shape, u_chunk.dtype)
 
   def body(i, carry):
     # The codes and scales are updated in place, chunk by chunk: each
-    # chunk's old codes are read before its new ones are written.
-    u, mc, ms, vc, vs = carry
+    # chunk's old codes are read before its new ones are written. So is
+    # the gradient: each chunk's update, in the gradient's dtype (the
+    # caller casts to it anyway), overwrites that chunk's gradient, so the
+    # step holds no update-sized buffer beside the gradient (issue 20).
+    gb, mc, ms, vc, vs = carry
     uc, mq, vq = step(
         take(gb, i), QuantizedArray(take(mc, i), take(ms, i), block_size, True),
         QuantizedArray(take(vc, i), take(vs, i), block_size, False), count, arrays)
     put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
-    return put(u, uc), put(mc, mq.codes), put(ms, mq.scale), put(vc, vq.codes), put(vs, vq.scale)
+    uc = uc.astype(gb.dtype)
+    return put(gb, uc), put(mc, mq.codes), put(ms, mq.scale), put(vc, vq.codes), put(vs, vq.scale)
 
-  u, mc, ms, vc, vs = jax.lax.fori_loop(0, rows // chunk_rows, body, (u, mc, ms, vc, vs))
+  u, mc, ms, vc, vs = jax.lax.fori_loop(0, rows // chunk_rows, body, (gb, mc, ms, vc, vs))
   back = lambda x: _from_blocks(x.reshape(view), shape, block_size)
   scales = view[:-1]
   return (

@@ -26,6 +26,7 @@ from adamfx import _adam
 from adamfx import _checks
 from adamfx import _fast
 from adamfx import _numerics
+from adamfx import _param_rounding
 from adamfx import _rounding
 from adamfx import _stable
 from adamfx import _update
@@ -889,6 +890,7 @@ def lazy_adam(
     update_clipping: bool = False,
     cautious: bool = False,
     moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lazy Adam: Adam that updates only the rows a :class:`RowSparse` gradient touches.
 
@@ -923,6 +925,12 @@ def lazy_adam(
       count as zero gradient, as dense Adam on the same gradient would.
     cautious: cautious updates (see :func:`adamfx.adam`); for a
       :class:`RowSparse` leaf the mask's mean is over the touched rows.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
+      A row-sparse update is made dense when its leaf is rounded.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` (optax's chain); its state is ``(LazyAdamState,
@@ -962,10 +970,13 @@ def lazy_adam(
           b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
       _sparse_learning_rate(learning_rate),
   ]
+  _param_rounding.check_mode(param_rounding)
   stable = _stable.options(update_clipping, cautious)
   if stable.active:
-    return _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=False)
-  return optax.chain(*links)
+    tx = _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=False)
+  else:
+    tx = optax.chain(*links)
+  return _param_rounding.with_param_rounding(tx, param_rounding)
 
 
 def lazy_adamw(
@@ -985,6 +996,7 @@ def lazy_adamw(
     decouple_lr: bool = False,
     max_lr: Optional[Any] = None,
     moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Lazy AdamW: :func:`lazy_adam` with AdamW's decoupled decay on the touched rows.
 
@@ -1013,6 +1025,12 @@ def lazy_adamw(
       (see :func:`adamfx.adamw`).
     max_lr: the peak learning rate for ``decouple_lr``; default: the
       learning rate (a number); required with a schedule.
+    param_rounding: how a new param is rounded to a params dtype narrower
+      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
+      buffer in the params' dtype) or ``'stochastic'``; see
+      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
+      needs ``params``; float32/float64 leaves are never affected.
+      A row-sparse update is made dense when its leaf is rounded.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -1048,7 +1066,10 @@ def lazy_adamw(
       ),
       _sparse_learning_rate(learning_rate),
   ]
+  _param_rounding.check_mode(param_rounding)
   stable = _stable.options(update_clipping, cautious)
   if stable.active:
-    return _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=True)
-  return optax.chain(*links)
+    tx = _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=True)
+  else:
+    tx = optax.chain(*links)
+  return _param_rounding.with_param_rounding(tx, param_rounding)

@@ -191,3 +191,93 @@ for name, x in losses.items():
   print(f'{name}: digits final loss {x.mean():.4f} (delta {x.mean() - base.mean():+.4f},'
         f' threshold {threshold:.4f})')
 assert abs(losses['4-bit (adam4bit)'].mean() - base.mean()) <= threshold
+
+# %% [markdown]
+# ## 6. bfloat16 params: the stall, and Kahan or stochastic rounding fixing it
+#
+# With bfloat16 *params* (not just moments), `optax.apply_updates` rounds each new param to
+# nearest: an update under half an ulp (`2**-9` of the param) is lost. Under `jit`, adding
+# `1e-3` a thousand times to a bfloat16 `1.0` leaves `1.0`. Every adamfx builder takes
+# `param_rounding=`: `'kahan'` keeps a compensation buffer in the params' dtype (2 bytes per
+# param) that carries what each rounding lost into the next step; `'stochastic'` rounds up or
+# down at random, right on average, with no buffer (bits hashed from step, leaf and element).
+# Both roundings are forced (`lax.reduce_precision`, integer bit operations), since XLA may
+# otherwise compute a bfloat16 error term in float32 and fold it to 0 (jax issue 23007).
+
+# %%
+import optax
+
+from adamfx import _param_rounding
+from adamfx.cli import step_memory as sm
+
+
+@jax.jit
+def add_1e3_thousand_times(p):
+  out = {}
+  for mode in ('nearest', 'kahan', 'stochastic'):
+    tx = _param_rounding.with_param_rounding(optax.sgd(1e-3), mode)
+
+    def body(i, carry, tx=tx):
+      p, s = carry
+      u, s = tx.update(-jnp.ones_like(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    out[mode] = jax.lax.fori_loop(0, 1000, body, (p, tx.init(p)))[0]
+  return out
+
+
+sums = add_1e3_thousand_times(jnp.ones(4096, jnp.bfloat16))
+print({k: float(v.astype(jnp.float32).mean()) for k, v in sums.items()}, '(exact: 2.0)')
+assert float(sums['nearest'][0]) == 1.0
+assert float(sums['kahan'][0]) == 2.0
+assert abs(float(sums['stochastic'].astype(jnp.float32).mean()) - 2.0) < 0.01
+
+# %% [markdown]
+# The same on a training run: the issue's teacher-student MLP (64-256-256-16, tanh, batch
+# 256), final loss on a fixed evaluation set, bfloat16 params against float32 params (the
+# small version: 600 steps, one seed; `FULL`: 3000 steps, 3 seeds).
+
+# %%
+init, loss, sample, final = sm.teacher_student()
+ts_steps, ts_seeds = (3000, [0, 1, 2]) if FULL else (600, [0])
+curves = {}
+for label, dtype, make in sm.quality_rows(1e-3):
+  if '8bit' in label or 'bf16 moments' in label:
+    continue
+  curves[label] = sm._train(init, loss, sample, final, make, dtype, ts_seeds, ts_steps).mean()
+ref = curves['adamfx.adam, float32 params (reference)']
+for label, value in curves.items():
+  print(f'{label:45s} {value:.5f} ({100 * (value / ref - 1):+.1f}%)')
+assert curves['adamfx.adam, bf16 params, nearest'] > curves['adamfx.adam, bf16 params, kahan']
+
+# %% [markdown]
+# ## 7. The whole training step's memory
+#
+# What a low-memory optimizer buys is the training step's peak, not its state. One donated,
+# jitted step (gradient, update, `apply_updates`) is lowered from shapes alone and XLA's
+# `memory_analysis()` read: params, state, temporaries and peak per parameter, beside the same
+# model's SGD step (the floor). The small version uses a 4-layer, 512-wide MLP and a few rows;
+# `FULL` (or `adamfx bench --memory`) the issue's 8-layer, 1024-wide one and every row. On
+# this CPU, XLA computes bfloat16 matmuls in float32 and keeps float32 copies of the weights,
+# which is part of the floor.
+
+# %%
+if FULL:
+  table = sm.memory_table(['mlp'])
+else:
+  table = sm.memory_table(
+      [sm.mlp_model(width=512, layers=4)],
+      only=['optax.adam', 'adamfx.adam8bit', 'adamfx.adam nearest', 'adamfx.adam kahan',
+            'adamfx.adam stochastic'])
+print(sm.format_memory(table))
+labels = [f"{r['optimizer']} ({r['params_dtype'][:4]})" for r in table]
+y = np.arange(len(table))
+floor = np.array([r['sgd_floor'] for r in table])
+state = np.array([r['state'] for r in table])
+excess = np.array([max(r['excess'], 0) for r in table])
+plt.barh(y, floor, label='SGD step (floor)')
+plt.barh(y, state, left=floor, label='optimizer state')
+plt.barh(y, excess, left=floor + state, label='optimizer temporaries')
+plt.yticks(y, labels); plt.xlabel('peak bytes per parameter'); plt.legend(); plt.show()
+for r in table:
+  assert r['excess'] <= 0.5 + 4 * 2**20 / r['n'], r  # + the 8-bit chunk temporaries

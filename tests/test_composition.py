@@ -230,6 +230,25 @@ CONTRACTS = [
     Contract('lazy_adamw_stable',
              lambda: adamfx.lazy_adamw(LR, update_clipping=True, cautious=True, **_WD)),
     Contract('inject_stable_adamw', lambda: _inject(adamfx.stable_adamw)(LR, **_WD)),
+    # param_rounding (issue 20) changes bfloat16/float16 leaves only: the
+    # table's float32 trees keep optax's numbers; the mixed-dtype check runs
+    # the rounding on its 16-bit leaves. Every builder x mode also runs in
+    # tests/test_param_rounding.py (bf16 params, eager == jit, float32 unchanged).
+    Contract('adam_kahan', lambda: adamfx.adam(LR, param_rounding='kahan'), lambda: optax.adam(LR)),
+    Contract('adam_stochastic', lambda: adamfx.adam(LR, param_rounding='stochastic'),
+             lambda: optax.adam(LR)),
+    Contract('adam8bit_kahan',
+             lambda: adamfx.adam8bit(LR, min_8bit_size=_C8, param_rounding='kahan'),
+             eight_bit=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8)),
+    Contract('lazy_adam_kahan', lambda: adamfx.lazy_adam(LR, param_rounding='kahan'),
+             lambda: optax.adam(LR)),
+    Contract('torch_adamw_kahan', lambda: adamfx.torch_adamw(LR, param_rounding='kahan', **_WD),
+             lambda: optax.adamw(LR, **_WD), param_rounded=True, complex_params=False,
+             wide_moments=True),
+    Contract('keras_adam_stochastic', lambda: adamfx.keras_adam(LR, param_rounding='stochastic'),
+             complex_params=False, wide_moments=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.KerasAdam(LR)),
 ]
 contracts = pytest.mark.parametrize('c', CONTRACTS, ids=[c.name for c in CONTRACTS])
 modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
@@ -1123,6 +1142,12 @@ _BUILDERS = {
     'nadamw_8bit': (adamfx.nadamw, dict(moments=_B8, **_WD)),
     'adamw_8bit': (adamfx.adamw, dict(moments=_B8, **_WD)),
     'lazy_adam_8bit': (adamfx.lazy_adam, dict(moments=_B8_ROWS)),
+    'adam_kahan': (adamfx.adam, dict(param_rounding='kahan')),
+    'adam_stochastic': (adamfx.adam, dict(param_rounding='stochastic')),
+    'adam8bit_kahan': (adamfx.adam8bit, dict(min_8bit_size=_C8, param_rounding='kahan')),
+    'lazy_adam_kahan': (adamfx.lazy_adam, dict(param_rounding='kahan')),
+    'torch_adamw_kahan': (adamfx.torch_adamw, dict(param_rounding='kahan', **_WD)),
+    'keras_adam_stochastic': (adamfx.keras_adam, dict(param_rounding='stochastic')),
     'adam4bit': (adamfx.adam4bit, dict(min_4bit_size=_C8)),
     'adamw4bit': (adamfx.adamw4bit, dict(min_4bit_size=_C8, **_WD)),
     'amsgrad_4bit': (adamfx.amsgrad, dict(moments=_B4)),

@@ -192,6 +192,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='skip the flat-mode and packed-state rows')
   parser.add_argument('--no-torch', action='store_true', help='skip torch.optim.Adam')
   parser.add_argument('--json', action='store_true', help='print JSON instead of a table')
+  parser.add_argument('--memory', action='store_true',
+                      help='the whole training step\'s bytes per param instead (params, state,'
+                           ' temporaries, peak; SGD floor): see adamfx.cli.step_memory')
+  from adamfx.cli import step_memory  # noqa: PLC0415 (its options, no heavy imports)
+
+  step_memory.add_arguments(parser.add_argument_group('--memory options'), json_flag=False)
 
 
 # --------------------------------------------------------------------------- trees
@@ -576,6 +582,10 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+  if getattr(args, 'memory', False):
+    from adamfx.cli import step_memory  # noqa: PLC0415 (only when asked)
+
+    return step_memory.run(args)
   if getattr(args, 'in_step', False):
     from adamfx.cli import step_bench as _step_bench  # only when asked
 
