@@ -1044,6 +1044,10 @@ _BUILDERS = {
     'lazy_adamw': (adamfx.lazy_adamw, _WD),
     'torch_adam': (adamfx.torch_adam, {}), 'torch_adamw': (adamfx.torch_adamw, _WD),
     'keras_adam': (adamfx.keras_adam, {}), 'keras_adamw': (adamfx.keras_adamw, _WD),
+    'amsgrad_8bit': (adamfx.amsgrad, dict(moments=_B8)),
+    'nadamw_8bit': (adamfx.nadamw, dict(moments=_B8, **_WD)),
+    'adamw_8bit': (adamfx.adamw, dict(moments=_B8, **_WD)),
+    'lazy_adam_8bit': (adamfx.lazy_adam, dict(moments=_B8_ROWS)),
 }
 _REUSES = {'adam_mu_bf16': 'adam', 'adam_nu_bf16': 'adam', 'pack_adam': 'adam',
            'pack_adamw': 'adamw', 'pack_amsgrad': 'amsgrad', 'pack_adam8bit': 'adam8bit',
