@@ -44,8 +44,7 @@ class Blockwise8bit:
     ValueError: for a ``block_size`` < 1 or a negative ``min_size``.
 
   Examples:
-    >>> import jax
-import jax.numpy as jnp
+    >>> import jax.numpy as jnp
     >>> import adamfx
     >>> tx = adamfx.adamw(1e-3, moments=adamfx.Blockwise8bit(min_size=256))
     >>> state = tx.init({'w': jnp.zeros((4, 256)), 'b': jnp.zeros(4)})
