@@ -147,10 +147,13 @@ CONTRACTS = [
              eight_bit=True, rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(-1.0, min_size=_C8)),
     # moments=Blockwise8bit(): the 8-bit storage as a parameter of every member.
     Contract('amsgrad_8bit', lambda: adamfx.amsgrad(LR, moments=_B8), eight_bit=True),
-    Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True),
-    Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True),
+    Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8, nesterov=True, **_WD)),
+    Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8, **_WD)),
     Contract('lazy_adam_8bit', lambda: adamfx.lazy_adam(LR, moments=_B8_ROWS), eight_bit=True,
-             sparse=True),
+             sparse=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8, block_size=64)),
     # moments=Blockwise4bit(): 4-bit codes (two a byte) + float32 block scales.
     Contract('adam4bit', lambda: adamfx.adam4bit(LR, min_4bit_size=_C8), eight_bit=True),
     Contract('adamw4bit', lambda: adamfx.adamw4bit(LR, min_4bit_size=_C8, **_WD),
@@ -213,23 +216,32 @@ CONTRACTS = [
     # numbers are held to optimi and a float64 transcription in
     # tests/test_stable.py. decouple_lr is AdamW with weight_decay / max_lr:
     # optax.adamw with that decay is its reference here.
-    Contract('stable_adamw', lambda: adamfx.stable_adamw(LR, **_WD)),
-    Contract('adam_cautious', lambda: adamfx.adam(LR, cautious=True)),
-    Contract('adamw_clip', lambda: adamfx.adamw(LR, update_clipping=True, **_WD)),
+    Contract('stable_adamw', lambda: adamfx.stable_adamw(LR, **_WD), rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(
+             LR, b2=0.99, eps=1e-6, clip=True, **_WD)),
+    Contract('adam_cautious', lambda: adamfx.adam(LR, cautious=True),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, cautious=True)),
+    Contract('adamw_clip', lambda: adamfx.adamw(LR, update_clipping=True, **_WD),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, clip=True, **_WD)),
     Contract('adamw_decouple_lr', lambda: adamfx.adamw(LR, weight_decay=1e-3, decouple_lr=True),
              lambda: optax.adamw(LR, weight_decay=1e-3 / LR)),
     Contract('nadamw_stable', lambda: adamfx.nadamw(LR, update_clipping=True, cautious=True,
-                                                    decouple_lr=True, max_lr=LR, **_WD)),
+                                                    decouple_lr=True, max_lr=LR, **_WD),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, nesterov=True, clip=True, cautious=True,
+                                                              decouple_lr=True, max_lr=LR, **_WD)),
     Contract('amsgrad_stable',
-             lambda: adamfx.amsgrad(LR, update_clipping=True, cautious=True)),
+             lambda: adamfx.amsgrad(LR, update_clipping=True, cautious=True),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, amsgrad=True, clip=True, cautious=True)),
     Contract('scale_by_adam_stable',
-             lambda: adamfx.scale_by_adam(update_clipping=True, cautious=True)),
+             lambda: adamfx.scale_by_adam(update_clipping=True, cautious=True),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(-1.0, clip=True, cautious=True)),
     Contract('adamw8bit_stable',
              lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, update_clipping=True, cautious=True,
                                       decouple_lr=True, **_WD), eight_bit=True),
     Contract('lazy_adamw_stable',
-             lambda: adamfx.lazy_adamw(LR, update_clipping=True, cautious=True, **_WD)),
-    Contract('inject_stable_adamw', lambda: _inject(adamfx.stable_adamw)(LR, **_WD)),
+             lambda: adamfx.lazy_adamw(LR, update_clipping=True, cautious=True, **_WD),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, clip=True, cautious=True, **_WD)),
+    Contract('inject_stable_adamw', lambda: _inject(adamfx.stable_adamw)(LR, **_WD),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, b2=0.99, eps=1e-6, clip=True, **_WD)),
     # param_rounding (issue 20) changes bfloat16/float16 leaves only: the
     # table's float32 trees keep optax's numbers; the mixed-dtype check runs
     # the rounding on its 16-bit leaves. Every builder x mode also runs in
