@@ -48,6 +48,7 @@ import optax
 from adamfx import _checks
 from adamfx import _numerics
 from adamfx import _param_rounding
+from adamfx import _rounding
 from adamfx import _update
 
 __all__ = ['FrameworkAdamState', 'keras_adam', 'keras_adamw', 'torch_adam', 'torch_adamw']
@@ -209,7 +210,7 @@ class _Rules(NamedTuple):
 
   cfg: _Config
   lr_value: Any
-  p_leaves: Optional[list[Any]]
+  p_leaves: Optional[dict[int, Any]]  # by leaf index (see tree_update)
   cache: dict[Any, Any]
 
   def is_stored(self, x: Any) -> bool:
@@ -272,10 +273,13 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
     p_leaves = None
     if needs_params:  # the params' leaves, aligned with the gradient's
       try:
-        p_leaves = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
+        p_list = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
       except (ValueError, TypeError):
         _checks.check_matching_trees(updates, state.mu)  # names the leaf
         raise
+      # Keyed by the driver's leaf index (the leaf's place among the params,
+      # optax.MaskedNode places counted: _rounding.leaf_positions).
+      p_leaves = dict(zip(_rounding.leaf_positions(updates), p_list))
     rules = _Rules(cfg, lr_value, p_leaves, {})
     hps = {'b1': cfg.b1, 'b2': cfg.b2, 'eps': cfg.eps, 'eps_root': 0.0}
     return _update.tree_update(

@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 import adamfx
-from adamfx import _measure
-from adamfx import _memory_bench
+from adamfx.cli import measure as _measure
+from adamfx.cli import memory as _memory_bench
 
 
 def _rows(make):

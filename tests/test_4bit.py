@@ -15,7 +15,7 @@ import pytest
 
 import adamfx
 from adamfx import _codec4
-from adamfx import _measure
+from adamfx.cli import measure as _measure
 
 F64 = np.float64
 

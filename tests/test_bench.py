@@ -137,7 +137,6 @@ def test_bench_function_refuses_bad_repeats():
 
 def test_modes_are_honoured_for_registered_cases_and_documented(capsys):
   """`--cases 8bit --modes eager` ran jit+donate silently; --modes had no help."""
-  from adamfx import _bench
 
   result = _bench.bench('tiny', cases=('8bit',), modes=('eager',), repeats=1, torch_cols=False)
   assert [(r['case'], r['mode']) for r in result['rows']] == [('8bit', 'eager')]

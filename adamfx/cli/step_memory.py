@@ -85,7 +85,7 @@ def _lm_module():
       return mb
   except ImportError:
     pass
-  from adamfx import _memory_bench as mb
+  from adamfx.cli import memory as mb
 
   return mb
 
@@ -474,7 +474,7 @@ def add_arguments(parser: Any, json_flag: bool = True) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from adamfx import _measure
+  from adamfx.cli import measure as _measure
 
   result = {'machine': _measure.machine()}
   result['memory'] = memory_table(list(args.models), args.only)
