@@ -1215,7 +1215,8 @@ _BUILDERS = {
     'amsgrad_stable': (adamfx.amsgrad, dict(update_clipping=True, cautious=True)),
     'scale_by_adam_stable': (adamfx.scale_by_adam, dict(update_clipping=True, cautious=True)),
     'adamw8bit_stable': (adamfx.adamw8bit, dict(min_8bit_size=_C8, update_clipping=True,
-                                                cautious=True, decouple_lr=True, **_WD)),
+                                                cautious=True, decouple_lr=True, max_lr=LR,
+                                                **_WD)),
     'lazy_adamw_stable': (adamfx.lazy_adamw, dict(update_clipping=True, cautious=True, **_WD)),
 }
 _REUSES = {'adam_mu_bf16': 'adam', 'adam_nu_bf16': 'adam', 'pack_adam': 'adam',
