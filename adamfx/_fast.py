@@ -57,6 +57,11 @@ def _narrow(dtype: Any) -> bool:
   return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
 
 
+def _positional(fmt: Any, m: Any) -> bool:
+  """Whether ``fmt`` rounds the stored moment ``m`` with bits hashed from its leaf's position."""
+  return getattr(fmt, 'rounding', None) == 'stochastic' and fmt.is_stored(m)
+
+
 def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
   """Python/NumPy scalars become static (hashed), arrays stay arguments."""
   static, dynamic = [], []
@@ -197,9 +202,10 @@ def family_update(
   else:
     p_leaves = decay_on = [None] * len(g_leaves)
     decay_size = None
-  # A 16-bit nu's stochastic rounding hashes the leaf's position in the tree.
-  narrow = [g is not None and fmt is None and _narrow(v.dtype)
-            for g, v in zip(g_leaves, v_leaves)]
+  # A 16-bit nu's stochastic rounding hashes the leaf's position in the tree,
+  # and so does a format's (Blockwise4bit's codes, rounding='stochastic').
+  narrow = [g is not None and (_positional(fmt, m) if fmt is not None else _narrow(v.dtype))
+            for g, m, v in zip(g_leaves, m_leaves, v_leaves)]
   outs = [(None, None, None, None)] * len(g_leaves)
   count = None
   if any(narrow):

@@ -232,6 +232,9 @@ class Stable(Adam):
     self.last_rms = []
     self.last_fraction = []
 
+  def _direction(self, i: int, u: np.ndarray) -> np.ndarray:
+    return u if self.nesterov else self.m[i]
+
   def step(self, grads: Sequence[Any], params: Sequence[Any]) -> list[np.ndarray]:
     count = self.t
     scaled = self.scaled(grads)
@@ -246,7 +249,7 @@ class Stable(Adam):
     for i, (u, p, g) in enumerate(zip(scaled, params, grads)):
       g = _f64(g)
       if self.cautious:
-        direction = u if self.nesterov else self.m[i]
+        direction = self._direction(i, u)
         mask = (np.real(direction * np.conj(g)) > 0).astype(np.float64)
         self.last_fraction.append(mask.mean() if mask.size else 0.0)
         mask = mask / max(mask.mean() if mask.size else 0.0, 1e-3)
@@ -357,4 +360,140 @@ class KerasAdam:
       self.m[i] = self.m[i] + (g - self.m[i]) * (1 - self.b1)
       self.v[i] = self.v[i] + (g * g - self.v[i]) * (1 - self.b2)
       out.append(decayed - alpha * self.m[i] / (np.sqrt(self.v[i]) + self.eps) - p)
+    return out
+
+
+class AMSGrad8bit(Adam8bit):
+  """:class:`Adam8bit` with AMSGrad: the running maximum of the bias-corrected
+  second moment (as :class:`Adam`) is stored in 8 bits too, with the unsigned
+  map of ``v`` (as ``adamfx.Blockwise8bit`` documents for ``nu_max``)."""
+
+  def __init__(self, *args: Any, **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    self.amsgrad = True
+
+  def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
+    out = super().scaled(grads)
+    self.v_max = self._stored(self.v_max, signed=False)
+    return out
+
+
+class Stable8bit(Stable, Adam8bit):
+  """:class:`Stable`'s options on :class:`Adam8bit`'s storage.
+
+  The cautious mask is taken on the direction the step computed (from the
+  new first moment before it is stored, the sign of the update), the clipping
+  ratio on the second moment as stored (dequantized), the state the step
+  returns (``adamfx._stable`` reads ``nu`` from it).
+  """
+
+  def _direction(self, i: int, u: np.ndarray) -> np.ndarray:
+    return u
+
+
+def map4(name: str) -> np.ndarray:
+  """The 16 sorted values of a 4-bit map, float64 of their float32 values.
+
+  ``'dynamic'``: bitsandbytes' ``create_dynamic_map(signed=True,
+  max_exponent_bits=3, total_bits=4)``: for ``e = 0, 1, 2`` the centres of
+  ``2**e`` equal parts of [0.1, 1] times ``10**(e - 2)``, with both signs,
+  plus 0 and 1 (torchao's ``AdamW4bit`` first moment). ``'linear'``:
+  ``1/16 .. 1`` (torchao's zero-free second-moment map). ``'power2'``:
+  ``2**-15 .. 1``. adamfx stores the maps in float32.
+  """
+  if name == 'dynamic':
+    values = [0.0, 1.0]
+    for e in range(3):
+      for j in range(2**e):
+        centre = (0.1 + 0.9 * (j + 0.5) / 2**e) * 10.0 ** (e - 2)
+        values += [centre, -centre]
+  elif name == 'linear':
+    values = np.arange(1, 17) / 16
+  else:
+    values = 2.0 ** np.arange(-15, 1)
+  out = np.sort(np.asarray(values, np.float64)).astype(np.float32).astype(np.float64)
+  assert out.shape == (16,)
+  return out
+
+
+def stored4(x: Any, name: str, block_size: int,
+            uniform: Callable[[int], np.ndarray] | None) -> np.ndarray:
+  """``x`` stored blockwise in 4 bits and decoded again, in float64.
+
+  Blocks of ``block_size`` along the last axis where its length is a
+  multiple of it, else along the flattened array padded with zeros. A
+  block's scale is its largest element (signed map: the element of largest
+  magnitude with its sign, the positive one on a tie); each ``a = x /
+  scale`` between map neighbours ``lo <= a < hi`` is stored as ``hi`` with
+  probability ``(a - lo) / (hi - lo)``, i.e. where ``u < (a - lo) / (hi -
+  lo)``, ``u = uniform(n_blocks)`` numbers in [0, 1), one per element of the
+  blocks (None: the nearest value, ties down); values outside the map clamp
+  to its ends.
+  """
+  x = np.asarray(x, np.float64)
+  shape = x.shape
+  if x.ndim and shape[-1] and shape[-1] % block_size == 0:
+    xb = x.reshape(-1, block_size)
+  else:
+    n = x.size
+    blocks = max(1, -(-n // block_size))
+    xb = np.pad(x.reshape(-1), (0, blocks * block_size - n)).reshape(blocks, block_size)
+  values = map4(name)
+  hi = xb.max(-1)
+  scale = np.where(hi >= -xb.min(-1), hi, xb.min(-1)) if values[0] < 0 else hi
+  a = xb / np.where(scale != 0, scale, 1)[:, None]
+  lo = np.searchsorted(values, a, side='right') - 1  # values[lo] <= a < values[lo + 1]
+  inside = (lo >= 0) & (lo < 15)
+  j = np.clip(lo, 0, 14)
+  if uniform is None:
+    up = a - values[j] > values[j + 1] - a
+  else:
+    u = np.asarray(uniform(a.shape[0]), np.float64).reshape(a.shape)
+    up = u < (a - values[j]) / (values[j + 1] - values[j])
+  codes = np.where(inside, j + up, np.where(lo < 0, 0, 15))
+  out = values[codes] * scale[:, None]
+  return out.reshape(-1)[:x.size].reshape(shape)
+
+
+class Adam4bit(Adam):
+  """:class:`Adam` whose moments are stored blockwise in 4 bits between steps.
+
+  The documented algorithm of ``adamfx.Blockwise4bit`` (Li et al. 2023): each
+  step takes Adam's float step from the stored moments and computes the
+  update from the new moments as they are; then a leaf of at least
+  ``min_size`` elements stores each moment with :func:`stored4`: ``m`` in the
+  signed ``'dynamic'`` map, ``v`` (and AMSGrad's running maximum) in
+  ``nu_map``. Smaller leaves keep float64 moments.
+
+  Stochastic rounding takes its uniform numbers from ``bits(count, leaf, salt,
+  n_blocks)`` (the random number generator, not the algorithm: pass adamfx's to
+  make the same draws), ``count`` the 1-based step, ``leaf`` the leaf's index
+  and ``salt`` 0 for ``m``, 1 for ``v`` and for the running maximum; ``bits``
+  None rounds to nearest.
+  """
+
+  def __init__(self, *args: Any, block_size: int = 128, min_size: int = 4096,
+               nu_map: str = 'linear', bits: Callable[..., np.ndarray] | None = None,
+               **kwargs: Any):
+    super().__init__(*args, **kwargs)
+    assert self.mu_dtype is None
+    self.block_size, self.min_size, self.nu_map, self.bits = block_size, min_size, nu_map, bits
+
+  def _stored(self, moments: list[np.ndarray], name: str, salt: int) -> list[np.ndarray]:
+    out = []
+    for i, x in enumerate(moments):
+      if x.size < max(self.min_size, 1):
+        out.append(x)
+        continue
+      uniform = None if self.bits is None else (
+          lambda rows, i=i, salt=salt: self.bits(self.t, i, salt, rows))
+      out.append(stored4(x, name, self.block_size, uniform))
+    return out
+
+  def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
+    out = super().scaled(grads)
+    self.m = self._stored(self.m, 'dynamic', 0)
+    self.v = self._stored(self.v, self.nu_map, 1)
+    if self.amsgrad:
+      self.v_max = self._stored(self.v_max, self.nu_map, 1)
     return out

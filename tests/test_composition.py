@@ -111,6 +111,25 @@ def _dtype_groups(params):
 _B8 = adamfx.Blockwise8bit(min_size=_C8)
 _B8_ROWS = adamfx.Blockwise8bit(block_size=64, min_size=_C8)  # lazy: a row is whole blocks
 _B4 = adamfx.Blockwise4bit(min_size=_C8)
+
+
+def _uniform4(count, leaf, salt, rows):
+  """The 4-bit rows' stochastic-rounding draws, for ``reference.Adam4bit``.
+
+  The random number generator, not the algorithm under test: ``_B4``'s bits
+  (hashed from the step count, the leaf and the element; ``salt`` 0 for mu,
+  1 for nu and nu_max) as uniforms in [0, 1) from their top 24 bits, as
+  adamfx._codec4.uniform documents. The count saturates at the int32 max,
+  as the state's does.
+  """
+  count = jnp.int32(min(count, np.iinfo(np.int32).max))
+  bits = np.asarray(_B4._bits(rows, count, leaf, salt == 0)).astype(np.uint64)
+  return (bits >> 8).astype(np.float64) * 2.0**-24
+
+
+def _ref4(**kw):
+  return lambda p: reference.Adam4bit(LR, min_size=_C8, bits=_uniform4, **kw)
+
 _MASK = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)  # decay matrices only
 _inject = adamfx.inject_hyperparams
 _oinject = optax.inject_hyperparams
@@ -146,7 +165,8 @@ CONTRACTS = [
     Contract('scale_by_adam8bit', lambda: adamfx.scale_by_adam8bit(min_8bit_size=_C8),
              eight_bit=True, rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(-1.0, min_size=_C8)),
     # moments=Blockwise8bit(): the 8-bit storage as a parameter of every member.
-    Contract('amsgrad_8bit', lambda: adamfx.amsgrad(LR, moments=_B8), eight_bit=True),
+    Contract('amsgrad_8bit', lambda: adamfx.amsgrad(LR, moments=_B8), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.AMSGrad8bit(LR, min_size=_C8)),
     Contract('nadamw_8bit', lambda: adamfx.nadamw(LR, moments=_B8, **_WD), eight_bit=True,
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8, nesterov=True, **_WD)),
     Contract('adamw_8bit', lambda: adamfx.adamw(LR, moments=_B8, **_WD), eight_bit=True,
@@ -155,14 +175,18 @@ CONTRACTS = [
              sparse=True, rtol=_F64_RTOL,
              numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8, block_size=64)),
     # moments=Blockwise4bit(): 4-bit codes (two a byte) + float32 block scales.
-    Contract('adam4bit', lambda: adamfx.adam4bit(LR, min_4bit_size=_C8), eight_bit=True),
+    Contract('adam4bit', lambda: adamfx.adam4bit(LR, min_4bit_size=_C8), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=_ref4()),
     Contract('adamw4bit', lambda: adamfx.adamw4bit(LR, min_4bit_size=_C8, **_WD),
-             eight_bit=True),
-    Contract('amsgrad_4bit', lambda: adamfx.amsgrad(LR, moments=_B4), eight_bit=True),
-    Contract('nadam_4bit', lambda: adamfx.nadam(LR, moments=_B4), eight_bit=True),
-    Contract('lazy_adam_4bit', lambda: adamfx.lazy_adam(LR, moments=_B4), eight_bit=True),
+             eight_bit=True, rtol=_F64_RTOL, numpy_reference=_ref4(**_WD)),
+    Contract('amsgrad_4bit', lambda: adamfx.amsgrad(LR, moments=_B4), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=_ref4(amsgrad=True)),
+    Contract('nadam_4bit', lambda: adamfx.nadam(LR, moments=_B4), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=_ref4(nesterov=True)),
+    Contract('lazy_adam_4bit', lambda: adamfx.lazy_adam(LR, moments=_B4), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=_ref4()),
     Contract('inject_adam4bit', lambda: _inject(adamfx.adam4bit)(LR, min_4bit_size=_C8),
-             eight_bit=True),
+             eight_bit=True, rtol=_F64_RTOL, numpy_reference=_ref4()),
     Contract('pack_adam', lambda: adamfx.pack_state(adamfx.adam(LR)), lambda: optax.adam(LR),
              packed=True),
     Contract('pack_adamw', lambda: adamfx.pack_state(adamfx.adamw(LR, **_WD)),
@@ -236,7 +260,9 @@ CONTRACTS = [
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(-1.0, clip=True, cautious=True)),
     Contract('adamw8bit_stable',
              lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, update_clipping=True, cautious=True,
-                                      decouple_lr=True, **_WD), eight_bit=True),
+                                      decouple_lr=True, **_WD), eight_bit=True,
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable8bit(
+                 LR, min_size=_C8, clip=True, cautious=True, decouple_lr=True, **_WD)),
     Contract('lazy_adamw_stable',
              lambda: adamfx.lazy_adamw(LR, update_clipping=True, cautious=True, **_WD),
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, clip=True, cautious=True, **_WD)),
@@ -1202,7 +1228,8 @@ _BUILDERS = {
     'amsgrad_stable': (adamfx.amsgrad, dict(update_clipping=True, cautious=True)),
     'scale_by_adam_stable': (adamfx.scale_by_adam, dict(update_clipping=True, cautious=True)),
     'adamw8bit_stable': (adamfx.adamw8bit, dict(min_8bit_size=_C8, update_clipping=True,
-                                                cautious=True, decouple_lr=True, **_WD)),
+                                                cautious=True, decouple_lr=True, max_lr=LR,
+                                                **_WD)),
     'lazy_adamw_stable': (adamfx.lazy_adamw, dict(update_clipping=True, cautious=True, **_WD)),
 }
 _REUSES = {'adam_mu_bf16': 'adam', 'adam_nu_bf16': 'adam', 'pack_adam': 'adam',
