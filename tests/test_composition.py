@@ -100,14 +100,6 @@ _C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias
 # has it too, so optax rows don't see it), plus 2e-6 of float32 arithmetic: rtol 2e-5.
 _F64_RTOL = 2e-5
 
-
-def _dtype_groups(params):
-  """pack_state's buffers: the indices of the leaves of each dtype, in leaf order."""
-  groups = {}
-  for i, leaf in enumerate(jax.tree.leaves(params)):
-    groups.setdefault(jnp.dtype(leaf.dtype), []).append(i)
-  return list(groups.values())
-
 _B8 = adamfx.Blockwise8bit(min_size=_C8)
 _B8_ROWS = adamfx.Blockwise8bit(block_size=64, min_size=_C8)  # lazy: a row is whole blocks
 _B4 = adamfx.Blockwise4bit(min_size=_C8)
@@ -193,10 +185,10 @@ CONTRACTS = [
              lambda: optax.adamw(LR, **_WD), packed=True),
     Contract('pack_amsgrad', lambda: adamfx.pack_state(adamfx.amsgrad(LR)),
              lambda: optax.amsgrad(LR), packed=True),
+    # pack_state keeps the tree's numbers (issue 24): each 8-bit leaf its own blocks.
     Contract('pack_adam8bit', lambda: adamfx.pack_state(adamfx.adam8bit(LR, min_8bit_size=_C8)),
              packed=True, eight_bit=True,
-             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8,
-                                                          groups=_dtype_groups(p))),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8)),
     Contract('inject_adam', lambda: _inject(adamfx.adam)(LR),
              lambda: _oinject(optax.adam)(LR)),
     Contract('inject_nadam', lambda: _inject(adamfx.nadam)(LR),
@@ -255,9 +247,14 @@ CONTRACTS = [
     Contract('amsgrad_stable',
              lambda: adamfx.amsgrad(LR, update_clipping=True, cautious=True),
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, amsgrad=True, clip=True, cautious=True)),
+    # Scaled by the table's learning rate: with unit steps (lr -1) the params jump by
+    # O(1) (twice that where the cautious mask halves the kept fraction), the
+    # trajectory's float32 rounding compounds through the gradient feedback, and some
+    # displacements (sums of steps of both signs) miss _F64_RTOL; x64 agrees either way.
     Contract('scale_by_adam_stable',
-             lambda: adamfx.scale_by_adam(update_clipping=True, cautious=True),
-             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(-1.0, clip=True, cautious=True)),
+             lambda: optax.chain(adamfx.scale_by_adam(update_clipping=True, cautious=True),
+                                 optax.scale(-LR)),
+             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, clip=True, cautious=True)),
     Contract('adamw8bit_stable',
              lambda: adamfx.adamw8bit(LR, min_8bit_size=_C8, update_clipping=True, cautious=True,
                                       decouple_lr=True, **_WD), eight_bit=True,
