@@ -373,15 +373,17 @@ class Blockwise4bit:
 
   # --- lazy Adam: rows of an embedding table -------------------------------------
 
-  def gather_rows(self, stored: Any, ids: Any) -> Any:
-    """Rows ``ids`` of a stored moment (ids out of range read zeros), for lazy Adam.
+  def gather_rows(self, stored: Any, ids: Any, take: Any = None) -> Any:
+    """Rows ``ids`` of a stored moment (ids out of range read zeros), for lazy Adam;
+    ``take(array, ids)``, if given, is the caller's row gather (mesh-aware).
 
     A 4-bit table's blocks must lie within its rows (the last axis a
     multiple of ``block_size``), so that a row's codes and scales are its
     own; a rank-1 normalised moment is refused (its column maxima span every
     row).
     """
-    get = lambda x: x.at[ids].get(mode='fill', fill_value=0)
+    get = ((lambda x: take(x, ids)) if take is not None else
+           (lambda x: x.at[ids].get(mode='fill', fill_value=0)))
     if not self.is_stored(stored):
       return get(stored)
     shape = stored.shape
@@ -398,9 +400,11 @@ class Blockwise4bit:
     return Quantized4bit(get(stored.codes), get(stored.scale), None, rows, stored.block_size,
                          stored.code_map, False)
 
-  def scatter_rows(self, stored: Any, ids: Any, rows: Any) -> Any:
-    """``stored`` with rows ``ids`` set to ``rows`` (ids out of range dropped)."""
-    put = lambda x, r: x.at[ids].set(r, mode='drop')
+  def scatter_rows(self, stored: Any, ids: Any, rows: Any, put_rows: Any = None) -> Any:
+    """``stored`` with rows ``ids`` set to ``rows`` (ids out of range dropped);
+    ``put_rows(array, ids, values)``, if given, is the caller's row scatter."""
+    put = ((lambda x, r: put_rows(x, ids, r)) if put_rows is not None else
+           (lambda x, r: x.at[ids].set(r, mode='drop')))
     if not self.is_stored(stored):
       return put(stored, rows)
     return Quantized4bit(put(stored.codes, rows.codes), put(stored.scale, rows.scale), None,
