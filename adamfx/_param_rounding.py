@@ -5,7 +5,7 @@ an update smaller than half a bfloat16 ulp of the param (``2**-9`` of it)
 is lost, so ``1.0 + 1e-3`` is ``1.0`` however often it is added, and
 training stalls once the steps shrink below the params' ulps. Two fixes,
 chosen per builder with ``param_rounding=`` (keyword-only on every builder;
-:func:`with_param_rounding` is the one implementation they all call):
+``with_param_rounding`` is the one implementation they all call):
 
 * ``'kahan'``: Kahan summation. A compensation buffer in the params' dtype
   (2 bytes per bfloat16 param) holds what the last rounding lost; the next
@@ -62,7 +62,7 @@ _LEAF_SALT = 0x5EED
 
 
 class ParamRoundingState(NamedTuple):
-  """State of :func:`with_param_rounding`, the last link of the builder's chain.
+  """State of ``with_param_rounding``, the last link of the builder's chain.
 
   Attributes:
     step: int32 scalar, the number of updates so far (the stochastic

@@ -46,7 +46,7 @@ class Quantized4bit:
   structures.
 
   Attributes:
-    codes: uint8, two codes a byte (:func:`adamfx._codec4.pack`); the
+    codes: uint8, two codes a byte (``adamfx._codec4.pack``); the
       param's shape with the last axis halved when blocks run along it,
       else one axis of ``n_blocks * block_size // 2``.
     scale: float32, one per block (blockwise; the block's largest element,
@@ -55,7 +55,7 @@ class Quantized4bit:
     shape: the param's shape (static).
     block_size: elements per block (static).
     code_map: the name of the 16-value map (static; see
-      :func:`adamfx._codec4.code_map`).
+      ``adamfx._codec4.code_map``).
     rank1: whether ``scale`` and ``col`` are a rank-1 normaliser (static).
   """
 
@@ -148,7 +148,7 @@ class Blockwise4bit:
     rounds to the nearest value, as torchao does.
 
   Bytes: :math:`2 (4 + 32 / \mathrm{block\_size}) / 8` per parameter for
-  both moments, 1.0625 at the default block of 128 (:meth:`nbytes`).
+  both moments, 1.0625 at the default block of 128 (``nbytes``).
 
   Attributes:
     block_size: elements per block (one float32 scale each), even, >= 2;
