@@ -1219,7 +1219,7 @@ _BUILDERS = {
     'lazy_adam_4bit': (adamfx.lazy_adam, dict(moments=_B4)),
     'adam_cautious': (adamfx.adam, dict(cautious=True)),
     'adamw_clip': (adamfx.adamw, dict(update_clipping=True, **_WD)),
-    'adamw_decouple_lr': (adamfx.adamw, dict(weight_decay=1e-3, decouple_lr=True)),
+    'adamw_decouple_lr': (adamfx.adamw, dict(weight_decay=1e-3, decouple_lr=True, max_lr=LR)),
     'nadamw_stable': (adamfx.nadamw, dict(update_clipping=True, cautious=True, decouple_lr=True,
                                           max_lr=LR, **_WD)),
     'amsgrad_stable': (adamfx.amsgrad, dict(update_clipping=True, cautious=True)),
