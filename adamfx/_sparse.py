@@ -297,6 +297,10 @@ class RowSparse(metaclass=_RowSparseMeta):
     """The dense array, with duplicate rows summed and out-of-range ids dropped."""
     return _scatter_add(jnp.zeros(self.shape, self.dtype), self)
 
+  def coalesce(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`coalesce` of this gradient: ``(ids, values, valid)``, duplicates summed."""
+    return coalesce(self)
+
   def __add__(self, other: Any) -> Any:
     if isinstance(other, RowSparse):  # the rows of both: a sum of gradients
       if other.num_rows != self.num_rows:

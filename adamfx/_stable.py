@@ -219,8 +219,9 @@ def _mask_dense(u: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _coalesced(g: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  from adamfx import _sparse  # pylint: disable=g-import-not-at-top
-  return _sparse.coalesce(g)
+  # A method of RowSparse, so that this module (which adamfx._adam imports)
+  # does not import adamfx._sparse (which imports adamfx._adam).
+  return g.coalesce()
 
 
 def _row_mask(valid: jax.Array, ndim: int) -> jax.Array:
