@@ -453,7 +453,15 @@ def _contract_names():
   return [c.name for c in test_composition.CONTRACTS]
 
 
-@pytest.mark.parametrize('name', _contract_names())
+# Known open defect (issues 21 and 24 item 2): 4-bit state on an Explicit mesh does not
+# yet step like one device. Strict, so the fix shows up here.
+_EXPLICIT_OPEN = pytest.mark.xfail(
+    strict=True, reason='4-bit state on Explicit meshes: open (issues 21, 24 item 2)')
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=_EXPLICIT_OPEN) if '4bit' in n else n for n in _contract_names()
+])
 def test_every_contract_member_steps_on_an_explicit_mesh(results, name):
   """Issue 18: no ShardingTypeError on Explicit axes (lazy members with a
   RowSparse gradient); the params keep their shardings and move as on one
