@@ -306,7 +306,10 @@ def test_flags_are_bools_and_torch_names_lr():
 def _dense_members():
   from test_composition import CONTRACTS
 
-  return [c for c in CONTRACTS if not c.sparse]
+  # Lazy rows take RowSparse gradients whatever their flag says; MultiSteps refuses one
+  # with its own message (tests/test_multisteps.py).
+  return [c for c in CONTRACTS
+          if not c.sparse and not c.name.startswith(('lazy_', 'multisteps_'))]
 
 
 @pytest.mark.parametrize('c', _dense_members(), ids=lambda c: c.name)
