@@ -23,6 +23,8 @@ def adam4bit(
     block_size: int = 128,
     min_4bit_size: int = 4096,
     rank1: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
     param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adam with 4-bit blockwise moments: about 1.06 bytes of state per parameter.
@@ -46,6 +48,8 @@ def adam4bit(
     block_size: elements per quantization block, even; default 128.
     min_4bit_size: leaves with fewer elements keep float32 moments; default 4096.
     rank1: rank-1 normalisation of 2-D leaves' second moment (Li et al.).
+    update_clipping: StableAdamW's update clipping, as in :func:`adamfx.adam`.
+    cautious: cautious updates, as in :func:`adamfx.adam`.
     param_rounding: how a new param is rounded to a params dtype narrower
       than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
       buffer in the params' dtype) or ``'stochastic'``; see
@@ -82,7 +86,7 @@ def adam4bit(
   return _adam.adam(
       learning_rate, b1, b2, eps, eps_root, nesterov=nesterov,
       moments=Blockwise4bit(block_size, min_4bit_size, rank1=rank1),
-      param_rounding=param_rounding,
+      update_clipping=update_clipping, cautious=cautious, param_rounding=param_rounding,
   )
 
 
@@ -100,6 +104,10 @@ def adamw4bit(
     block_size: int = 128,
     min_4bit_size: int = 4096,
     rank1: bool = False,
+    update_clipping: bool = False,
+    cautious: bool = False,
+    decouple_lr: bool = False,
+    max_lr: Optional[Any] = None,
     param_rounding: str = 'nearest',
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW with 4-bit blockwise moments (see :func:`adam4bit`, :func:`adamfx.adamw`).
@@ -128,6 +136,10 @@ def adamw4bit(
     block_size: elements per quantization block, even; default 128.
     min_4bit_size: leaves with fewer elements keep float32 moments; default 4096.
     rank1: rank-1 normalisation of 2-D leaves' second moment.
+    update_clipping: StableAdamW's update clipping, as in :func:`adamfx.adamw`.
+    cautious: cautious updates, as in :func:`adamfx.adamw`.
+    decouple_lr: fully decoupled weight decay, as in :func:`adamfx.adamw`.
+    max_lr: the peak learning rate for ``decouple_lr``, as in :func:`adamfx.adamw`.
     param_rounding: how a new param is rounded to a params dtype narrower
       than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
       buffer in the params' dtype) or ``'stochastic'``; see
@@ -156,5 +168,6 @@ def adamw4bit(
   return _adam.adamw(
       learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nesterov=nesterov,
       moments=Blockwise4bit(block_size, min_4bit_size, rank1=rank1),
-      param_rounding=param_rounding,
+      update_clipping=update_clipping, cautious=cautious, decouple_lr=decouple_lr,
+      max_lr=max_lr, param_rounding=param_rounding,
   )

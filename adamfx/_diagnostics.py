@@ -23,7 +23,6 @@ import numpy as np
 import optax
 
 from adamfx import _checks
-from adamfx import _quant
 from adamfx import _stable
 from adamfx._conventions import FrameworkAdamState
 from adamfx._update import AdaMaxState
@@ -56,13 +55,7 @@ def _find_adam_state(state: Any) -> Any:
   return found[0]
 
 
-def _dequantized(tree: Any) -> Any:
-  """``tree`` with 8-bit moments (:class:`adamfx.QuantizedArray`) as float32."""
-  return jax.tree.map(
-      lambda x: _quant.dequantize(x, signed=x.signed, block_size=x.block_size)
-      if isinstance(x, _quant.QuantizedArray) else x,
-      tree, is_leaf=lambda x: isinstance(x, _quant.QuantizedArray),
-  )
+_dequantized = _stable.dequantized
 
 
 def _flat(tree: Any) -> jax.Array:
@@ -276,8 +269,8 @@ def adam_diagnostics(
   Args:
     state: an :class:`adamfx.AdamState` or ``optax.ScaleByAdamState``, or any
       optimizer state that contains one (e.g. that of ``adamfx.adam(...)`` or
-      of an ``optax.chain``); the first one found is used. 8-bit moments
-      (:func:`adamfx.adam8bit`) are dequantized first. AdaMax states are
+      of an ``optax.chain``); the first one found is used. 8-bit and 4-bit
+      moments are dequantized first. AdaMax states are
       refused: their ``nu`` is not a second moment.
     updates: the updates returned by the same step (optional).
     learning_rate: :math:`\alpha` of that step (a number or scalar array;

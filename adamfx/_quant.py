@@ -81,6 +81,10 @@ class QuantizedArray:
   def tree_unflatten(cls, aux, children):
     return cls(*children, *aux)
 
+  def dequantize(self) -> jax.Array:
+    """The float32 moment these codes stand for."""
+    return dequantize(self, signed=self.signed, block_size=self.block_size)
+
   def _replace(self, **kwargs: Any) -> QuantizedArray:
     fields = {k: getattr(self, k) for k in self.__slots__}
     return QuantizedArray(**{**fields, **kwargs})

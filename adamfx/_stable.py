@@ -156,15 +156,10 @@ def _second_moments(state: Any, treedef: Any) -> tuple[Any, list[Any], bool, boo
   bias-corrected), AdaMax's infinity norm (to be squared, no correction),
   else ``nu``; 8-bit moments are dequantized.
   """
-  from adamfx import _quant  # pylint: disable=g-import-not-at-top  (imports adamfx._adam)
-
   nu_max = getattr(state, 'nu_max', None)
   v = state.nu if nu_max is None else nu_max
   leaves = treedef.flatten_up_to(v)
-  leaves = [
-      _quant.dequantize(x, signed=x.signed, block_size=x.block_size)
-      if isinstance(x, _quant.QuantizedArray) else x for x in leaves
-  ]
+  leaves = [x.dequantize() if _is_quantized(x) else x for x in leaves]
   adamax = isinstance(state, _update.AdaMaxState)
   return state.count, leaves, nu_max is not None or adamax, adamax
 
@@ -351,7 +346,7 @@ def diagnostics(grads: Any, state: Any, b2: Any, eps: Any) -> dict[str, jax.Arra
   """
   rms = [r for r in jax.tree.leaves(rms_ratios(grads, state, b2, eps)) if r is not None]
   g_leaves, treedef = jax.tree.flatten(grads, is_leaf=_is_leaf)
-  m_leaves = treedef.flatten_up_to(_dequantized(state.mu))
+  m_leaves = treedef.flatten_up_to(dequantized(state.mu))
   dtype = _real_dtype(*[jnp.result_type(x) for x in rms]) if rms else jnp.float32
   agree, total = [], 0
   for g, m in zip(g_leaves, m_leaves):
@@ -370,11 +365,13 @@ def diagnostics(grads: Any, state: Any, b2: Any, eps: Any) -> dict[str, jax.Arra
   }
 
 
-def _dequantized(tree: Any) -> Any:
-  from adamfx import _quant  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(
-      lambda x: _quant.dequantize(x, signed=x.signed, block_size=x.block_size)
-      if isinstance(x, _quant.QuantizedArray) else x,
-      tree, is_leaf=lambda x: isinstance(x, _quant.QuantizedArray),
-  )
+def _is_quantized(x: Any) -> bool:
+  """A stored low-bit moment (8-bit ``QuantizedArray``, ``Quantized4bit``)."""
+  return hasattr(x, 'codes') and callable(getattr(x, 'dequantize', None))
+
+
+def dequantized(tree: Any) -> Any:
+  """``tree`` with every stored low-bit moment as its float32 value."""
+  return jax.tree.map(lambda x: x.dequantize() if _is_quantized(x) else x, tree,
+                      is_leaf=_is_quantized)
 

@@ -40,6 +40,7 @@ def _grads(shape, n, seed=0):
 
 
 def test_aliases_are_adam_and_adamw_with_the_format_bit_for_bit():
+  """Each alias equals ``adam``/``adamw`` with ``moments=Blockwise4bit(...)``, options included."""
   params = {'w': jnp.ones((64, 256)), 'b': jnp.ones(10)}
   grads = [{'w': g, 'b': g[0, :10]} for g in _grads((64, 256), 3)]
   pairs = [
@@ -48,6 +49,13 @@ def test_aliases_are_adam_and_adamw_with_the_format_bit_for_bit():
        adamfx.adamw(1e-2, weight_decay=0.1, moments=adamfx.Blockwise4bit())),
       (adamfx.adam4bit(1e-2, nesterov=True, block_size=64, min_4bit_size=0, rank1=True),
        adamfx.nadam(1e-2, moments=adamfx.Blockwise4bit(64, 0, rank1=True))),
+      # The stable-step options reach the aliases (each changes these numbers).
+      (adamfx.adam4bit(1e-2, update_clipping=True, cautious=True),
+       adamfx.adam(1e-2, update_clipping=True, cautious=True, moments=adamfx.Blockwise4bit())),
+      (adamfx.adamw4bit(1e-2, weight_decay=0.1, update_clipping=True, decouple_lr=True,
+                        max_lr=0.1),
+       adamfx.adamw(1e-2, weight_decay=0.1, update_clipping=True, decouple_lr=True, max_lr=0.1,
+                    moments=adamfx.Blockwise4bit())),
   ]
   for a, b in pairs:
     for (ua, sa), (ub, sb) in zip(_steps(a, params, grads, jit=False), _steps(b, params, grads)):
@@ -370,3 +378,23 @@ def test_chunked_fused_step_equals_decode_step_encode():
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     m, v = fused[1], fused[2]
+
+
+def test_diagnostics_and_update_clipping_read_4bit_moments_as_their_decoded_values():
+  """adam_diagnostics (with the stable-step statistics) of a 4-bit state equals that of a
+  dense AdamState holding the moments decoded from the bytes by the float64 reference."""
+  params = {'w': jnp.ones((32, 256)), 'b': jnp.ones(8)}
+  grads = [{'w': g, 'b': g[0, :8]} for g in _grads((32, 256), 2)]
+  tx = adamfx.adam4bit(1e-2, min_4bit_size=0, block_size=64, update_clipping=True)
+  (updates, state), = list(_steps(tx, params, grads))[-1:]
+  inner = next(s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'nu'))
+               if hasattr(s, 'nu'))
+  dense = adamfx.AdamState(
+      count=inner.count,
+      mu={k: jnp.asarray(_ref_decode(inner.mu[k]), jnp.float32) for k in params},
+      nu={k: jnp.asarray(_ref_decode(inner.nu[k]), jnp.float32) for k in params})
+  kw = dict(updates=updates, learning_rate=1e-2, grads=grads[-1])
+  got, want = adamfx.adam_diagnostics(state, **kw), adamfx.adam_diagnostics(dense, **kw)
+  assert set(got) == set(want) and 'clip_factor_min' in got
+  for k in want:
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=1e-6, err_msg=k)

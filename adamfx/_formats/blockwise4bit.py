@@ -88,6 +88,14 @@ class Quantized4bit:
   def signed(self) -> bool:
     return _codec4.signed_map(self.code_map)
 
+  def dequantize(self) -> jax.Array:
+    """The float32 moment these codes stand for, shaped like its param."""
+    if self.rank1:
+      return _codec4.dequantize_rank1(self.codes, self.scale, self.col, self.shape,
+                                      self.code_map, self.block_size)
+    return _codec4.dequantize(self.codes, self.scale, self.shape, self.code_map,
+                              self.block_size)
+
   def config(self) -> dict[str, Any]:
     """What gives the codes their meaning, as checkpoints record it."""
     return {'format': CODE_FORMAT, 'block_size': self.block_size, 'code_map': self.code_map,
@@ -281,13 +289,7 @@ class Blockwise4bit:
   def decode(self, stored: Any, signed: bool) -> jax.Array:
     """The float32 moment of ``stored``, shaped like its param (arrays pass through)."""
     del signed  # the map is recorded in stored
-    if not self.is_stored(stored):
-      return stored
-    if stored.rank1:
-      return _codec4.dequantize_rank1(stored.codes, stored.scale, stored.col, stored.shape,
-                                      stored.code_map, stored.block_size)
-    return _codec4.dequantize(stored.codes, stored.scale, stored.shape, stored.code_map,
-                              stored.block_size)
+    return stored.dequantize() if self.is_stored(stored) else stored
 
   def config(self) -> dict[str, Any]:
     """The configuration checkpoints record: restoring into another one is refused."""
