@@ -728,6 +728,8 @@ def amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
     *,
     update_clipping: bool = False,
     cautious: bool = False,
@@ -744,6 +746,10 @@ def amsgrad(
     eps: added to the root of the second moment, >= 0.
     eps_root: added inside the root, >= 0.
     mu_dtype: storage dtype of the first moment.
+    bias_correction_mu: whether the first moment is bias-corrected; False
+      matches the AMSGrad paper (as optax's argument).
+    bias_correction_nu: whether the second moment is bias-corrected before
+      the running maximum; False matches the AMSGrad paper (as optax's).
     nu_dtype: storage dtype of the second moment (and of its maximum).
     moments: the moments' storage format; with :class:`Blockwise8bit` the
       running maximum is stored in 8 bits too.
@@ -761,7 +767,8 @@ def amsgrad(
   """
   return adam(
       learning_rate, b1, b2, eps, eps_root, mu_dtype,
-      nu_dtype=nu_dtype, amsgrad=True, moments=moments,
+      nu_dtype=nu_dtype, amsgrad=_amsgrad_flag(bias_correction_mu, bias_correction_nu),
+      moments=moments,
       update_clipping=update_clipping, cautious=cautious,
       param_rounding=param_rounding,
   )
@@ -773,6 +780,8 @@ def scale_by_amsgrad(
     eps: float = 1e-8,
     eps_root: float = 0.0,
     mu_dtype: Optional[Any] = None,
+    bias_correction_mu: bool = True,
+    bias_correction_nu: bool = True,
     *,
     nu_dtype: Optional[Any] = None,
     moments: Optional[Any] = None,
@@ -790,6 +799,10 @@ def scale_by_amsgrad(
     eps: added to the root of the second moment, >= 0; default 1e-8.
     eps_root: added inside the root, >= 0; default 0.
     mu_dtype: storage dtype of the first moment; default: the params'.
+    bias_correction_mu: whether the first moment is bias-corrected; False
+      matches the AMSGrad paper (as optax's argument).
+    bias_correction_nu: whether the second moment is bias-corrected before
+      the running maximum; False matches the AMSGrad paper (as optax's).
     nu_dtype: storage dtype of the second moment and its maximum.
     moments: the moments' storage format (see :func:`scale_by_adam`).
 
@@ -811,7 +824,19 @@ def scale_by_amsgrad(
     <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
   """
   return scale_by_adam(
-      b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, amsgrad=True, moments=moments)
+      b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype,
+      amsgrad=_amsgrad_flag(bias_correction_mu, bias_correction_nu), moments=moments)
+
+
+def _amsgrad_flag(bias_correction_mu: Any, bias_correction_nu: Any) -> Any:
+  """``amsgrad=`` for the core: True, or the corrections optax lets AMSGrad turn off."""
+  for name, value in (('bias_correction_mu', bias_correction_mu),
+                      ('bias_correction_nu', bias_correction_nu)):
+    if not isinstance(value, bool):
+      raise TypeError(f'`{name}` must be a Python bool (True or False), got {value!r}.')
+  if bias_correction_mu and bias_correction_nu:
+    return True
+  return _update.Amsgrad(bias_correction_mu, bias_correction_nu)
 
 
 def scale_by_adam8bit(

@@ -68,6 +68,22 @@ ScaleByAdamState = AdamState  # optax's name for the same thing.
 ScaleByAmsgradState = AdamState  # optax's name for scale_by_amsgrad's state.
 
 
+class Amsgrad(NamedTuple):
+  """An ``amsgrad`` flag with optax's ``bias_correction_mu``/``bias_correction_nu``.
+
+  Truthy and hashable, so it travels wherever ``amsgrad=True`` does (static
+  under ``jit``); :func:`_moment_step` reads the two corrections from it.
+  """
+
+  correct_mu: bool = True
+  correct_nu: bool = True
+
+
+def _corrections(amsgrad: Any) -> tuple[bool, bool]:
+  """``(correct mu?, correct nu?)`` of an ``amsgrad`` flag (True/False or :class:`Amsgrad`)."""
+  return (amsgrad.correct_mu, amsgrad.correct_nu) if isinstance(amsgrad, Amsgrad) else (True, True)
+
+
 class AdaMaxState(AdamState):
   """:class:`AdamState` of :func:`scale_by_adamax`: ``nu`` is the infinity norm.
 
@@ -156,14 +172,17 @@ class _Scalars(NamedTuple):
   guard: bool  # whether the denominator can be 0 (eps not a positive number)
 
 
-def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scalars:
+def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov,
+                  correct=(True, True)) -> _Scalars:
   """:class:`_Scalars` in ``dtype``, made once per update and dtype (``cache``).
 
   Python numbers become NumPy constants of ``dtype`` (``1 - b1`` computed in
   Python first, as optax's weakly typed arithmetic does); arrays are cast.
-  The bias corrections enter as reciprocals (see :func:`_in_place_step`).
+  The bias corrections enter as reciprocals (see :func:`_in_place_step`);
+  ``correct`` (mu's, nu's) False makes one exactly 1 (AMSGrad's
+  ``bias_correction_mu``/``_nu``).
   """
-  key = (dtype, nesterov)
+  key = (dtype, nesterov, correct)
   if cache is not None and key in cache:
     return cache[key]
 
@@ -177,14 +196,17 @@ def _leaf_scalars(cache, dtype, count, b1, b2, eps, eps_root, nesterov) -> _Scal
       return np.asarray(1 - x, dtype)
     return 1 - const(x)
 
-  def inverse_correction(b, t):  # 1 / (1 - b**t)
+  def inverse_correction(b, t, on=True):  # 1 / (1 - b**t)
+    if not on:
+      return np.asarray(1, dtype)
     return jax.lax.div(np.asarray(1, dtype), _one_minus_power(b, t, dtype))
 
   k = _Scalars(
       b1=const(b1), one_minus_b1=one_minus(b1), b2=const(b2), one_minus_b2=one_minus(b2),
-      inv_bc1=inverse_correction(b1, count), inv_bc2=inverse_correction(b2, count),
+      inv_bc1=inverse_correction(b1, count, correct[0]),
+      inv_bc2=inverse_correction(b2, count, correct[1]),
       inv_bc1_next=(
-          inverse_correction(b1, optax.safe_increment(count)) if nesterov else None
+          inverse_correction(b1, optax.safe_increment(count), correct[0]) if nesterov else None
       ),
       eps=const(eps),
       # v_hat >= 0 is never -0.0, so v_hat + 0.0 is v_hat: skip the add.
@@ -368,16 +390,18 @@ def _moment_step(
   rdt = _numerics.real_dtype(cdt)
   _checks.check_decay_in_dtype('b1', b1, rdt)
   _checks.check_decay_in_dtype('b2', b2, rdt)
+  correct = _corrections(amsgrad)
   if not infinity_norm and _in_place(cdt, m.dtype, v.dtype):
-    k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
+    k = _leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, nesterov, correct)
     return _in_place_step(g.astype(cdt), m, v, v_max, k, nesterov=nesterov)
   nu_limit = float(jnp.finfo(_numerics.real_dtype(v.dtype)).max)
   g = g.astype(cdt)
   m = m.astype(cdt)
   v = jnp.real(v).astype(rdt)
   b1c, b2r = _hp(b1, cdt), _hp(b2, rdt)
-  bc1 = _one_minus_power(b1, count, rdt)
-  bc2 = _one_minus_power(b2, count, rdt)
+  one = jnp.ones([], rdt)
+  bc1 = _one_minus_power(b1, count, rdt) if correct[0] else one
+  bc2 = _one_minus_power(b2, count, rdt) if correct[1] else one
 
   if infinity_norm:  # AdaMax, Kingma & Ba section 7.1.
     m = (1 - b1c) * g + b1c * m
@@ -403,7 +427,7 @@ def _moment_step(
   m = (1 - b1c) * g + b1c * m
   v = (1 - _hp(b2, rdt)) * sq + b2r * v
   if nesterov:  # Dozat 2016, in optax's form.
-    bc1_next = _one_minus_power(b1, optax.safe_increment(count), rdt)
+    bc1_next = _one_minus_power(b1, optax.safe_increment(count), rdt) if correct[0] else one
     m_hat = b1c * (m / bc1_next.astype(cdt)) + (1 - b1c) * (g / bc1.astype(cdt))
   else:
     m_hat = m / bc1.astype(cdt)

@@ -206,6 +206,25 @@ OPTAX_CASES = {
         lambda p: adamfx.amsgrad(3e-3, 0.8, 0.99, 1e-6, 1e-8),
         lambda p: optax.amsgrad(3e-3, 0.8, 0.99, 1e-6, 1e-8),
     ),
+    # optax's AMSGrad without bias correction (the paper's form), positional too.
+    'amsgrad_uncorrected': (
+        lambda p: adamfx.amsgrad(3e-3, 0.8, 0.99, 1e-6, 1e-8, None, False, False),
+        lambda p: optax.amsgrad(3e-3, 0.8, 0.99, 1e-6, 1e-8, None, False, False),
+    ),
+    'amsgrad_uncorrected_mu': (
+        lambda p: adamfx.amsgrad(1e-2, bias_correction_mu=False),
+        lambda p: optax.amsgrad(1e-2, bias_correction_mu=False),
+    ),
+    'amsgrad_uncorrected_nu_schedule': (
+        lambda p: adamfx.amsgrad(_SCHEDULE, bias_correction_nu=False),
+        lambda p: optax.amsgrad(_SCHEDULE, bias_correction_nu=False),
+    ),
+    'scale_by_amsgrad_uncorrected': (
+        lambda p: adamfx.scale_by_amsgrad(0.9, 0.99, bias_correction_mu=False,
+                                          bias_correction_nu=False),
+        lambda p: optax.scale_by_amsgrad(0.9, 0.99, bias_correction_mu=False,
+                                         bias_correction_nu=False),
+    ),
     'adamw': (
         lambda p: adamfx.adamw(1e-2, weight_decay=0.1),
         lambda p: optax.adamw(1e-2, weight_decay=0.1),
@@ -301,8 +320,8 @@ def test_mu_dtype_state_and_first_step_match_optax():
 
 
 def _moments(state):
-  """The (count, mu, nu[, nu_max]) of a chain's first state, as a dict."""
-  inner = state[0]
+  """The (count, mu, nu[, nu_max]) of a scaling's state or a chain's first, as a dict."""
+  inner = state if hasattr(state, 'mu') else state[0]
   out = {f: getattr(inner, f) for f in ('count', 'mu', 'nu')}
   if getattr(inner, 'nu_max', None) is not None:
     out['nu_max'] = inner.nu_max
