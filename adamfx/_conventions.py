@@ -49,6 +49,7 @@ from adamfx import _checks
 from adamfx import _numerics
 from adamfx import _param_rounding
 from adamfx import _rounding
+from adamfx import _stable
 from adamfx import _update
 
 __all__ = ['FrameworkAdamState', 'keras_adam', 'keras_adamw', 'torch_adam', 'torch_adamw']
@@ -87,6 +88,7 @@ class _Config(NamedTuple):
   decoupled: Any  # weight decay of the params, scaled by lr (AdamW)
   amsgrad: bool
   maximize: bool
+  stable: _stable.Options = _stable.NONE  # update clipping, cautious
 
 
 def _as(value: Any, dtype: Any) -> jax.Array:
@@ -178,29 +180,67 @@ def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   limit = _numerics.square_safe_limit(cdt)
   g = jnp.clip(g, -limit, limit)
   one = jnp.ones((), cdt)
+  opts = cfg.stable
   if cfg.convention == 'torch':
     m = m + one_minus_b1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
     v = v * b2 + (one_minus_b2 * g) * g  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
     if vm is not None:
       vm = jnp.maximum(vm, v)
+    v_use = v if vm is None else vm
+    if opts.update_clipping:  # optimi's StableAdamW: on the debiased v, floor eps**2
+      lr, decay_factor = _clipped(cfg, g, v_use / bc2, eps * eps, lr, decay_factor)
     bc2_sqrt = jnp.sqrt(bc2)
     step_size = lr / bc1
-    denom = jnp.sqrt(v if vm is None else vm) / bc2_sqrt + eps
-    update = (-step_size * m) / denom  # param.addcdiv_(exp_avg, denom, -step_size)
+    denom = jnp.sqrt(v_use) / bc2_sqrt + eps
+    m_dir = _cautious(m, g) if opts.cautious else m
+    update = (-step_size * m_dir) / denom  # param.addcdiv_(exp_avg, denom, -step_size)
     if cfg.decoupled is not None:  # param.mul_(1 - lr * weight_decay) first
       update = (pc * decay_factor + update) - pc
   else:
-    alpha = lr * jnp.sqrt(one - b2**t) / (one - b1**t)
     m = m + (g - m) * one_minus_b1
     v = v + (g * g - v) * one_minus_b2
     if vm is not None:
       vm = jnp.maximum(vm, v)
-    delta = (m * alpha) / (jnp.sqrt(v if vm is None else vm) + eps)
+    v_use = v if vm is None else vm
+    bc2_keras = one - b2**t
+    if opts.update_clipping:
+      # Keras' denominator sqrt(v) + epsilon is sqrt(v_hat) + epsilon /
+      # sqrt(1 - b2**t): the RMS floors v_hat = v / (1 - b2**t) at the square
+      # of that epsilon, i.e. g**2 (1 - b2**t) / max(v, epsilon**2).
+      lr, _ = _clipped(cfg, g, v_use / bc2_keras, eps * eps / bc2_keras, lr, None)
+    alpha = lr * jnp.sqrt(bc2_keras) / (one - b1**t)
+    m_dir = _cautious(m, g) if opts.cautious else m
+    delta = (m_dir * alpha) / (jnp.sqrt(v_use) + eps)
     if cfg.decoupled is not None:  # variable - variable * wd * lr first
       update = ((pc - pc * _as(cfg.decoupled, cdt) * lr) - delta) - pc
     else:
       update = -delta
   return update, m, v, vm
+
+
+def _clipped(cfg, g, v_hat, floor, lr, decay_factor):
+  r"""Update clipping's rate: ``(lr / max(1, RMS), 1 - that * wd)``.
+
+  :math:`\mathrm{RMS} = \sqrt{\mathrm{mean}(g^2 / \max(\hat v, \mathrm{floor}))}`
+  over the leaf. Where the RMS is at most 1 the rate and torch's decay
+  factor are the unclipped numbers, bit for bit.
+  """
+  cdt = g.dtype
+  rms = jnp.sqrt(jnp.sum(g * g / jnp.maximum(v_hat, floor)) / max(g.size, 1))
+  clipped = lr / jnp.maximum(jnp.ones((), cdt), rms)
+  if decay_factor is not None:
+    decay_factor = jnp.where(
+        rms > 1, jnp.ones((), cdt) - clipped * _as(cfg.decoupled, cdt), decay_factor)
+  return clipped, decay_factor
+
+
+def _cautious(m, g):
+  """C-AdamW's reference code: ``m * mask / max(mean(mask), 1e-3)``,
+  ``mask = 1[m * g > 0]`` (the direction has the sign of ``m``)."""
+  cdt = m.dtype
+  mask = (m * g > 0).astype(cdt)
+  mean = jnp.sum(mask) / max(mask.size, 1)
+  return m * (mask / jnp.maximum(mean, jnp.asarray(_stable.CAUTIOUS_FLOOR, cdt)))
 
 
 class _Rules(NamedTuple):
@@ -291,8 +331,9 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
 
 
 def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maximize,
-           param_rounding='nearest'):
+           param_rounding='nearest', update_clipping=False, cautious=False):
   _param_rounding.check_mode(param_rounding)
+  stable = _stable.options(update_clipping, cautious)
   _checks.check_learning_rate(learning_rate, 'lr' if convention == 'torch' else 'learning_rate')
   _checks.check_decay('beta1' if convention == 'torch' else 'beta_1', b1)
   _checks.check_decay('beta2' if convention == 'torch' else 'beta_2', b2)
@@ -310,6 +351,7 @@ def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maxim
       None if decoupled is None or _is_zero(decoupled) else decoupled,
       _check_flag('amsgrad', amsgrad),
       _check_flag('maximize', maximize),
+      stable,
   )), param_rounding)
 
 
@@ -322,6 +364,8 @@ def torch_adam(
     *,
     maximize: bool = False,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""``torch.optim.Adam``, number for number, as an optax transformation.
 
@@ -388,7 +432,7 @@ def torch_adam(
   """
   b1, b2 = _check_pair('betas', betas)
   return _build('torch', lr, b1, b2, eps, weight_decay, None, amsgrad, maximize,
-                param_rounding)
+                param_rounding, update_clipping, cautious)
 
 
 def torch_adamw(
@@ -400,6 +444,8 @@ def torch_adamw(
     *,
     maximize: bool = False,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""``torch.optim.AdamW``, number for number, as an optax transformation.
 
@@ -446,7 +492,7 @@ def torch_adamw(
   """
   b1, b2 = _check_pair('betas', betas)
   return _build('torch', lr, b1, b2, eps, None, weight_decay, amsgrad, maximize,
-                param_rounding)
+                param_rounding, update_clipping, cautious)
 
 
 def keras_adam(
@@ -457,6 +503,8 @@ def keras_adam(
     amsgrad: bool = False,
     *,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Keras 3's ``keras.optimizers.Adam``, as an optax transformation.
 
@@ -509,7 +557,7 @@ def keras_adam(
     Kingma & Ba, 2015, Adam: A Method for Stochastic Optimization.
   """
   return _build('keras', learning_rate, beta_1, beta_2, epsilon, None, None, amsgrad, False,
-                param_rounding)
+                param_rounding, update_clipping, cautious)
 
 
 def keras_adamw(
@@ -521,6 +569,8 @@ def keras_adamw(
     amsgrad: bool = False,
     *,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Keras 3's ``keras.optimizers.AdamW``, as an optax transformation.
 
@@ -562,5 +612,5 @@ def keras_adamw(
   """
   return _build(
       'keras', learning_rate, beta_1, beta_2, epsilon, None, weight_decay, amsgrad, False,
-      param_rounding,
+      param_rounding, update_clipping, cautious,
   )
