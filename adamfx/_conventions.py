@@ -401,6 +401,18 @@ def torch_adam(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping (Wortsman et al. 2023)
+      in torch's arithmetic: per tensor, ``lr`` is divided by ``max(1,
+      RMS)``, :math:`\mathrm{RMS} = \sqrt{\mathrm{mean}(g_t^2 / \max(\hat
+      v_t / (1 - \beta_2^t), \epsilon^2))}`, with :math:`g_t` the gradient
+      the moments see (the L2 term added, ``maximize``'s sign flipped) and
+      the bias-corrected :math:`\hat v_t` and ``eps`` of torch's
+      denominator. Default False.
+    cautious: cautious updates (Liang et al. 2024, their reference code):
+      ``exp_avg`` is replaced in the step by ``exp_avg * mask / max(mean(mask),
+      1e-3)``, ``mask = 1[exp_avg * g_t > 0]`` per tensor. The L2 term is
+      part of :math:`g_t` and of ``exp_avg``, so it is masked with them
+      (:func:`torch_adamw` leaves its decay unmasked). Default False.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -470,6 +482,14 @@ def torch_adamw(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping in torch's arithmetic
+      (the RMS of :func:`torch_adam`, with :math:`g_t` the gradient): the
+      clipped rate ``lr / max(1, RMS)`` scales the step *and* the decay,
+      ``p *= 1 - lr / max(1, RMS) * weight_decay``. This is torch-optimi's
+      ``StableAdamW`` (``betas=(0.9, 0.99), eps=1e-6`` are its defaults),
+      to rounding. Default False.
+    cautious: cautious updates (see :func:`torch_adam`); the decay is not
+      masked. Default False.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`);
@@ -533,6 +553,17 @@ def keras_adam(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping in Keras' arithmetic:
+      per tensor, ``learning_rate`` (in :math:`\alpha_t`) is divided by
+      ``max(1, RMS)``, :math:`\mathrm{RMS} = \sqrt{\mathrm{mean}((1 -
+      \beta_2^t)\, g_t^2 / \max(\hat v_t, \epsilon^2))}`: StableAdamW's
+      :math:`g^2 / \max(\hat v, e^2)` on the bias-corrected :math:`\hat v_t
+      / (1 - \beta_2^t)`, with :math:`e = \epsilon / \sqrt{1 - \beta_2^t}`,
+      the epsilon Keras' denominator :math:`\sqrt{\hat v_t} + \epsilon`
+      puts on the bias-corrected root. Default False.
+    cautious: cautious updates (Liang et al. 2024, their reference code):
+      :math:`m_t` is replaced in the step by ``m * mask / max(mean(mask),
+      1e-3)``, ``mask = 1[m_t * g_t > 0]`` per tensor. Default False.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`).
@@ -590,6 +621,12 @@ def keras_adamw(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping in Keras' arithmetic
+      (the RMS of :func:`keras_adam`): the clipped rate ``learning_rate /
+      max(1, RMS)`` scales the step *and* the decay, ``p -= p *
+      weight_decay * learning_rate / max(1, RMS)``. Default False.
+    cautious: cautious updates (see :func:`keras_adam`); the decay is not
+      masked. Default False.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`);
