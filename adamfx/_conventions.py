@@ -32,6 +32,13 @@ float32, where torch and Keras would store them in the params' dtype); and a
 gradient above ``2**63`` (float32) is clipped to it before squaring, so a
 single overflowing ``g**2`` no longer sets ``v`` to ``inf``, which in torch
 and Keras freezes the parameter for good.
+
+Each builder also takes issue 23's ``update_clipping=`` (StableAdamW's
+per-tensor ``lr / max(1, RMS)``, on the step and the decoupled decay) and
+``cautious=`` (C-AdamW's mask on the first moment, the decay unmasked),
+defined on the framework's own step: the RMS reads the second moment and
+epsilon as the framework's denominator uses them, the mask the gradient the
+moments see (see each builder and the stable steps guide).
 """
 
 from __future__ import annotations
