@@ -32,6 +32,13 @@ float32, where torch and Keras would store them in the params' dtype); and a
 gradient above ``2**63`` (float32) is clipped to it before squaring, so a
 single overflowing ``g**2`` no longer sets ``v`` to ``inf``, which in torch
 and Keras freezes the parameter for good.
+
+Each builder also takes issue 23's ``update_clipping=`` (StableAdamW's
+per-tensor ``lr / max(1, RMS)``, on the step and the decoupled decay) and
+``cautious=`` (C-AdamW's mask on the first moment, the decay unmasked),
+defined on the framework's own step: the RMS reads the second moment and
+epsilon as the framework's denominator uses them, the mask the gradient the
+moments see (see each builder and the stable steps guide).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from adamfx import _checks
 from adamfx import _numerics
 from adamfx import _param_rounding
 from adamfx import _rounding
+from adamfx import _stable
 from adamfx import _update
 
 __all__ = ['FrameworkAdamState', 'keras_adam', 'keras_adamw', 'torch_adam', 'torch_adamw']
@@ -87,6 +95,7 @@ class _Config(NamedTuple):
   decoupled: Any  # weight decay of the params, scaled by lr (AdamW)
   amsgrad: bool
   maximize: bool
+  stable: _stable.Options = _stable.NONE  # update clipping, cautious
 
 
 def _as(value: Any, dtype: Any) -> jax.Array:
@@ -178,29 +187,67 @@ def _leaf_step(cfg: _Config, g, p, m, v, vm, t, lr, scalars):
   limit = _numerics.square_safe_limit(cdt)
   g = jnp.clip(g, -limit, limit)
   one = jnp.ones((), cdt)
+  opts = cfg.stable
   if cfg.convention == 'torch':
     m = m + one_minus_b1 * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
     v = v * b2 + (one_minus_b2 * g) * g  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
     if vm is not None:
       vm = jnp.maximum(vm, v)
+    v_use = v if vm is None else vm
+    if opts.update_clipping:  # optimi's StableAdamW: on the debiased v, floor eps**2
+      lr, decay_factor = _clipped(cfg, g, v_use / bc2, eps * eps, lr, decay_factor)
     bc2_sqrt = jnp.sqrt(bc2)
     step_size = lr / bc1
-    denom = jnp.sqrt(v if vm is None else vm) / bc2_sqrt + eps
-    update = (-step_size * m) / denom  # param.addcdiv_(exp_avg, denom, -step_size)
+    denom = jnp.sqrt(v_use) / bc2_sqrt + eps
+    m_dir = _cautious(m, g) if opts.cautious else m
+    update = (-step_size * m_dir) / denom  # param.addcdiv_(exp_avg, denom, -step_size)
     if cfg.decoupled is not None:  # param.mul_(1 - lr * weight_decay) first
       update = (pc * decay_factor + update) - pc
   else:
-    alpha = lr * jnp.sqrt(one - b2**t) / (one - b1**t)
     m = m + (g - m) * one_minus_b1
     v = v + (g * g - v) * one_minus_b2
     if vm is not None:
       vm = jnp.maximum(vm, v)
-    delta = (m * alpha) / (jnp.sqrt(v if vm is None else vm) + eps)
+    v_use = v if vm is None else vm
+    bc2_keras = one - b2**t
+    if opts.update_clipping:
+      # Keras' denominator sqrt(v) + epsilon is sqrt(v_hat) + epsilon /
+      # sqrt(1 - b2**t): the RMS floors v_hat = v / (1 - b2**t) at the square
+      # of that epsilon, i.e. g**2 (1 - b2**t) / max(v, epsilon**2).
+      lr, _ = _clipped(cfg, g, v_use / bc2_keras, eps * eps / bc2_keras, lr, None)
+    alpha = lr * jnp.sqrt(bc2_keras) / (one - b1**t)
+    m_dir = _cautious(m, g) if opts.cautious else m
+    delta = (m_dir * alpha) / (jnp.sqrt(v_use) + eps)
     if cfg.decoupled is not None:  # variable - variable * wd * lr first
       update = ((pc - pc * _as(cfg.decoupled, cdt) * lr) - delta) - pc
     else:
       update = -delta
   return update, m, v, vm
+
+
+def _clipped(cfg, g, v_hat, floor, lr, decay_factor):
+  r"""Update clipping's rate: ``(lr / max(1, RMS), 1 - that * wd)``.
+
+  :math:`\mathrm{RMS} = \sqrt{\mathrm{mean}(g^2 / \max(\hat v, \mathrm{floor}))}`
+  over the leaf. Where the RMS is at most 1 the rate and torch's decay
+  factor are the unclipped numbers, bit for bit.
+  """
+  cdt = g.dtype
+  rms = jnp.sqrt(jnp.sum(g * g / jnp.maximum(v_hat, floor)) / max(g.size, 1))
+  clipped = lr / jnp.maximum(jnp.ones((), cdt), rms)
+  if decay_factor is not None:
+    decay_factor = jnp.where(
+        rms > 1, jnp.ones((), cdt) - clipped * _as(cfg.decoupled, cdt), decay_factor)
+  return clipped, decay_factor
+
+
+def _cautious(m, g):
+  """C-AdamW's reference code: ``m * mask / max(mean(mask), 1e-3)``,
+  ``mask = 1[m * g > 0]`` (the direction has the sign of ``m``)."""
+  cdt = m.dtype
+  mask = (m * g > 0).astype(cdt)
+  mean = jnp.sum(mask) / max(mask.size, 1)
+  return m * (mask / jnp.maximum(mean, jnp.asarray(_stable.CAUTIOUS_FLOOR, cdt)))
 
 
 class _Rules(NamedTuple):
@@ -291,8 +338,9 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
 
 
 def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maximize,
-           param_rounding='nearest'):
+           param_rounding='nearest', update_clipping=False, cautious=False):
   _param_rounding.check_mode(param_rounding)
+  stable = _stable.options(update_clipping, cautious)
   _checks.check_learning_rate(learning_rate, 'lr' if convention == 'torch' else 'learning_rate')
   _checks.check_decay('beta1' if convention == 'torch' else 'beta_1', b1)
   _checks.check_decay('beta2' if convention == 'torch' else 'beta_2', b2)
@@ -310,6 +358,7 @@ def _build(convention, learning_rate, b1, b2, eps, l2, decoupled, amsgrad, maxim
       None if decoupled is None or _is_zero(decoupled) else decoupled,
       _check_flag('amsgrad', amsgrad),
       _check_flag('maximize', maximize),
+      stable,
   )), param_rounding)
 
 
@@ -322,6 +371,8 @@ def torch_adam(
     *,
     maximize: bool = False,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""``torch.optim.Adam``, number for number, as an optax transformation.
 
@@ -357,6 +408,18 @@ def torch_adam(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping (Wortsman et al. 2023)
+      in torch's arithmetic: per tensor, ``lr`` is divided by ``max(1,
+      RMS)``, :math:`\mathrm{RMS} = \sqrt{\mathrm{mean}(g_t^2 / \max(\hat
+      v_t / (1 - \beta_2^t), \epsilon^2))}`, with :math:`g_t` the gradient
+      the moments see (the L2 term added, ``maximize``'s sign flipped) and
+      the bias-corrected :math:`\hat v_t` and ``eps`` of torch's
+      denominator. Default False.
+    cautious: cautious updates (Liang et al. 2024, their reference code):
+      ``exp_avg`` is replaced in the step by ``exp_avg * mask / max(mean(mask),
+      1e-3)``, ``mask = 1[exp_avg * g_t > 0]`` per tensor. The L2 term is
+      part of :math:`g_t` and of ``exp_avg``, so it is masked with them
+      (:func:`torch_adamw` leaves its decay unmasked). Default False.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -388,7 +451,7 @@ def torch_adam(
   """
   b1, b2 = _check_pair('betas', betas)
   return _build('torch', lr, b1, b2, eps, weight_decay, None, amsgrad, maximize,
-                param_rounding)
+                param_rounding, update_clipping, cautious)
 
 
 def torch_adamw(
@@ -400,6 +463,8 @@ def torch_adamw(
     *,
     maximize: bool = False,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""``torch.optim.AdamW``, number for number, as an optax transformation.
 
@@ -424,6 +489,14 @@ def torch_adamw(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping in torch's arithmetic
+      (the RMS of :func:`torch_adam`, with :math:`g_t` the gradient): the
+      clipped rate ``lr / max(1, RMS)`` scales the step *and* the decay,
+      ``p *= 1 - lr / max(1, RMS) * weight_decay``. This is torch-optimi's
+      ``StableAdamW`` (``betas=(0.9, 0.99), eps=1e-6`` are its defaults),
+      to rounding. Default False.
+    cautious: cautious updates (see :func:`torch_adam`); the decay is not
+      masked. Default False.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`);
@@ -446,7 +519,7 @@ def torch_adamw(
   """
   b1, b2 = _check_pair('betas', betas)
   return _build('torch', lr, b1, b2, eps, None, weight_decay, amsgrad, maximize,
-                param_rounding)
+                param_rounding, update_clipping, cautious)
 
 
 def keras_adam(
@@ -457,6 +530,8 @@ def keras_adam(
     amsgrad: bool = False,
     *,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Keras 3's ``keras.optimizers.Adam``, as an optax transformation.
 
@@ -485,6 +560,17 @@ def keras_adam(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping in Keras' arithmetic:
+      per tensor, ``learning_rate`` (in :math:`\alpha_t`) is divided by
+      ``max(1, RMS)``, :math:`\mathrm{RMS} = \sqrt{\mathrm{mean}((1 -
+      \beta_2^t)\, g_t^2 / \max(\hat v_t, \epsilon^2))}`: StableAdamW's
+      :math:`g^2 / \max(\hat v, e^2)` on the bias-corrected :math:`\hat v_t
+      / (1 - \beta_2^t)`, with :math:`e = \epsilon / \sqrt{1 - \beta_2^t}`,
+      the epsilon Keras' denominator :math:`\sqrt{\hat v_t} + \epsilon`
+      puts on the bias-corrected root. Default False.
+    cautious: cautious updates (Liang et al. 2024, their reference code):
+      :math:`m_t` is replaced in the step by ``m * mask / max(mean(mask),
+      1e-3)``, ``mask = 1[m_t * g_t > 0]`` per tensor. Default False.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`).
@@ -509,7 +595,7 @@ def keras_adam(
     Kingma & Ba, 2015, Adam: A Method for Stochastic Optimization.
   """
   return _build('keras', learning_rate, beta_1, beta_2, epsilon, None, None, amsgrad, False,
-                param_rounding)
+                param_rounding, update_clipping, cautious)
 
 
 def keras_adamw(
@@ -521,6 +607,8 @@ def keras_adamw(
     amsgrad: bool = False,
     *,
     param_rounding: str = 'nearest',
+    update_clipping: bool = False,
+    cautious: bool = False,
 ) -> optax.GradientTransformation:
   r"""Keras 3's ``keras.optimizers.AdamW``, as an optax transformation.
 
@@ -540,6 +628,12 @@ def keras_adamw(
       buffer in the params' dtype) or ``'stochastic'``; see
       :func:`adamfx.kahan_init` and the memory guide. ``update`` then
       needs ``params``; float32/float64 leaves are never affected.
+    update_clipping: StableAdamW's update clipping in Keras' arithmetic
+      (the RMS of :func:`keras_adam`): the clipped rate ``learning_rate /
+      max(1, RMS)`` scales the step *and* the decay, ``p -= p *
+      weight_decay * learning_rate / max(1, RMS)``. Default False.
+    cautious: cautious updates (see :func:`keras_adam`); the decay is not
+      masked. Default False.
 
   Returns:
     An ``optax.GradientTransformation`` (state :class:`FrameworkAdamState`);
@@ -562,5 +656,5 @@ def keras_adamw(
   """
   return _build(
       'keras', learning_rate, beta_1, beta_2, epsilon, None, weight_decay, amsgrad, False,
-      param_rounding,
+      param_rounding, update_clipping, cautious,
   )

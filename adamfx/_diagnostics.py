@@ -266,6 +266,15 @@ def adam_diagnostics(
   :func:`adamfx.torch_adam` and :func:`adamfx.keras_adam` (the max of the raw
   ``nu``, as in torch and Keras) is divided by :math:`1 - \beta_2^t` here.
 
+  For the framework-exact builders' states, ``grads`` is the gradient their
+  moments saw (:func:`adamfx.torch_adam`'s L2 term ``weight_decay * p``
+  added, ``maximize``'s sign flipped), and ``eps`` the epsilon on
+  :math:`\sqrt{\hat v_t}`: torch's ``eps``; for Keras, whose ``epsilon`` is
+  added to the raw :math:`\sqrt{v_t}`, ``epsilon / sqrt(1 - beta_2**t)``
+  reproduces the RMS its ``update_clipping=True`` computes (``epsilon``
+  itself gives the same number unless some :math:`\hat v_t` is below
+  ``epsilon**2 / (1 - beta_2**t)``).
+
   Args:
     state: an :class:`adamfx.AdamState` or ``optax.ScaleByAdamState``, or any
       optimizer state that contains one (e.g. that of ``adamfx.adam(...)`` or

@@ -153,15 +153,19 @@ def _second_moments(state: Any, treedef: Any) -> tuple[Any, list[Any], bool, boo
   """``(count, leaves of v, bias corrected?, squared?)`` of a scaling's new state.
 
   ``v`` is what the member divides by: ``nu_max`` under AMSGrad (already
-  bias-corrected), AdaMax's infinity norm (to be squared, no correction),
-  else ``nu``; 8-bit moments are dequantized.
+  bias-corrected; that of a :class:`adamfx.FrameworkAdamState`, torch's and
+  Keras's, is the max of the raw ``nu``, corrected here), AdaMax's infinity
+  norm (to be squared, no correction), else ``nu``; 8-bit moments are
+  dequantized.
   """
   nu_max = getattr(state, 'nu_max', None)
   v = state.nu if nu_max is None else nu_max
   leaves = treedef.flatten_up_to(v)
   leaves = [x.dequantize() if _is_quantized(x) else x for x in leaves]
   adamax = isinstance(state, _update.AdaMaxState)
-  return state.count, leaves, nu_max is not None or adamax, adamax
+  # By name: adamfx._conventions imports this module.
+  raw_max = type(state).__name__ == 'FrameworkAdamState'
+  return state.count, leaves, (nu_max is not None and not raw_max) or adamax, adamax
 
 
 # The per-leaf functions are jitted: called eagerly, a step compiles each once

@@ -363,6 +363,86 @@ class KerasAdam:
     return out
 
 
+class FrameworkStable:
+  """torch.optim.Adam/AdamW and Keras 3's Adam/AdamW in float64, with update
+  clipping and cautious updates as adamfx defines them on those builders.
+
+  The frameworks' steps, as one formula each (float64 needs no order of
+  operations): with ``m``, ``v`` the raw moments of the gradient ``g`` (torch
+  ``Adam``: ``g + l2 * p``; ``maximize``: ``-g``), ``v_use`` their AMSGrad
+  maximum (over the *raw* ``v``, as both frameworks) or ``v``, ``bc1 = 1 -
+  b1**t``, ``bc2 = 1 - b2**t``:
+
+  - torch: ``u = (m / bc1) / (sqrt(v_use / bc2) + eps)``;
+  - Keras: ``u = (m / bc1) * sqrt(bc2) / (sqrt(v_use) + epsilon)``, i.e.
+    ``eps_hat = epsilon / sqrt(bc2)`` added to ``sqrt(v_use / bc2)``;
+
+  and the update ``-lr_t * (u + wd * p)`` (AdamW's decoupled decay, torch's
+  ``p *= 1 - lr * wd`` and Keras' ``p -= p * wd * lr``, the param taken
+  before the step).
+
+  - Update clipping, Wortsman et al. (2023) Algorithm 1 / optimi's
+    ``StableAdamW``: ``lr_t = lr / max(1, rms)``, ``rms = sqrt(mean(g**2 /
+    max(v_use / bc2, e**2)))`` with ``e`` the epsilon on ``sqrt(v_hat)`` of
+    the framework's step (torch: ``eps``; Keras: ``eps_hat``).
+  - Cautious, the reference code of Liang et al. (2024) (``c_adamw.py``):
+    ``mask = (exp_avg * grad > 0)``, ``mask = mask / max(mask.mean(),
+    1e-3)``, ``exp_avg * mask`` in place of ``exp_avg`` in the step; the
+    decay is not masked (torch ``Adam``'s L2 term is part of the gradient,
+    so it is).
+  """
+
+  def __init__(self, convention: str, learning_rate: float | Callable[[int], float],
+               b1: float = 0.9, b2: float = 0.999, eps: float | None = None, *,
+               l2: float = 0.0, weight_decay: float = 0.0, amsgrad: bool = False,
+               maximize: bool = False, clip: bool = False, cautious: bool = False):
+    assert convention in ('torch', 'keras')
+    self.convention, self.lr = convention, learning_rate
+    self.b1, self.b2 = b1, b2
+    self.eps = eps if eps is not None else (1e-8 if convention == 'torch' else 1e-7)
+    self.l2, self.wd, self.amsgrad, self.maximize = l2, weight_decay, amsgrad, maximize
+    self.clip, self.cautious = clip, cautious
+    self.last_rms: list[float] = []
+
+  def init(self, params: Sequence[Any]) -> None:
+    self.t = 0
+    self.m = [np.zeros(np.shape(p), np.float64) for p in params]
+    self.v = [np.zeros(np.shape(p), np.float64) for p in params]
+    self.v_max = [np.zeros(np.shape(p), np.float64) for p in params]
+
+  def step(self, grads: Sequence[Any], params: Sequence[Any]) -> list[np.ndarray]:
+    count = self.t
+    self.t += 1
+    t, b1, b2 = self.t, self.b1, self.b2
+    lr = _value(self.lr, count)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    eps_hat = self.eps if self.convention == 'torch' else self.eps / np.sqrt(bc2)
+    out = []
+    self.last_rms = []
+    for i, (g, p) in enumerate(zip(grads, params)):
+      g, p = _f64(g), _f64(p)
+      if self.maximize:
+        g = -g
+      g = g + self.l2 * p
+      self.m[i] = b1 * self.m[i] + (1 - b1) * g
+      self.v[i] = b2 * self.v[i] + (1 - b2) * g * g
+      self.v_max[i] = np.maximum(self.v_max[i], self.v[i])
+      v_hat = (self.v_max[i] if self.amsgrad else self.v[i]) / bc2
+      exp_avg = self.m[i]
+      if self.cautious:  # c_adamw.py
+        mask = (exp_avg * g > 0).astype(np.float64)
+        mask = mask / max(mask.mean() if mask.size else 0.0, 1e-3)
+        exp_avg = exp_avg * mask
+      u = (exp_avg / bc1) / (np.sqrt(v_hat) + eps_hat)
+      step_lr = lr
+      if self.clip:
+        rms = np.sqrt(np.mean(g * g / np.maximum(v_hat, eps_hat**2))) if g.size else 0.0
+        self.last_rms.append(rms)
+        step_lr = lr / max(1.0, rms)
+      out.append(-step_lr * (u + self.wd * p))
+    return out
+
+
 class AMSGrad8bit(Adam8bit):
   """:class:`Adam8bit` with AMSGrad: the running maximum of the bias-corrected
   second moment (as :class:`Adam`) is stored in 8 bits too, with the unsigned

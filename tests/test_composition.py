@@ -265,6 +265,28 @@ CONTRACTS = [
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, clip=True, cautious=True, **_WD)),
     Contract('inject_stable_adamw', lambda: _inject(adamfx.stable_adamw)(LR, **_WD),
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, b2=0.99, eps=1e-6, clip=True, **_WD)),
+    # The framework-exact builders with the options, in their frameworks' arithmetic
+    # (adamfx/_conventions.py): a float64 transcription of each, with StableAdamW's
+    # clip and the cautious reference code on it (reference.FrameworkStable).
+    Contract('torch_adamw_clip', lambda: adamfx.torch_adamw(LR, update_clipping=True, **_WD),
+             param_rounded=True, complex_params=False, wide_moments=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.FrameworkStable('torch', LR, clip=True, **_WD)),
+    Contract('torch_adam_stable',
+             lambda: adamfx.torch_adam(LR, weight_decay=0.1, amsgrad=True, update_clipping=True,
+                                       cautious=True),
+             complex_params=False, wide_moments=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.FrameworkStable(
+                 'torch', LR, l2=0.1, amsgrad=True, clip=True, cautious=True)),
+    Contract('keras_adam_cautious', lambda: adamfx.keras_adam(LR, cautious=True),
+             complex_params=False, wide_moments=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.FrameworkStable('keras', LR, cautious=True)),
+    # Keras' AdamW, like torch's, decays the param first (``p - p * wd * lr``, rounded):
+    # its update is a difference of rounded params too (param_rounded).
+    Contract('keras_adamw_stable',
+             lambda: adamfx.keras_adamw(LR, update_clipping=True, cautious=True, **_WD),
+             param_rounded=True, complex_params=False, wide_moments=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.FrameworkStable(
+                 'keras', LR, clip=True, cautious=True, **_WD)),
     # param_rounding (issue 20) changes bfloat16/float16 leaves only: the
     # table's float32 trees keep optax's numbers; the mixed-dtype check runs
     # the rounding on its 16-bit leaves. Every builder x mode also runs in
@@ -614,19 +636,23 @@ def test_count_saturates_at_int32_max(c):
   for s in _adam_states(state):
     assert int(s.count) == top
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outs))
+  # A param_rounded row's update is a difference of float32-rounded params
+  # (``p * (1 - lr * wd)`` rounded first): it carries that rounding, up to
+  # half an ulp of the param, which neither optax nor the NumPy reference has.
+  atol = max(c.atol * LR, _param_ulps(params, 1)) if c.param_rounded else c.atol * LR
   if c.reference is None:
     _, first = _numpy_run(c, params, [_grads(params, 0)], count=top - 1, move=False)
     _, both = _numpy_run(c, params, [_grads(params, i) for i in range(2)], count=top - 1,
                          move=False)
     ru = jax.tree.map(lambda a, b: a - b, both, first)
-    _assert_close(outs[-1], ru, c.rtol, c.atol * LR)
+    _assert_close(outs[-1], ru, c.rtol, atol)
     return
   ref = c.reference()
   with optax_promotion():
     rs = _set_counts(ref.init(params), top - 1)
     for i in range(2):
       ru, rs = ref.update(_grads(params, i), rs, params)
-  _assert_close(outs[-1], ru, c.rtol, c.atol * LR)
+  _assert_close(outs[-1], ru, c.rtol, atol)
 
 
 # ---------------------------------------------------------------------------
@@ -1228,6 +1254,11 @@ _BUILDERS = {
                                                 cautious=True, decouple_lr=True, max_lr=LR,
                                                 **_WD)),
     'lazy_adamw_stable': (adamfx.lazy_adamw, dict(update_clipping=True, cautious=True, **_WD)),
+    'torch_adamw_clip': (adamfx.torch_adamw, dict(update_clipping=True, **_WD)),
+    'torch_adam_stable': (adamfx.torch_adam, dict(weight_decay=0.1, amsgrad=True,
+                                                  update_clipping=True, cautious=True)),
+    'keras_adam_cautious': (adamfx.keras_adam, dict(cautious=True)),
+    'keras_adamw_stable': (adamfx.keras_adamw, dict(update_clipping=True, cautious=True, **_WD)),
 }
 _REUSES = {'adam_mu_bf16': 'adam', 'adam_nu_bf16': 'adam', 'pack_adam': 'adam',
            'pack_adamw': 'adamw', 'pack_amsgrad': 'amsgrad', 'pack_adam8bit': 'adam8bit',

@@ -286,14 +286,14 @@ def test_defaults_are_the_frameworks():
   sig = lambda f: {k: v.default for k, v in inspect.signature(f).parameters.items()}
   assert sig(adamfx.torch_adam) == dict(
       lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False,
-      param_rounding='nearest')
+      param_rounding='nearest', update_clipping=False, cautious=False)
   assert sig(adamfx.torch_adamw)['weight_decay'] == 1e-2
   assert sig(adamfx.keras_adam) == dict(
       learning_rate=1e-3, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
-      param_rounding='nearest')
+      param_rounding='nearest', update_clipping=False, cautious=False)
   assert sig(adamfx.keras_adamw) == dict(
       learning_rate=1e-3, weight_decay=0.004, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-      amsgrad=False, param_rounding='nearest')
+      amsgrad=False, param_rounding='nearest', update_clipping=False, cautious=False)
 
 
 @pytest.mark.parametrize('make,match', [

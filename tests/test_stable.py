@@ -75,6 +75,11 @@ def _builders():
       ('lazy_adamw', 'AdamW',
        lambda lr, wd, dec, mx: adamfx.lazy_adamw(lr, b2=0.99, eps=1e-6, weight_decay=wd,
                                                  decouple_lr=dec, max_lr=mx)),
+      # torch_adamw's update clipping is StableAdamW in torch's order of
+      # operations (decay first, then the step); it has no decouple_lr.
+      ('torch_adamw_clip', 'StableAdamW',
+       lambda lr, wd, dec, mx: adamfx.torch_adamw(lr, betas=(0.9, 0.99), eps=1e-6,
+                                                  weight_decay=wd, update_clipping=True)),
   ]
 
 
@@ -133,7 +138,7 @@ def _optimi_cases(default):
   the slow suite (.ci/run), to keep the default run short."""
   cases = []
   for n in _BUILDERS:
-    for d in (False, True):
+    for d in ((False,) if n.startswith('torch_') else (False, True)):
       for s in (False, True):
         name = f'{n}-{"decouple_lr" if d else "decoupled"}-{"schedule" if s else "const"}'
         marks = () if name in default else (pytest.mark.slow,)
@@ -142,8 +147,8 @@ def _optimi_cases(default):
 
 
 _F64_DEFAULT = {'stable_adamw-decoupled-const', 'stable_adamw-decouple_lr-schedule',
-                'adamw-decouple_lr-schedule'}
-_F32_DEFAULT = {'stable_adamw-decouple_lr-schedule'}
+                'adamw-decouple_lr-schedule', 'torch_adamw_clip-decoupled-schedule'}
+_F32_DEFAULT = {'stable_adamw-decouple_lr-schedule', 'torch_adamw_clip-decoupled-schedule'}
 
 
 @pytest.mark.parametrize('name,decouple,schedule', _optimi_cases(_F64_DEFAULT))
