@@ -3,6 +3,7 @@
 from adamfx._adam import adam
 from adamfx._adam import adam8bit
 from adamfx._adam import adamax
+from adamfx._adam import adamaxw
 from adamfx._adam import adamw
 from adamfx._adam import adamw8bit
 from adamfx._adam import amsgrad
@@ -87,6 +88,7 @@ __all__ = (
     "adam4bit",
     "adam8bit",
     "adamax",
+    "adamaxw",
     "adamw",
     "adamw4bit",
     "adamw8bit",

@@ -715,6 +715,65 @@ def adamax(
   ), param_rounding)
 
 
+def adamaxw(
+    learning_rate: ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: ScalarOrSchedule = 1e-4,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    *,
+    update_clipping: bool = False,
+    cautious: bool = False,
+    decouple_lr: bool = False,
+    max_lr: Optional[Any] = None,
+    moments: Optional[Any] = None,
+    param_rounding: str = 'nearest',
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaMax with decoupled weight decay, a drop-in for ``optax.adamaxw``.
+
+  :func:`adamax` with AdamW's decay: :math:`\theta_t \leftarrow
+  \theta_{t-1} - \alpha_t (m_t / ((1 - \beta_1^t) u_t) + \lambda
+  \theta_{t-1})`.
+
+  Args:
+    learning_rate: :math:`\alpha`, a number >= 0 or an optax schedule.
+    b1: decay of the first moment, in [0, 1); default 0.9.
+    b2: decay of the infinity norm, in [0, 1); default 0.999.
+    eps: added to the infinity norm, >= 0; default 1e-8.
+    weight_decay: :math:`\lambda` >= 0, or a schedule; default 1e-4.
+    mask: a tree of booleans (or a function of the params returning one)
+      selecting the leaves to decay, as in ``optax.add_decayed_weights``.
+    update_clipping: as in :func:`adamw`.
+    cautious: as in :func:`adamw`.
+    decouple_lr: as in :func:`adamw`.
+    max_lr: as in :func:`adamw`.
+    moments: as in :func:`adamax` (dense storage only).
+    param_rounding: as in :func:`adamw`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
+
+  Raises:
+    ValueError: for hyperparameters outside their ranges.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import adamfx
+    >>> tx = adamfx.adamaxw(1e-2, weight_decay=0.1)
+    >>> params = jnp.ones(2)
+    >>> updates, _ = tx.update(jnp.zeros(2), tx.init(params), params)
+    >>> updates  # pure decay: -lr * weight_decay * w
+    Array([-0.001, -0.001], dtype=float32)
+  """
+  _param_rounding.check_mode(param_rounding)
+  return _param_rounding.with_param_rounding(_chain_learning_rate(
+      scale_by_adamax(b1, b2, eps, moments=moments), learning_rate, b1, b2, eps, 0.0,
+      decay=(_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask),
+      infinity_norm=True, stable=_stable.options(update_clipping, cautious),
+  ), param_rounding)
+
+
 nadam = functools.partial(adam, nesterov=True)
 nadam.__doc__ = 'NAdam: :func:`adam` with ``nesterov=True`` (``optax.nadam``).'
 nadamw = functools.partial(adamw, nesterov=True)

@@ -230,6 +230,10 @@ OPTAX_CASES = {
         lambda p: optax.adamw(1e-2, weight_decay=0.1),
     ),
     'adamw_defaults': (lambda p: adamfx.adamw(1e-2), lambda p: optax.adamw(1e-2)),
+    'adamaxw': (
+        lambda p: adamfx.adamaxw(_SCHEDULE, 0.8, 0.99, 1e-7, 0.1, _decay_mask),
+        lambda p: optax.adamaxw(_SCHEDULE, 0.8, 0.99, 1e-7, 0.1, _decay_mask),
+    ),
     'adamw_mask_callable': (
         lambda p: adamfx.adamw(1e-2, weight_decay=0.1, mask=_decay_mask),
         lambda p: optax.adamw(1e-2, weight_decay=0.1, mask=_decay_mask),

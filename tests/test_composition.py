@@ -136,6 +136,7 @@ CONTRACTS = [
              lambda: optax.adamw(LR, mask=_MASK, **_WD)),
     Contract('nadamw', lambda: adamfx.nadamw(LR, **_WD), lambda: optax.nadamw(LR, **_WD)),
     Contract('adamax', lambda: adamfx.adamax(LR), lambda: optax.adamax(LR)),
+    Contract('adamaxw', lambda: adamfx.adamaxw(LR, **_WD), lambda: optax.adamaxw(LR, **_WD)),
     Contract('scale_by_adam', adamfx.scale_by_adam, optax.scale_by_adam),
     Contract('scale_by_adamax', adamfx.scale_by_adamax, optax.scale_by_adamax),
     # bfloat16 storage rounds mu (or nu) to 8 significant bits (2^-9 = 2e-3
@@ -1219,6 +1220,7 @@ _BUILDERS = {
     'adam': (adamfx.adam, {}), 'nadam': (adamfx.nadam, {}), 'amsgrad': (adamfx.amsgrad, {}),
     'adamw': (adamfx.adamw, _WD), 'adamw_mask': (adamfx.adamw, dict(mask=_MASK, **_WD)),
     'nadamw': (adamfx.nadamw, _WD), 'adamax': (adamfx.adamax, {}),
+    'adamaxw': (adamfx.adamaxw, _WD),
     'scale_by_adam': (adamfx.scale_by_adam, {}), 'scale_by_adamax': (adamfx.scale_by_adamax, {}),
     'adam8bit': (adamfx.adam8bit, dict(min_8bit_size=_C8)),
     'adamw8bit': (adamfx.adamw8bit, dict(min_8bit_size=_C8, **_WD)),
