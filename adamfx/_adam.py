@@ -524,11 +524,7 @@ def adamw(
       learning rate (a number). Required with a schedule.
     moments: the moments' storage format (:class:`Dense`,
       :class:`Blockwise8bit`); see :func:`scale_by_adam`.
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -683,11 +679,7 @@ def adamax(
       (accepted so that every member takes the same flags).
     cautious: see :func:`adam`.
     moments: :class:`Dense` storage or None (see :func:`scale_by_adamax`).
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -815,11 +807,7 @@ def amsgrad(
     update_clipping: see :func:`adam`; the RMS is taken against the running
       maximum of the second moment, the denominator AMSGrad uses.
     cautious: see :func:`adam`.
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1021,11 +1009,7 @@ def adam8bit(
     update_clipping: StableAdamW's per-tensor update clipping, on the
       dequantized new second moment (see :func:`adamfx.adam`).
     cautious: cautious updates (see :func:`adamfx.adam`).
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -1113,11 +1097,7 @@ def adamw8bit(
       (see :func:`adamfx.adamw`).
     max_lr: the peak learning rate for ``decouple_lr``; default: the
       learning rate (a number); required with a schedule.
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
@@ -1213,11 +1193,7 @@ def stable_adamw(
       scaled by the clip factor too (optimi's ``decouple_lr``).
     max_lr: the peak learning rate for ``decouple_lr``, > 0; default: the
       learning rate (a number); required with a schedule.
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.

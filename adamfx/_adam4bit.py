@@ -50,11 +50,7 @@ def adam4bit(
     rank1: rank-1 normalisation of 2-D leaves' second moment (Li et al.).
     update_clipping: StableAdamW's update clipping, as in :func:`adamfx.adam`.
     cautious: cautious updates, as in :func:`adamfx.adam`.
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -140,11 +136,7 @@ def adamw4bit(
     cautious: cautious updates, as in :func:`adamfx.adamw`.
     decouple_lr: fully decoupled weight decay, as in :func:`adamfx.adamw`.
     max_lr: the peak learning rate for ``decouple_lr``, as in :func:`adamfx.adamw`.
-    param_rounding: how a new param is rounded to a params dtype narrower
-      than float32: ``'nearest'`` (default), ``'kahan'`` (a compensation
-      buffer in the params' dtype) or ``'stochastic'``; see
-      :func:`adamfx.kahan_init` and the memory guide. ``update`` then
-      needs ``params``; float32/float64 leaves are never affected.
+    param_rounding: ``'nearest'`` (default), ``'kahan'`` or ``'stochastic'``, as in :func:`adam`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
