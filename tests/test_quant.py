@@ -474,9 +474,6 @@ def test_optax_inject_hyperparams_works_on_8bit(member):
     jax.jit(tx.update)(params, tx.init(params), params)
 
 
-@pytest.mark.xfail(strict=True, reason='issue 24 item 4: 8-bit nu rounds to the nearest code'
-                   ' and stalls against its block max; fix (stochastic rounding of the nu'
-                   ' codes) pending in the storage-format rework')
 def test_8bit_nu_does_not_stall():
   """One element per 256-block keeps |g| = 1, the others drop 100x at step 200.
 
@@ -499,4 +496,6 @@ def test_8bit_nu_does_not_stall():
     _, state32 = step32(g, state32)
   nu8 = np.asarray(_quant.dequantize(state.nu, signed=False, block_size=256))
   ratio = float(np.median(nu8[others] / np.asarray(state32.nu)[others]))
-  assert abs(ratio - 1) < 0.05, ratio  # today: 1.656
+  # Round-to-nearest codes gave 1.656 here (issue 24); stochastic ones, as
+  # the float64 model with stochastic codes, about 1.
+  assert abs(ratio - 1) < 0.05, ratio

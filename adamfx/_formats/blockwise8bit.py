@@ -84,9 +84,11 @@ class Blockwise8bit:
 
   def encode(self, x: Any, signed: bool, *, count: Any, leaf_index: int, like: Any) -> Any:
     """``x`` stored as ``like`` is (quantized or not)."""
-    del count, leaf_index
     if isinstance(like, _quant.QuantizedArray):
-      return _quant.quantize(x, signed=signed, block_size=self.block_size)
+      # nu's codes are stochastically rounded, as in the fused step (issue 24).
+      bits = None if signed else _quant.nu_bits(
+          tuple(np.shape(x)), self.block_size, count, leaf_index)
+      return _quant.quantize(x, signed=signed, block_size=self.block_size, bits=bits)
     return x.astype(like.dtype)
 
   def config(self) -> dict[str, Any]:
@@ -133,10 +135,9 @@ class Blockwise8bit:
 
   def step(self, g, m, v, vm, leaf_index, math):
     """The fused 8-bit step of one leaf (see :func:`adamfx._quant.leaf_step`)."""
-    del leaf_index
     return _quant.leaf_step(
         g, m, v, vm, math.count, math.hps, nesterov=math.nesterov, amsgrad=math.amsgrad,
-        block_size=self.block_size, step_size=math.step_size,
+        block_size=self.block_size, step_size=math.step_size, leaf_index=leaf_index,
     )
 
   def gather_rows(self, stored: Any, ids: Any, take: Any) -> Any:
