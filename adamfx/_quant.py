@@ -12,7 +12,11 @@ entries of a block keep relative precision (down to ~1e-7 of the block's
 absmax) while the largest keep about 2-3 significant digits. A step
 dequantizes (code value times block scale), runs the float32 Adam update
 (:func:`adamfx._update._moment_step`, the same math as :func:`adamfx.adam`),
-and requantizes to the nearest code, all inside the same jitted function.
+and requantizes, all inside the same jitted function: ``mu`` to the nearest
+code, ``nu`` (and AMSGrad's ``nu_max``) to one of its two neighbouring codes
+at random, unbiased (stochastic rounding, bits hashed from the step count,
+the leaf and the element: see :func:`nu_bits`), so that ``nu`` decays by
+``b2`` instead of stalling on its code (issue 24).
 Leaves smaller than ``min_8bit_size`` (biases, norms) keep float32 moments:
 their bytes don't matter, their precision might.
 

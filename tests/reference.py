@@ -517,8 +517,8 @@ class Adam4bit(Adam):
   Stochastic rounding takes its uniform numbers from ``bits(count, leaf, salt,
   n_blocks)`` (the random number generator, not the algorithm: pass adamfx's to
   make the same draws), ``count`` the 1-based step, ``leaf`` the leaf's index
-  and ``salt`` 0 for ``m``, 1 for ``v`` and for the running maximum; ``bits``
-  None rounds to nearest.
+  and ``salt`` 0 for ``m``, 1 for ``v`` and 2 for the running maximum
+  (independent draws); ``bits`` None rounds to nearest.
   """
 
   def __init__(self, *args: Any, block_size: int = 128, min_size: int = 4096,
@@ -544,5 +544,5 @@ class Adam4bit(Adam):
     self.m = self._stored(self.m, 'dynamic', 0)
     self.v = self._stored(self.v, self.nu_map, 1)
     if self.amsgrad:
-      self.v_max = self._stored(self.v_max, self.nu_map, 1)
+      self.v_max = self._stored(self.v_max, self.nu_map, 2)
     return out

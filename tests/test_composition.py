@@ -127,12 +127,12 @@ def _uniform4(count, leaf, salt, rows):
 
   The random number generator, not the algorithm under test: ``_B4``'s bits
   (hashed from the step count, the leaf and the element; ``salt`` 0 for mu,
-  1 for nu and nu_max) as uniforms in [0, 1) from their top 24 bits, as
+  1 for nu, 2 for nu_max) as uniforms in [0, 1) from their top 24 bits, as
   adamfx._codec4.uniform documents. The count saturates at the int32 max,
   as the state's does.
   """
   count = jnp.int32(min(count, np.iinfo(np.int32).max))
-  bits = np.asarray(_B4._bits(rows, count, leaf, salt == 0)).astype(np.uint64)
+  bits = np.asarray(_B4._bits(rows, count, leaf, salt == 0, moment=salt)).astype(np.uint64)
   return (bits >> 8).astype(np.float64) * 2.0**-24
 
 

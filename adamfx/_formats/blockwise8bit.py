@@ -28,7 +28,11 @@ class Blockwise8bit:
   signed for ``mu``, unsigned for ``nu`` and AMSGrad's ``nu_max``, and one
   float32 absmax per block of ``block_size``): 2.03 bytes per parameter for
   two moments instead of 8. Smaller leaves keep their moments in float32.
-  The update is Adam's float32 arithmetic on the decoded moments.
+  The update is Adam's float32 arithmetic on the decoded moments. ``mu``'s
+  codes are the nearest map value; ``nu``'s (and ``nu_max``'s) are rounded
+  stochastically, unbiased, with bits hashed from (step count, leaf,
+  element), so a small ``nu`` in a block whose largest element stays large
+  decays as it should instead of stalling on its code (issue 24).
 
   ``adamfx.adam(lr, moments=adamfx.Blockwise8bit())`` is
   :func:`adamfx.adam8bit` bit for bit; every member that keeps Adam's two
