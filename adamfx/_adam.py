@@ -914,9 +914,17 @@ def scale_by_adam8bit(
       \mathrm{mu}, \mathrm{nu} &\leftarrow \mathrm{q}_{\pm}(m),\ \mathrm{q}_{+}(v)
     \end{align*}
 
-  where :math:`\mathrm{q}(x)_i = \arg\min_c |x_i / s_B - \mathrm{map}_c|` with
+  where :math:`\mathrm{q}_{\pm}(x)_i = \arg\min_c |x_i / s_B - \mathrm{map}_c|` with
   :math:`s_B = \max_{j \in B} |x_j|` the absmax of element :math:`i`'s block
   :math:`B`, and :math:`\mathrm{deq}(c)_i = \mathrm{map}_{c_i} s_B`.
+  :math:`\mathrm{q}_{+}` rounds stochastically: with
+  :math:`\mathrm{map}_c \le x_i / s_B < \mathrm{map}_{c+1}` it takes
+  :math:`c + 1` with probability
+  :math:`(x_i / s_B - \mathrm{map}_c) / (\mathrm{map}_{c+1} - \mathrm{map}_c)`, so
+  the stored ``nu`` is right on average and decays by ``b2`` even in a block
+  whose absmax stays large (round-to-nearest stalled there, issue 24). Its
+  bits are a hash of (step count, leaf, element): no key in the state, the
+  same bits eager or jitted, chunked or not.
 
   An element whose new moment is not finite (a NaN or inf gradient) keeps its
   previous moments, and the rest of its block is quantized as if it were not

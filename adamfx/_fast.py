@@ -58,8 +58,13 @@ def _narrow(dtype: Any) -> bool:
 
 
 def _positional(fmt: Any, m: Any) -> bool:
-  """Whether ``fmt`` rounds the stored moment ``m`` with bits hashed from its leaf's position."""
-  return getattr(fmt, 'rounding', None) == 'stochastic' and fmt.is_stored(m)
+  """Whether ``fmt`` rounds the stored moment ``m`` with bits hashed from its leaf's position.
+
+  Blockwise4bit's codes with ``rounding='stochastic'``, and Blockwise8bit's
+  (which has no ``rounding`` option: its ``nu`` codes are always rounded
+  stochastically, issue 24).
+  """
+  return getattr(fmt, 'rounding', 'stochastic') == 'stochastic' and fmt.is_stored(m)
 
 
 def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
@@ -203,7 +208,8 @@ def family_update(
     p_leaves = decay_on = [None] * len(g_leaves)
     decay_size = None
   # A 16-bit nu's stochastic rounding hashes the leaf's position in the tree,
-  # and so does a format's (Blockwise4bit's codes, rounding='stochastic').
+  # and so does a format's (Blockwise4bit's codes, rounding='stochastic';
+  # Blockwise8bit's nu codes).
   narrow = [g is not None and (_positional(fmt, m) if fmt is not None else _narrow(v.dtype))
             for g, m, v in zip(g_leaves, m_leaves, v_leaves)]
   outs = [(None, None, None, None)] * len(g_leaves)

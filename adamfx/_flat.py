@@ -180,7 +180,10 @@ def pack_state(
   leaf's storage: the leaves it quantizes get a buffer each, padded to whole
   blocks (the tree's blocks), the others buffers below its ``min_8bit_size``
   (float32, as in the tree); their updates are the tree's to float32
-  rounding.
+  rounding, except that the stochastic rounding of its ``nu`` codes (issue
+  24) hashes the buffer's place among the packed state's buffers (sorted by
+  name) where the tree hashes the leaf's place among the params: the same
+  rounding, other random bits.
 
   .. math::
 

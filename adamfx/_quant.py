@@ -12,7 +12,11 @@ entries of a block keep relative precision (down to ~1e-7 of the block's
 absmax) while the largest keep about 2-3 significant digits. A step
 dequantizes (code value times block scale), runs the float32 Adam update
 (:func:`adamfx._update._moment_step`, the same math as :func:`adamfx.adam`),
-and requantizes to the nearest code, all inside the same jitted function.
+and requantizes, all inside the same jitted function: ``mu`` to the nearest
+code, ``nu`` (and AMSGrad's ``nu_max``) to one of its two neighbouring codes
+at random, unbiased (stochastic rounding, bits hashed from the step count,
+the leaf and the element: see :func:`nu_bits`), so that ``nu`` decays by
+``b2`` instead of stalling on its code (issue 24).
 Leaves smaller than ``min_8bit_size`` (biases, norms) keep float32 moments:
 their bytes don't matter, their precision might.
 
@@ -180,7 +184,7 @@ def _magnitudes(signed: bool) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=('signed', 'block_size'))
 def quantize(
-    x: jax.Array, *, signed: bool, block_size: int = 256
+    x: jax.Array, *, signed: bool, block_size: int = 256, bits: Any = None
 ) -> QuantizedArray:
   r"""Quantizes ``x`` blockwise to the nearest value of the dynamic map.
 
@@ -196,6 +200,9 @@ def quantize(
     signed: use the signed map (first moment) or the unsigned one (second
       moment; ``x`` must then be >= 0).
     block_size: elements per block, >= 1.
+    bits: optional uniform uint32 bits shaped like the blocked view of ``x``
+      (:func:`nu_bits`): an unsigned element then takes the code above or
+      below it at random, unbiased (see :func:`_encode`); None: nearest.
 
   Returns:
     A :class:`QuantizedArray`.
@@ -216,10 +223,12 @@ def quantize(
   finite = jnp.isfinite(xb)
   absmax = _codec8.block_max(jnp.where(finite, jnp.abs(xb), 0))
   xn = jnp.where(finite, _codec8.normalize(xb, absmax), 0)
-  return QuantizedArray(_encode(xn, shape, signed, block_size), absmax, block_size, signed)
+  return QuantizedArray(_encode(xn, shape, signed, block_size, bits), absmax, block_size, signed)
 
 
-def _quantize_finite(x: jax.Array, *, signed: bool, block_size: int) -> QuantizedArray:
+def _quantize_finite(
+    x: jax.Array, *, signed: bool, block_size: int, bits: Any = None
+) -> QuantizedArray:
   """:func:`quantize` for a float32 ``x`` known to be finite (no NaN, no inf).
 
   The block's absmax is then ``max(max x, -min x)``: two plain reductions
@@ -230,13 +239,51 @@ def _quantize_finite(x: jax.Array, *, signed: bool, block_size: int) -> Quantize
   xb = _to_blocks(x, block_size)
   absmax = jnp.maximum(jnp.max(xb, axis=-1), -jnp.min(xb, axis=-1))
   xn = _codec8.normalize(xb, absmax)
-  return QuantizedArray(_encode(xn, x.shape, signed, block_size), absmax, block_size, signed)
+  return QuantizedArray(_encode(xn, x.shape, signed, block_size, bits), absmax, block_size, signed)
 
 
-def _encode(xn: jax.Array, shape: tuple[int, ...], signed: bool, block_size: int) -> jax.Array:
-  """The codes of blocks ``xn`` normalised to [-1, 1] (see :func:`quantize`)."""
+def nu_bits(shape: tuple[int, ...], block_size: int, count: Any, leaf_index: int,
+            salt: int = 1, row0: Any = 0) -> jax.Array:
+  """Uniform uint32 bits for stochastically rounding an unsigned moment's codes.
+
+  The 4-bit format's bits (:func:`adamfx._codec4.block_bits`, a hash of
+  ``(count, 3 * leaf_index + salt, element)``, ``salt`` 1 for ``nu`` and 2
+  for AMSGrad's ``nu_max``), shaped like the blocked view of a leaf of
+  ``shape``. The element index is the element's position in the whole leaf
+  (block ``row0 + r``, place ``i``: ``(row0 + r) * block_size + i``), so a
+  leaf stepped chunk by chunk (``rows`` blocks from ``row0``) draws the bits
+  it draws in one piece (a chunk's ``shape`` is its ``(rows, block_size)``).
+  """
+  from adamfx import _codec4  # noqa: PLC0415
+
+  view, _ = _layout(tuple(shape), block_size)
+  rows = math.prod(view[:-1])
+  bits = _codec4.block_bits(rows, block_size, count, 3 * leaf_index + salt, row0)
+  return bits.reshape(view)
+
+
+def _encode(xn: jax.Array, shape: tuple[int, ...], signed: bool, block_size: int,
+            bits: Any = None) -> jax.Array:
+  """The codes of blocks ``xn`` normalised to [-1, 1] (see :func:`quantize`).
+
+  With ``bits`` (unsigned map only), an element between map values
+  ``lo <= a < hi`` takes ``hi`` with probability ``(a - lo) / (hi - lo)``:
+  the stored value is ``a`` in expectation, so a small element of a block
+  whose absmax stays large decays as it should instead of stalling at the
+  nearest code (issue 24).
+  """
   a = jnp.minimum(jnp.abs(xn), 1)
   k = _codec8.nearest_index(a, _magnitudes(signed))
+  if bits is not None and not signed:
+    from adamfx import _codec4  # noqa: PLC0415
+
+    val = lambda c: _codec8.map_value(c.astype(jnp.uint8), False)
+    k = jnp.where(val(k) > a, k - 1, k)  # the neighbour below (k >= 0: map[0] = 0)
+    lo = val(k)
+    hi = val(jnp.minimum(k + 1, 255))
+    gap = hi - lo
+    p = jnp.where(gap > 0, (a - lo) / jnp.where(gap > 0, gap, 1), 0)
+    k = k + (_codec4.uniform(bits) < p).astype(k.dtype)
   if signed:
     idx = jnp.where(xn < 0, 127 - jnp.minimum(k, 127), 127 + k)
   else:
@@ -382,7 +429,8 @@ def _chunked(step, chunk_rows, block_size, g, m, v, count, arrays):
     gb, mc, ms, vc, vs = carry
     uc, mq, vq = step(
         take(gb, i), QuantizedArray(take(mc, i), take(ms, i), block_size, True),
-        QuantizedArray(take(vc, i), take(vs, i), block_size, False), count, arrays)
+        QuantizedArray(take(vc, i), take(vs, i), block_size, False), count, arrays,
+        row0=i * chunk_rows)
     put = lambda x, y: jax.lax.dynamic_update_index_in_dim(x, y, i, 0)
     uc = uc.astype(gb.dtype)
     return put(gb, uc), put(mc, mq.codes), put(ms, mq.scale), put(vc, vq.codes), put(vs, vq.scale)
@@ -498,12 +546,16 @@ def leaf_step(
     amsgrad: bool,
     block_size: int,
     step_size: Optional[float] = None,
+    leaf_index: int = 0,
 ) -> tuple[jax.Array, Any, Any, Any, bool]:
   """One leaf of the 8-bit step: ``(update, mu, nu, nu_max, scaled)``.
 
   ``m``, ``v`` (and AMSGrad's ``vm``) are :class:`QuantizedArray` or, for a
   small leaf, arrays in the compute dtype. ``scaled`` says whether
   ``step_size`` was applied (inside a chunked leaf's loop, float32 only).
+  ``nu``'s (and ``nu_max``'s) codes are stochastically rounded with bits
+  hashed from ``(count, leaf_index, element)`` (:func:`nu_bits`); ``mu``'s
+  are rounded to the nearest.
   """
   step = functools.partial(
       _update._moment_step, count=count, **hps,
@@ -517,9 +569,10 @@ def leaf_step(
   # auto_axes they must carry the function's (auto) mesh types.
   arrays = {k: x for k, x in hps.items() if not isinstance(x, (int, float))}
   if amsgrad:
-    return (*_amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size), False)
+    return (*_amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size, leaf_index),
+            False)
 
-  def step_blocks(g, m, v, count, arrays, hps=hps):
+  def step_blocks(g, m, v, count, arrays, hps=hps, row0=0):
     hps = {**hps, **arrays}
     m_old = dequantize(m, signed=True, block_size=block_size)
     v_old = dequantize(v, signed=False, block_size=block_size)
@@ -536,11 +589,12 @@ def leaf_step(
     bad = ~jnp.isfinite(g)
     m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
     v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
+    bits = nu_bits(g.shape, block_size, count, leaf_index, 1, row0)
     if m_new.dtype != jnp.float32:
       return (
           u,
           quantize(m_new, signed=True, block_size=block_size),
-          quantize(v_new, signed=False, block_size=block_size),
+          quantize(v_new, signed=False, block_size=block_size, bits=bits),
       )
     m_new, v_new, u = _materialized_step(
         g, m_new, v_new, bad, count, hps, nesterov=nesterov)
@@ -549,7 +603,7 @@ def leaf_step(
     return (
         u,
         _quantize_finite(m_new, signed=True, block_size=block_size),
-        _quantize_finite(v_new, signed=False, block_size=block_size),
+        _quantize_finite(v_new, signed=False, block_size=block_size, bits=bits),
     )
 
   def quantized_step(g, m, v, count, arrays):
@@ -567,7 +621,7 @@ def leaf_step(
   return u, m_q, v_q, None, step_size is not None and g.dtype == jnp.float32
 
 
-def _amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size):
+def _amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size, leaf_index=0):
   """AMSGrad's 8-bit leaf step: the running maximum ``vm`` is stored like ``nu``.
 
   Decodes the three moments, runs the float32 AMSGrad step and re-encodes
@@ -583,8 +637,9 @@ def _amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size):
         g, *olds, count=count, **hps_all, nesterov=nesterov, amsgrad=True, infinity_norm=False)
     bad = ~jnp.isfinite(g)
     news = [jnp.where(bad, old.astype(new.dtype), new) for old, new in zip(olds, news)]
-    return (u, *(quantize(x, signed=s, block_size=block_size)
-                 for x, s in zip(news, (True, False, False))))
+    bits = lambda salt: nu_bits(g.shape, block_size, count, leaf_index, salt)
+    return (u, *(quantize(x, signed=s, block_size=block_size, bits=b)
+                 for x, s, b in zip(news, (True, False, False), (None, bits(1), bits(2)))))
 
   shardings = lambda sh: (sh, *(jax.tree.map(lambda a: jax.typeof(a).sharding, x)
                                 for x in (m, v, vm)))

@@ -172,7 +172,7 @@ def run(
 
 
 def quantize8(
-    x: Any, code_map: Any, block_size: int, signed: bool
+    x: Any, code_map: Any, block_size: int, signed: bool, uniform: Any = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Blockwise 8-bit quantisation (Dettmers et al. 2022), in float64.
 
@@ -181,6 +181,11 @@ def quantize8(
   index of the map value nearest to ``x / scale`` (the first on a tie), and
   for the unsigned map (second moment) a positive element never takes the
   code of 0. Non-finite elements get code 0 here (callers replace them).
+
+  With ``uniform`` (draws in [0, 1), one per element of the flattened
+  ``x``), an element between map values ``lo <= x / scale < hi`` takes
+  ``hi`` when its draw is below ``(x / scale - lo) / (hi - lo)``, else
+  ``lo``: stochastic rounding, unbiased (adamfx's 8-bit ``nu``, issue 24).
 
   Returns:
     ``(codes, scales, normalised)``: int codes per element (flat, unpadded),
@@ -199,6 +204,15 @@ def quantize8(
   xn = np.where(finite, xb / safe, 0)
   values = np.asarray(code_map, np.float64)
   codes = np.argmin(np.abs(xn[..., None] - values), axis=-1)
+  if uniform is not None:
+    u = np.zeros(blocks * block_size)
+    u[:n] = np.asarray(uniform, np.float64).reshape(-1)
+    u = u.reshape(blocks, block_size)
+    lo = np.clip(np.searchsorted(values, xn, side='right') - 1, 0, values.size - 1)
+    hi = np.minimum(lo + 1, values.size - 1)
+    gap = values[hi] - values[lo]
+    p = np.where(gap > 0, (xn - values[lo]) / np.where(gap > 0, gap, 1), 0)
+    codes = lo + (u < p)
   if not signed:
     codes = np.where((xn > 0) & (codes == 0), 1, codes)
   return codes.reshape(-1)[:n], scale, xn.reshape(-1)[:n]
@@ -299,23 +313,44 @@ class Adam8bit(Adam):
   the flattened (row-major) buffer, the last one padded with zeros: for a leaf
   whose last axis is a multiple of ``block_size``, that is blocks along the
   last axis.
+
+  ``v``'s codes are rounded stochastically (issue 24), ``m``'s to the
+  nearest. A float64 model cannot draw its own random numbers and match
+  the library, and a tolerance would have to allow a whole code step (up
+  to 10% of an element's ``v``) on any element, which would hide real
+  bugs. So the model takes the library's *random draws* -- the uint32 bits
+  of ``adamfx._codec4.block_bits`` for ``(count, 3 * group + 1, element)``,
+  the element's flat position in its group's buffer, turned into a uniform
+  in [0, 1) as the library does (top 24 bits) -- and makes the rounding
+  decision itself, in float64, from its own moments. The library's
+  stochastic rounding (which neighbours, which probability, which element
+  gets which draw, chunked or not) is then checked at the same tolerance as
+  before; only the hash is shared, and it is tested on its own
+  (tests/test_rounding.py).
   """
 
   def __init__(self, *args: Any, block_size: int = 256, min_size: int = 4096,
-               groups: Sequence[Sequence[int]] | None = None, **kwargs: Any):
+               groups: Sequence[Sequence[int]] | None = None,
+               positions: Sequence[int] | None = None, **kwargs: Any):
     super().__init__(*args, **kwargs)
     assert not self.amsgrad and self.mu_dtype is None
     self.block_size, self.min_size, self.groups = block_size, min_size, groups
+    self.positions = positions
 
-  def _stored(self, moments: list[np.ndarray], signed: bool) -> list[np.ndarray]:
+  def _stored(self, moments: list[np.ndarray], signed: bool, salt: int = 1) -> list[np.ndarray]:
+    """``moments`` stored and decoded; ``salt`` 1 for ``v``, 2 for AMSGrad's ``v_max``."""
     groups = self.groups if self.groups is not None else [[i] for i in range(len(moments))]
     out = list(moments)
-    for group in groups:
+    for index, group in enumerate(groups):
       flat = np.concatenate([moments[i].reshape(-1) for i in group])
       if flat.size < self.min_size:
         continue
       code_map = dynamic_map8(signed)
-      codes, scale, _ = quantize8(flat, code_map, self.block_size, signed)
+      # The hash's leaf index: the group's place (a leaf's in the tree), or
+      # ``positions[index]`` (pack_state: its buffer's place in the packed state).
+      where = index if self.positions is None else self.positions[index]
+      uniform = None if signed else self._uniform(flat.size, where, salt)
+      codes, scale, _ = quantize8(flat, code_map, self.block_size, signed, uniform)
       per_element = np.repeat(scale, self.block_size)[:flat.size]
       flat = code_map[codes] * per_element
       start = 0
@@ -323,6 +358,18 @@ class Adam8bit(Adam):
         out[i] = flat[start:start + moments[i].size].reshape(moments[i].shape)
         start += moments[i].size
     return out
+
+  def _uniform(self, n: int, leaf_index: int, salt: int = 1) -> np.ndarray:
+    """The library's uniform draws for the codes of a leaf of ``n`` elements.
+
+    ``salt`` 1 for ``v``, 2 for AMSGrad's ``v_max`` (independent draws).
+    """
+    from adamfx import _codec4  # noqa: PLC0415
+
+    blocks = max(1, -(-n // self.block_size))
+    bits = np.asarray(_codec4.block_bits(blocks, self.block_size, np.int32(self.t),
+                                         3 * leaf_index + salt))
+    return ((bits >> 8).astype(np.float64) * 2.0**-24).reshape(-1)[:n]
 
   def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
     out = super().scaled(grads)
@@ -446,7 +493,9 @@ class FrameworkStable:
 class AMSGrad8bit(Adam8bit):
   """:class:`Adam8bit` with AMSGrad: the running maximum of the bias-corrected
   second moment (as :class:`Adam`) is stored in 8 bits too, with the unsigned
-  map of ``v`` (as ``adamfx.Blockwise8bit`` documents for ``nu_max``)."""
+  map of ``v`` (as ``adamfx.Blockwise8bit`` documents for ``nu_max``), its
+  codes stochastically rounded like ``v``'s with independent draws (salt 2).
+  """
 
   def __init__(self, *args: Any, **kwargs: Any):
     super().__init__(*args, **kwargs)
@@ -454,7 +503,7 @@ class AMSGrad8bit(Adam8bit):
 
   def scaled(self, grads: Sequence[Any]) -> list[np.ndarray]:
     out = super().scaled(grads)
-    self.v_max = self._stored(self.v_max, signed=False)
+    self.v_max = self._stored(self.v_max, signed=False, salt=2)
     return out
 
 
@@ -548,8 +597,8 @@ class Adam4bit(Adam):
   Stochastic rounding takes its uniform numbers from ``bits(count, leaf, salt,
   n_blocks)`` (the random number generator, not the algorithm: pass adamfx's to
   make the same draws), ``count`` the 1-based step, ``leaf`` the leaf's index
-  and ``salt`` 0 for ``m``, 1 for ``v`` and for the running maximum; ``bits``
-  None rounds to nearest.
+  and ``salt`` 0 for ``m``, 1 for ``v`` and 2 for the running maximum
+  (independent draws); ``bits`` None rounds to nearest.
   """
 
   def __init__(self, *args: Any, block_size: int = 128, min_size: int = 4096,
@@ -575,5 +624,5 @@ class Adam4bit(Adam):
     self.m = self._stored(self.m, 'dynamic', 0)
     self.v = self._stored(self.v, self.nu_map, 1)
     if self.amsgrad:
-      self.v_max = self._stored(self.v_max, self.nu_map, 1)
+      self.v_max = self._stored(self.v_max, self.nu_map, 2)
     return out

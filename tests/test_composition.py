@@ -100,6 +100,23 @@ _C8 = 256  # min_8bit_size in the table: the (4, 64) leaf is quantized, the bias
 # has it too, so optax rows don't see it), plus 2e-6 of float32 arithmetic: rtol 2e-5.
 _F64_RTOL = 2e-5
 
+
+def _packed_positions(params):
+  """Each leaf's buffer's place among pack_state's buffers (adam8bit, ``_C8``).
+
+  pack_state keeps a leaf the tree quantizes in a buffer of its own
+  (``'<dtype>_8bit_<leaf>'``), the others in one buffer per dtype
+  (``'<dtype>'``), in a dict (its leaves in sorted key order). ``nu``'s
+  stochastic rounding hashes the leaf's place in the state it is given, so a
+  packed 8-bit leaf draws the bits of its buffer's place, not of its place in
+  the params tree (documented in ``adamfx.pack_state``).
+  """
+  names = [f'{p.dtype.name}_8bit_{i}' if p.size >= _C8 else p.dtype.name
+           for i, p in enumerate(jax.tree.leaves(params))]
+  order = sorted(set(names))
+  return [order.index(n) for n in names]
+
+
 _B8 = adamfx.Blockwise8bit(min_size=_C8)
 _B8_ROWS = adamfx.Blockwise8bit(block_size=64, min_size=_C8)  # lazy: a row is whole blocks
 _B4 = adamfx.Blockwise4bit(min_size=_C8)
@@ -110,12 +127,12 @@ def _uniform4(count, leaf, salt, rows):
 
   The random number generator, not the algorithm under test: ``_B4``'s bits
   (hashed from the step count, the leaf and the element; ``salt`` 0 for mu,
-  1 for nu and nu_max) as uniforms in [0, 1) from their top 24 bits, as
+  1 for nu, 2 for nu_max) as uniforms in [0, 1) from their top 24 bits, as
   adamfx._codec4.uniform documents. The count saturates at the int32 max,
   as the state's does.
   """
   count = jnp.int32(min(count, np.iinfo(np.int32).max))
-  bits = np.asarray(_B4._bits(rows, count, leaf, salt == 0)).astype(np.uint64)
+  bits = np.asarray(_B4._bits(rows, count, leaf, salt == 0, moment=salt)).astype(np.uint64)
   return (bits >> 8).astype(np.float64) * 2.0**-24
 
 
@@ -188,8 +205,9 @@ CONTRACTS = [
              lambda: optax.amsgrad(LR), packed=True),
     # pack_state keeps the tree's numbers (issue 24): each 8-bit leaf its own blocks.
     Contract('pack_adam8bit', lambda: adamfx.pack_state(adamfx.adam8bit(LR, min_8bit_size=_C8)),
-             packed=True, eight_bit=True,
-             rtol=_F64_RTOL, numpy_reference=lambda p: reference.Adam8bit(LR, min_size=_C8)),
+             packed=True, eight_bit=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.Adam8bit(
+                 LR, min_size=_C8, positions=_packed_positions(p))),
     Contract('inject_adam', lambda: _inject(adamfx.adam)(LR),
              lambda: _oinject(optax.adam)(LR)),
     Contract('inject_nadam', lambda: _inject(adamfx.nadam)(LR),

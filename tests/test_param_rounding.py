@@ -114,6 +114,48 @@ def test_stochastic_rounding_is_unbiased(jit):
   assert float(np.asarray(nearest, np.float64).mean()) == 1.0  # the stall it fixes
 
 
+@pytest.mark.parametrize('jit', [False, True], ids=['eager', 'jit'])
+@pytest.mark.parametrize('mode', ['kahan', 'stochastic'])
+def test_4bit_moments_with_param_rounding_reach_the_exact_sum(mode, jit):
+  """adam4bit(param_rounding=...) on bfloat16 params (issue 21).
+
+  Constant gradients of one sign: the steps (about -lr each) do not depend on
+  the params, and the 4-bit moments' random bits depend on (step, leaf,
+  element) only, so the float64 sum of the updates of the same 4-bit Adam on
+  float32 params is the exact target. Kahan ends within one bfloat16 ulp of
+  it on every element; stochastic rounding is unbiased: the mean over the
+  512 elements is within 5 sigma of the target's (each step's rounding error
+  has sd <= ulp / 2, so after k steps an element's is <= ulp / 2 sqrt(k)).
+  Round-to-nearest stalls at 1.0 (each step is under half an ulp).
+  """
+  steps, lr = 200, 1e-3
+  p0 = jnp.ones((4, 128), BF16)
+  g = (0.1 + jnp.abs(jnp.linspace(-1.0, 1.0, 512))).reshape(4, 128).astype(BF16)
+  make = lambda m: adamfx.adam4bit(lr, min_4bit_size=256, param_rounding=m)
+  ref_tx = adamfx.adam4bit(lr, min_4bit_size=256)
+  ref_state = ref_tx.init(p0.astype(jnp.float32))
+  total = np.zeros((4, 128), np.float64)
+  ref_update = jax.jit(ref_tx.update)
+  for _ in range(steps):
+    u, ref_state = ref_update(g.astype(jnp.float32), ref_state)
+    total += np.asarray(u, np.float64)
+  exact = 1.0 + total
+  # About -lr a step (-0.12 to -0.27 with 4-bit moments): >= 15 ulps to keep.
+  assert np.all(total < -0.1)
+  ulp = 2.0**-7  # bfloat16 ulp in [1, 2) (2**-8 below 1)
+  got, state = _run(make(mode), p0, lambda t, p: g, steps, jit)
+  assert got.dtype == BF16
+  assert isinstance(state[0][0].mu, adamfx.Quantized4bit)  # the moments are 4-bit
+  err = np.asarray(got, np.float64) - exact
+  if mode == 'kahan':
+    assert np.abs(err).max() <= ulp, np.abs(err).max()
+  else:
+    sigma = ulp / 2 * np.sqrt(steps / err.size)
+    assert abs(err.mean()) < 5 * sigma, (err.mean(), sigma)
+  stalled, _ = _run(make('nearest'), p0, lambda t, p: g, steps, jit)
+  np.testing.assert_array_equal(np.asarray(stalled, np.float32), 1.0)
+
+
 def test_stochastic_bits_are_reproducible_and_change_with_the_step():
   tx = adamfx.adam(1e-3, param_rounding='stochastic')
   p = jnp.full((4096,), 1.0, BF16)

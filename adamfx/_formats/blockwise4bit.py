@@ -256,11 +256,15 @@ class Blockwise4bit:
     )
     return Quantized4bit(codes, scale, None, shape, bs, self._map(signed), False)
 
-  def _bits(self, rows: int, count: Any, leaf_index: int, signed: bool, row0: Any = 0):
+  def _bits(self, rows: int, count: Any, leaf_index: int, signed: bool, row0: Any = 0,
+            moment: int | None = None):
     if self.rounding != 'stochastic':
       return None
-    # mu and nu (and AMSGrad's nu_max) of one leaf draw independent bits.
-    salt = 3 * leaf_index + (0 if signed else 1)
+    # mu, nu and AMSGrad's nu_max of one leaf draw independent bits: salt
+    # 3 * leaf + 0, 1, 2 (``moment``; by default 0 for a signed moment, 1 else).
+    if moment is None:
+      moment = 0 if signed else 1
+    salt = 3 * leaf_index + moment
     return _codec4.block_bits(rows, self.block_size, count, salt, row0)
 
   def encode(self, x: jax.Array, signed: bool, *, count: Any, leaf_index: int,
@@ -270,6 +274,11 @@ class Blockwise4bit:
     Non-finite elements are stored as 0 and stay out of their block's scale
     (the core keeps the previous moments of a non-finite gradient).
     """
+    return self._encode(x, signed, count=count, leaf_index=leaf_index, like=like)
+
+  def _encode(self, x: jax.Array, signed: bool, *, count: Any, leaf_index: int,
+              like: Any = None, moment: int | None = None) -> Any:
+    """:meth:`encode`; ``moment`` 2 draws AMSGrad's ``nu_max`` bits (see :meth:`_bits`)."""
     if like is not None and not self.is_stored(like):
       return _numerics.saturate(x, like.dtype)
     x = x.astype(jnp.float32)
@@ -277,7 +286,7 @@ class Blockwise4bit:
     shape, bs = tuple(x.shape), self.block_size
     name = self._map(signed)
     view, _ = _codec4.block_view(shape, bs)
-    bits = self._bits(math.prod(view[:-1]), count, leaf_index, signed)
+    bits = self._bits(math.prod(view[:-1]), count, leaf_index, signed, moment=moment)
     if bits is not None:
       bits = bits.reshape(view)
     if self._rank1(shape, signed):
@@ -438,9 +447,11 @@ def _generic_step(fmt, g, m, v, vm, leaf_index, math_):
   u, *news = math_(g, olds[0], olds[1], olds[2] if vm is not None else None)
   bad = ~jnp.isfinite(g)
   stored = []
-  for old, new, like, signed in zip(olds, news, (m, v, vm), (True, False, False)):
+  for moment, (old, new, like, signed) in enumerate(
+      zip(olds, news, (m, v, vm), (True, False, False))):
     new = jnp.where(bad, old.astype(new.dtype), new)
-    stored.append(fmt.encode(new, signed, count=math_.count, leaf_index=leaf_index, like=like))
+    stored.append(fmt._encode(new, signed, count=math_.count, leaf_index=leaf_index, like=like,
+                              moment=moment))
   if vm is None:
     stored.append(None)
   return (u, *stored, False)

@@ -28,7 +28,11 @@ class Blockwise8bit:
   signed for ``mu``, unsigned for ``nu`` and AMSGrad's ``nu_max``, and one
   float32 absmax per block of ``block_size``): 2.03 bytes per parameter for
   two moments instead of 8. Smaller leaves keep their moments in float32.
-  The update is Adam's float32 arithmetic on the decoded moments.
+  The update is Adam's float32 arithmetic on the decoded moments. ``mu``'s
+  codes are the nearest map value; ``nu``'s (and ``nu_max``'s) are rounded
+  stochastically, unbiased, with bits hashed from (step count, leaf,
+  element), so a small ``nu`` in a block whose largest element stays large
+  decays as it should instead of stalling on its code (issue 24).
 
   ``adamfx.adam(lr, moments=adamfx.Blockwise8bit())`` is
   :func:`adamfx.adam8bit` bit for bit; every member that keeps Adam's two
@@ -84,9 +88,11 @@ class Blockwise8bit:
 
   def encode(self, x: Any, signed: bool, *, count: Any, leaf_index: int, like: Any) -> Any:
     """``x`` stored as ``like`` is (quantized or not)."""
-    del count, leaf_index
     if isinstance(like, _quant.QuantizedArray):
-      return _quant.quantize(x, signed=signed, block_size=self.block_size)
+      # nu's codes are stochastically rounded, as in the fused step (issue 24).
+      bits = None if signed else _quant.nu_bits(
+          tuple(np.shape(x)), self.block_size, count, leaf_index)
+      return _quant.quantize(x, signed=signed, block_size=self.block_size, bits=bits)
     return x.astype(like.dtype)
 
   def config(self) -> dict[str, Any]:
@@ -133,10 +139,9 @@ class Blockwise8bit:
 
   def step(self, g, m, v, vm, leaf_index, math):
     """The fused 8-bit step of one leaf (see :func:`adamfx._quant.leaf_step`)."""
-    del leaf_index
     return _quant.leaf_step(
         g, m, v, vm, math.count, math.hps, nesterov=math.nesterov, amsgrad=math.amsgrad,
-        block_size=self.block_size, step_size=math.step_size,
+        block_size=self.block_size, step_size=math.step_size, leaf_index=leaf_index,
     )
 
   def gather_rows(self, stored: Any, ids: Any, take: Any) -> Any:
