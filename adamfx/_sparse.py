@@ -6,7 +6,9 @@ is zero everywhere else. :class:`RowSparse` holds only those rows, and
 of TensorFlow's ``LazyAdam`` and PyTorch's ``torch.optim.SparseAdam``), so a
 step costs what the batch touches, not what the table holds. Dense leaves in
 the same tree get exactly :func:`adamfx.adam`'s numbers: they go through the
-same code.
+same code. Every leaf is a step of the core's one tree driver
+(:func:`adamfx._update.tree_update`), a :class:`RowSparse` leaf's on its
+touched rows, gathered and scattered through the moments' storage format.
 """
 
 from __future__ import annotations
@@ -626,6 +628,14 @@ def scale_by_lazy_adam(
       with :class:`adamfx.Blockwise8bit`, a step gathers the touched rows'
       codes and scales, decodes, steps, encodes and scatters them back (a
       quantized table's rows must be whole blocks).
+    nesterov: NAdam on the touched rows (as :func:`adamfx.nadam`, optax's
+      form): :math:`\hat m_{t,r} = \beta_1 m_{t,r} / (1 - \beta_1^{t+1}) +
+      (1 - \beta_1) g_{t,r} / (1 - \beta_1^t)`.
+    amsgrad: AMSGrad on the touched rows (as :func:`adamfx.amsgrad`, optax's
+      form): the state's ``nu_max`` keeps each row's running maximum of the
+      bias-corrected second moment, which replaces :math:`\hat v_{t,r}`; an
+      untouched row's maximum is unchanged (with ``catch_up``, its ``nu``
+      decays over the missed steps, its maximum does not).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -887,6 +897,8 @@ def lazy_adam(
     nu_dtype: storage dtype of the second moment; default: the params'.
     catch_up: decay a row's moments over the steps it missed when it is next
       touched (see :func:`scale_by_lazy_adam`).
+    nesterov: NAdam's step on the touched rows (see :func:`scale_by_lazy_adam`).
+    amsgrad: AMSGrad's step on the touched rows (see :func:`scale_by_lazy_adam`).
     moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
     update_clipping: StableAdamW's per-tensor update clipping (see
       :func:`adamfx.adam`); for a :class:`RowSparse` leaf the untouched rows
@@ -981,6 +993,8 @@ def lazy_adamw(
       selecting the leaves to decay, as in ``optax.add_decayed_weights``.
     nu_dtype: storage dtype of the second moment.
     catch_up: see :func:`scale_by_lazy_adam`.
+    nesterov: NAdamW's step on the touched rows (see :func:`scale_by_lazy_adam`).
+    amsgrad: AMSGrad's step on the touched rows (see :func:`scale_by_lazy_adam`).
     moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
     update_clipping: see :func:`lazy_adam`.
     cautious: see :func:`lazy_adam`.

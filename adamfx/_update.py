@@ -1,8 +1,9 @@
 r"""The Adam core: its state, its per-leaf math and the one tree driver.
 
 Every member -- Adam, NAdam (``nesterov=True``), AMSGrad (``amsgrad=True``),
-AdamW's Adam part, AdaMax (``infinity_norm=True``), lazy Adam's dense leaves,
-the 8-bit aliases and the torch/Keras builders -- runs through
+AdamW's Adam part, AdaMax (``infinity_norm=True``), lazy Adam (its row-sparse
+leaves on their touched rows, :func:`_row_step`), the 8-bit aliases and the
+torch/Keras builders -- runs through
 :func:`tree_update`, which owns flattening, None leaves, the count, the
 checks, the NaN guard for invalid traced hyperparameters, the casts and the
 fused tail ``-lr * (u + wd * p)`` (:class:`Tail`). Per leaf it runs the
