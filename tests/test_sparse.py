@@ -333,6 +333,23 @@ def test_out_of_range_ids_touch_no_row_under_jit():
   np.testing.assert_array_equal(mixed.todense()[V - 1], 0.0)
 
 
+@pytest.mark.parametrize('name,value', [('b1', 1.5), ('eps', -1.0), ('learning_rate', -0.1),
+                                        ('weight_decay', -1.0)])
+def test_invalid_traced_hyperparameters_give_nan_rows(name, value):
+  """A traced hyperparameter out of its range (inject_hyperparams under jit)
+  makes the touched rows' update NaN, as the dense leaves' -- never a finite
+  wrong step (before issue 19 the rows stepped on: a negative rate ascended)."""
+  p = {'t': jnp.ones((8, 2)), 'w': jnp.ones(3)}
+  g = {'t': RowSparse(jnp.array([1, 5]), jnp.ones((2, 2)), 8), 'w': jnp.ones(3)}
+  tx = adamfx.inject_hyperparams(adamfx.lazy_adamw)(learning_rate=0.1, weight_decay=0.1)
+  state = tx.init(p)
+  state.hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
+  u, _ = jax.jit(tx.update)(g, state, p)
+  assert np.isnan(np.asarray(u['t'].values)).all()
+  assert np.isnan(np.asarray(u['w'])).all()
+  assert not np.asarray(u['t'].todense())[[0, 2, 3, 4, 6, 7]].any()  # untouched rows: no step
+
+
 def test_out_of_range_ids_eagerly_name_the_leaf_and_id():
   p = {'emb': jnp.zeros((V, D))}
   tx = adamfx.lazy_adam(0.1)
