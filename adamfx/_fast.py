@@ -83,21 +83,27 @@ def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[
 @functools.partial(
     jax.jit,
     static_argnames=('static', 'fmt', 'nesterov', 'amsgrad', 'infinity_norm', 'lr_static',
-                     'lr_kind', 'decay_static', 'decay_mask'),
+                     'lr_kind', 'decay_static', 'decay_mask', 'rows', 'state_type'),
 )
 def _leaf_update(
-    g, m, v, vm, count, dynamic, lr_size=None, p=None, decay_size=None, *,
-    static, fmt=None, nesterov, amsgrad, infinity_norm, lr_static=None, lr_kind=None,
-    decay_static=None, decay_mask=None,
+    g, m, v, vm, count, dynamic, lr_size=None, p=None, decay_size=None, last=None,
+    invalid=None, *, static, fmt=None, nesterov, amsgrad, infinity_norm, lr_static=None,
+    lr_kind=None, decay_static=None, decay_mask=None, rows=None, state_type=None,
 ):
-  """The core's tree driver on a list of leaves, its tail fused in."""
+  """The core's tree driver on a list of leaves (or a tree), its tail fused in."""
   hps = [s if d is None else d for s, d in zip(static, dynamic)]
   tail = None
   if lr_kind is not None or decay_mask is not None:
-    tail = _update.Tail(lr_static, lr_size, lr_kind, decay_static, decay_size, decay_mask, p)
+    tail = _update.Tail(lr_static, lr_size, lr_kind, decay_static, decay_size, decay_mask, p,
+                        invalid)
+  if rows is None:
+    state = _update.AdamState(count, m, v, vm)
+  else:
+    state = state_type(count=count, mu=m, nu=v, nu_max=vm, last_step=last)
   return _update.tree_update(
-      g, _update.AdamState(count, m, v, vm), dict(zip(('b1', 'b2', 'eps', 'eps_root'), hps)),
+      g, state, dict(zip(('b1', 'b2', 'eps', 'eps_root'), hps)),
       fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, infinity_norm=infinity_norm, tail=tail,
+      rows=rows, state_type=state_type,
   )
 
 
@@ -265,6 +271,43 @@ def family_update(
   )
   state_type = _update.AdaMaxState if infinity_norm else _update.AdamState
   return u, state_type(count, mu, nu, nu_max if amsgrad else None)
+
+
+def rows_update(
+    updates: Any,
+    state: Any,
+    hps: dict[str, Any],
+    *,
+    rows: Any,
+    state_type: type,
+    fmt: Any = None,
+    nesterov: bool = False,
+    amsgrad: bool = False,
+    tail: Optional[_update.Tail] = None,
+) -> tuple[Any, Any]:
+  """``_update.tree_update`` of a tree with row-sparse leaves (lazy Adam), compiled
+  as one call over the tree when called eagerly.
+
+  The row-sparse leaves' shapes (their number of ids) are part of the compiled
+  call's signature; the tail's Python numbers and mask are static, its
+  arrays arguments.
+  """
+  traced = lambda: _update.tree_update(
+      updates, state, hps, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad, tail=tail, rows=rows,
+      state_type=state_type)
+  if not eager(updates, state, tuple(hps.values()), tail):
+    return traced()
+  static, dynamic = _split_hyperparams(tuple(hps[k] for k in ('b1', 'b2', 'eps', 'eps_root')))
+  tail_args = {}
+  if tail is not None:
+    tail_args = dict(
+        lr_size=tail.lr_size, p=tail.params, decay_size=tail.decay_size, invalid=tail.invalid,
+        lr_static=tail.lr_static, lr_kind=tail.lr_kind, decay_static=tail.decay_static,
+        decay_mask=tail.decay_on)
+  return _leaf_update(
+      updates, state.mu, state.nu, state.nu_max if amsgrad else None, state.count, dynamic,
+      last=state.last_step, static=static, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad,
+      infinity_norm=False, rows=rows, state_type=state_type, **tail_args)
 
 
 class _Decay(NamedTuple):

@@ -6,7 +6,9 @@ is zero everywhere else. :class:`RowSparse` holds only those rows, and
 of TensorFlow's ``LazyAdam`` and PyTorch's ``torch.optim.SparseAdam``), so a
 step costs what the batch touches, not what the table holds. Dense leaves in
 the same tree get exactly :func:`adamfx.adam`'s numbers: they go through the
-same code.
+same code. Every leaf is a step of the core's one tree driver
+(:func:`adamfx._update.tree_update`), a :class:`RowSparse` leaf's on its
+touched rows, gathered and scattered through the moments' storage format.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import optax
 from adamfx import _adam
 from adamfx import _checks
 from adamfx import _fast
-from adamfx import _numerics
 from adamfx import _param_rounding
 from adamfx import _rounding
 from adamfx import _stable
@@ -525,12 +526,16 @@ class LazyAdamState(NamedTuple):
     last_step: with ``catch_up=True``, for every leaf of rank >= 1 an int32
       vector ``[num_rows]``, the step each row was last updated at (0:
       never); ``None`` leaves for scalars. ``None`` without ``catch_up``.
+    nu_max: with ``amsgrad=True``, AMSGrad's running maximum of the
+      bias-corrected second moment (stored like ``nu``; a row's changes only
+      when the row is touched); else ``None``.
   """
 
   count: jax.Array
   mu: optax.Updates
   nu: optax.Updates
   last_step: Optional[optax.Updates] = None
+  nu_max: Optional[optax.Updates] = None
 
 
 def _row_zeros(p: Any) -> jax.Array:
@@ -544,96 +549,28 @@ def _row_zeros(p: Any) -> jax.Array:
   return z
 
 
-def _element_index(ids: jax.Array, rows: jax.Array) -> jax.Array:
-  """uint32 ``[k, row_size]``: the flat position in the leaf of each gathered element."""
-  row = int(np.prod(rows.shape[1:], dtype=np.int64))
-  return (ids.astype(jnp.uint32)[:, None] * jnp.uint32(row)
-          + jax.lax.iota(jnp.uint32, row)[None, :])
+class _Rows:
+  """The row access the core's tree driver uses for :class:`RowSparse` leaves
+  (see ``adamfx._update._row_step``): one hashable instance, static under jit."""
+
+  def __hash__(self):
+    return 0
+
+  def __eq__(self, other):
+    return isinstance(other, _Rows)
+
+  is_sparse = staticmethod(_is_sparse)
+  coalesce = staticmethod(coalesce)
+  gather = staticmethod(gather_rows)
+  scatter = staticmethod(scatter_rows)
+
+  @staticmethod
+  def rebuild(g: RowSparse, ids: jax.Array, values: jax.Array) -> RowSparse:
+    return RowSparse(ids, values, g.num_rows)
 
 
-def _store(m_new, v_new, m, v, count, i, ids=None):
-  """Stores moments as :func:`adamfx._update._family_update` does.
+ROWS = _Rows()
 
-  ``ids``: the rows gathered; a 16-bit ``nu`` is then stochastically rounded
-  with the bits the dense leaf draws for those rows' elements, so a lazy
-  step that touches every row is dense Adam's, bit for bit (issue 18: the
-  bits of gathered row ``j`` were those of table row ``j``).
-  """
-  if _update._in_place(m_new.dtype, m.dtype, v.dtype):
-    return m_new, v_new
-  m_out = _numerics.saturate(m_new, m.dtype)
-  index = None if ids is None else _element_index(ids, v_new)
-  v_out = _numerics.keep_positive(
-      _rounding.store_second_moment(v_new, v.dtype, count, i, index), v_new)
-  return m_out, v_out
-
-
-def _sparse_leaf(g, m, v, last, count, b1, b2, eps, eps_root, scalars, i):
-  """Lazy Adam on the rows of one leaf that ``g`` touches."""
-  ids, g_rows, valid = coalesce(g)
-  m_rows = gather_rows(m, ids)
-  v_rows = gather_rows(v, ids)
-  if last is not None:
-    # Rows untouched since step s decay as dense Adam's would have over the
-    # steps s+1 .. t-1, where their gradient was 0: by b**(t-1-s).
-    # Once the int32 count saturates, count - 1 - last would be -1 (a
-    # growth by 1 / b): no catch-up there, the step's own decay only.
-    gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
-    cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
-    shape = (ids.shape[0],) + (1,) * (m_rows.ndim - 1)
-    d1 = jax.lax.pow(jnp.asarray(b1, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
-    d2 = jax.lax.pow(jnp.asarray(b2, cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
-    m_rows = (m_rows.astype(cdt) * d1).astype(m.dtype)
-    v_rows = (v_rows.astype(cdt) * d2).astype(v.dtype)
-    last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
-  cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
-  if _update._in_place_narrow(cdt, m.dtype, v.dtype):
-    # bfloat16 moments: dense Adam's own step for them (gradient clipped at
-    # 2**63, update read off the stored moments, nu's rounding bits those of
-    # the rows' elements), so that touching every row is dense Adam bit for
-    # bit (issue 18: |g| > 2**63 and the rounding differed).
-    _checks.check_decay_in_dtype('b1', b1, cdt)
-    _checks.check_decay_in_dtype('b2', b2, cdt)
-    k = _update._leaf_scalars(scalars, cdt, count, b1, b2, eps, eps_root, False)
-    u, m_new, v_new = _update._in_place_narrow_step(
-        g_rows, m_rows, v_rows, k, count, i, nesterov=False, index=_element_index(ids, v_rows))
-  else:
-    u, m_new, v_new, _ = _update._moment_step(
-        g_rows, m_rows, v_rows, None, count, b1, b2, eps, eps_root,
-        nesterov=False, amsgrad=False, infinity_norm=False, scalars=scalars,
-    )
-    m_new, v_new = _store(m_new, v_new, m_rows, v_rows, count, i, ids)
-  u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
-  m = scatter_rows(m, ids, m_new)
-  v = scatter_rows(v, ids, v_new)
-  return RowSparse(ids, u, g.num_rows), m, v, last
-
-
-def _sparse_leaf_format(g, m, v, last, count, fmt, math, i):
-  """Lazy Adam on the touched rows of one leaf stored in ``fmt``: a gather of
-  the rows' stored moments, the format's decode, the core's math, the
-  format's encode and a scatter, so a step costs the rows it touches."""
-  ids, g_rows, valid = coalesce(g)
-  m_rows = fmt.gather_rows(m, ids, gather_rows)
-  v_rows = fmt.gather_rows(v, ids, gather_rows)
-  m_old, v_old = fmt.decode(m_rows, True), fmt.decode(v_rows, False)
-  if last is not None:  # as _sparse_leaf
-    gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
-    shape = (ids.shape[0],) + (1,) * (m_old.ndim - 1)
-    cdt = m_old.dtype
-    d1 = jax.lax.pow(jnp.asarray(math.hps['b1'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
-    d2 = jax.lax.pow(jnp.asarray(math.hps['b2'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
-    m_old, v_old = m_old * d1, v_old * d2
-    last = scatter_rows(last, ids, jnp.broadcast_to(count, ids.shape))
-  u, m_new, v_new, _ = math(g_rows, m_old, v_old)
-  bad = ~jnp.isfinite(g_rows)  # a non-finite element keeps its history
-  m_new = jnp.where(bad, m_old.astype(m_new.dtype), m_new)
-  v_new = jnp.where(bad, v_old.astype(v_new.dtype), v_new)
-  m_rows = fmt.encode(m_new, True, count=count, leaf_index=i, like=m_rows)
-  v_rows = fmt.encode(v_new, False, count=count, leaf_index=i, like=v_rows)
-  u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
-  return (RowSparse(ids, u, g.num_rows), fmt.scatter_rows(m, ids, m_rows, scatter_rows),
-          fmt.scatter_rows(v, ids, v_rows, scatter_rows), last)
 
 
 def scale_by_lazy_adam(
@@ -646,6 +583,8 @@ def scale_by_lazy_adam(
     nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
     moments: Optional[Any] = None,
+    nesterov: bool = False,
+    amsgrad: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam's moment ratio, updating only the rows a :class:`RowSparse` gradient touches.
 
@@ -689,6 +628,14 @@ def scale_by_lazy_adam(
       with :class:`adamfx.Blockwise8bit`, a step gathers the touched rows'
       codes and scales, decodes, steps, encodes and scatters them back (a
       quantized table's rows must be whole blocks).
+    nesterov: NAdam on the touched rows (as :func:`adamfx.nadam`, optax's
+      form): :math:`\hat m_{t,r} = \beta_1 m_{t,r} / (1 - \beta_1^{t+1}) +
+      (1 - \beta_1) g_{t,r} / (1 - \beta_1^t)`.
+    amsgrad: AMSGrad on the touched rows (as :func:`adamfx.amsgrad`, optax's
+      form): the state's ``nu_max`` keeps each row's running maximum of the
+      bias-corrected second moment, which replaces :math:`\hat v_{t,r}`; an
+      untouched row's maximum is unchanged (with ``catch_up``, its ``nu``
+      decays over the missed steps, its maximum does not).
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a
@@ -717,168 +664,193 @@ def scale_by_lazy_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
+  return _lazy_scaling(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up,
+                       moments=moments, nesterov=nesterov, amsgrad=amsgrad)[0]
+
+
+def _lazy_scaling(b1, b2, eps, eps_root, mu_dtype, *, nu_dtype, catch_up, moments, nesterov,
+                  amsgrad):
+  """:func:`scale_by_lazy_adam` and its ``run(updates, state, tail)``, which
+  takes a tail maker (:func:`_tail`) for the chains of :func:`lazy_adam` and
+  :func:`lazy_adamw` (their learning rate and decay fused into the step)."""
   fmt, mu_dtype, nu_dtype = _adam._storage(moments, mu_dtype, nu_dtype)
   _adam._check_adam_args(b1, b2, eps, eps_root, None, None)
-  if not isinstance(catch_up, bool):  # as torch_adam(amsgrad=1): flags are bools
-    raise TypeError(f'`catch_up` must be True or False, got {catch_up!r}.')
+  for name, flag in (('catch_up', catch_up), ('nesterov', nesterov), ('amsgrad', amsgrad)):
+    if not isinstance(flag, bool):  # as torch_adam(amsgrad=1): flags are bools
+      raise TypeError(f'`{name}` must be True or False, got {flag!r}.')
   hps = {'b1': b1, 'b2': b2, 'eps': eps, 'eps_root': eps_root}
   formatted = None if fmt is None else _adam._scale_by_format(
-      b1, b2, eps, eps_root, fmt=fmt, nesterov=False, amsgrad=False)
+      b1, b2, eps, eps_root, fmt=fmt, nesterov=nesterov, amsgrad=amsgrad)
 
   def init_fn(params):
-    base = (_update._family_init(params, mu_dtype, nu_dtype, False) if fmt is None
+    base = (_update._family_init(params, mu_dtype, nu_dtype, amsgrad) if fmt is None
             else formatted.init(params))
     last = None
     if catch_up:
       params = jax.tree.map(lambda p: p if hasattr(p, 'ndim') else jnp.asarray(p), params)
       last = jax.tree.map(lambda p: _row_zeros(p) if p.ndim >= 1 else None, params)
-    return LazyAdamState(count=base.count, mu=base.mu, nu=base.nu, last_step=last)
+    return LazyAdamState(count=base.count, mu=base.mu, nu=base.nu, last_step=last,
+                         nu_max=base.nu_max)
+
+  def run(updates, state, tail=None):
+    """``(updates, state, tail's new state)``: one step of the core's tree
+    driver, the :class:`RowSparse` leaves on their touched rows."""
+    if isinstance(updates, LazyAdamState):  # pragma: no cover - misuse guard
+      raise TypeError('scale_by_lazy_adam.update got a state as its updates.')
+    state = _checks.adam_like_state(state, 'scale_by_lazy_adam')
+    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_leaf)
+    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_leaf)[0]]
+    mu = state.mu if fmt is None else fmt.prepare(state.mu, True, 'mu')
+    like = mu if fmt is None else jax.tree.map(
+        fmt.param_like, mu, is_leaf=lambda x: x is None or fmt.is_stored(x))
+    dense_like = jax.tree.map(
+        lambda u: jax.ShapeDtypeStruct(u.shape, u.dtype) if _is_sparse(u) else u,
+        updates, is_leaf=_is_leaf)
+    try:
+      m_leaves = treedef.flatten_up_to(like)
+    except (ValueError, TypeError):
+      _checks.check_matching_trees(dense_like, like)
+      raise
+    if catch_up and getattr(state, 'last_step', None) is None:
+      raise ValueError('catch_up=True needs a state made by the same transformation.')
+    if amsgrad and getattr(state, 'nu_max', None) is None:
+      raise ValueError('amsgrad=True needs a state made by the same transformation (nu_max).')
+    for i, u in enumerate(leaves):
+      if _is_sparse(u):
+        _check_leaf(paths[i], u, m_leaves[i], check_dtype=fmt is None and mu_dtype is None)
+        _check_ids(paths[i], u)
+    _checks.check_matching_trees(dense_like, like)
+    if not catch_up:
+      state = state._replace(last_step=None)
+    made, new_tail_state = (None, None) if tail is None else tail()
+    u, state = _fast.rows_update(
+        updates, state, hps, rows=ROWS, state_type=LazyAdamState, fmt=fmt,
+        nesterov=nesterov, amsgrad=amsgrad, tail=made)
+    return u, state, new_tail_state
 
   def update_fn(updates, state, params=None):
     del params
-    if isinstance(updates, LazyAdamState):  # pragma: no cover - misuse guard
-      raise TypeError('scale_by_lazy_adam.update got a state as its updates.')
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_leaf)
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_leaf)[0]]
-    try:
-      m_leaves = treedef.flatten_up_to(state.mu)
-      v_leaves = treedef.flatten_up_to(state.nu)
-    except (ValueError, TypeError):
-      dense_like = jax.tree.map(
-          lambda u: jax.ShapeDtypeStruct(u.shape, u.dtype) if _is_sparse(u) else u,
-          updates, is_leaf=_is_leaf,
-      )
-      _checks.check_matching_trees(dense_like, state.mu)
-      raise
-    if catch_up:
-      l_leaves = treedef.flatten_up_to(state.last_step) if state.last_step is not None else None
-      if l_leaves is None:
-        raise ValueError('catch_up=True needs a state made by the same transformation.')
-    else:
-      l_leaves = [None] * len(leaves)
-    sparse = [i for i, u in enumerate(leaves) if _is_sparse(u)]
-    for i in sparse:
-      _check_leaf(paths[i], leaves[i], m_leaves[i] if fmt is None else fmt.param_like(m_leaves[i]),
-                  check_dtype=fmt is None and mu_dtype is None)
-      _check_ids(paths[i], leaves[i])
+    return run(updates, state)[:2]
 
-    # Dense leaves: adamfx.adam's own update, on the tree with the sparse
-    # leaves set to None (same leaf order, so the same stochastic-rounding
-    # streams for 16-bit nu).
-    hole = lambda xs: jax.tree.unflatten(
-        treedef, [None if i in sparse else x for i, x in enumerate(xs)]
-    )
-    dense_state = _update.AdamState(state.count, hole(m_leaves), hole(v_leaves))
-    if fmt is None:
-      dense_updates, dense_state = _fast.family_update(
-          hole(leaves), dense_state, b1, b2, eps, eps_root)
-    else:
-      dense_updates, dense_state = formatted.update(hole(leaves), dense_state)
-    count = dense_state.count
-    out_u = treedef.flatten_up_to(dense_updates)
-    out_m = treedef.flatten_up_to(dense_state.mu)
-    out_v = treedef.flatten_up_to(dense_state.nu)
-    out_l = list(l_leaves)
-    if catch_up:
-      for i, u in enumerate(leaves):
-        if u is not None and not _is_sparse(u) and out_l[i] is not None:
-          out_l[i] = jnp.full_like(out_l[i], count)
-    if sparse:
-      _checks.check_hyperparam_dtype('b1', b1)
-      _checks.check_hyperparam_dtype('b2', b2)
-      scalars = {}
-      math = _update.LeafMath(count, hps, nesterov=False, amsgrad=False)
-      for i in sparse:
-        if fmt is None:
-          out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf(
-              leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count,
-              b1, b2, eps, eps_root, scalars, i,
-          )
-        else:
-          out_u[i], out_m[i], out_v[i], out_l[i] = _sparse_leaf_format(
-              leaves[i], m_leaves[i], v_leaves[i], l_leaves[i], count, fmt, math, i)
-    unflatten = lambda xs: jax.tree.unflatten(treedef, xs)
-    new_state = LazyAdamState(
-        count=count, mu=unflatten(out_m), nu=unflatten(out_v),
-        last_step=unflatten(out_l) if catch_up else None,
-    )
-    return unflatten(out_u), new_state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn), run
 
 
-def _with_holes(tree: Any):
-  """``(leaves, treedef, sparse positions, tree with RowSparse leaves as None)``."""
-  leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_leaf)
-  sparse = [i for i, u in enumerate(leaves) if _is_sparse(u)]
-  holed = jax.tree.unflatten(treedef, [None if i in sparse else u for i, u in enumerate(leaves)])
-  return leaves, treedef, sparse, holed
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _scale_rows(update: RowSparse, step: Any) -> RowSparse:
-  with jax.numpy_dtype_promotion('standard'):
-    values = (step * update.values).astype(update.values.dtype)
-  return update.with_values(values)
+def _out_of_range(x: Any) -> jax.Array:
+  """True where an array hyperparameter (traced, unchecked) is negative or not finite."""
+  x = jnp.asarray(x)
+  return jnp.any(~((x >= 0) & (x < jnp.inf)))
 
 
-def _sparse_learning_rate(learning_rate: ScalarOrSchedule) -> optax.GradientTransformation:
-  """adamfx's learning-rate link for dense leaves; ``-lr * values`` for RowSparse ones."""
-  dense = _adam._scale_by_learning_rate(learning_rate)
+def _tail(updates: Any, params: Any, *, learning_rate: Any = None, lr_state: Any = None,
+          decay: Any = None) -> tuple[_update.Tail, Any]:
+  """The core's :class:`adamfx._update.Tail` of a lazy step: ``(tail, lr_state)``.
 
-  def update_fn(updates, state, params=None):
-    leaves, treedef, sparse, holed = _with_holes(updates)
-    if params is not None and sparse:
-      params = jax.tree.unflatten(
-          treedef, [None if i in sparse else p for i, p in
-                    enumerate(treedef.flatten_up_to(params))]
-      )
-    new, new_state = dense.update(holed, state, params)
-    if not sparse:
-      return new, new_state
-    if callable(learning_rate):
-      step = -1 * learning_rate(state.count)
-    else:
-      step = -1 * learning_rate
-    out = treedef.flatten_up_to(new)
-    for i in sparse:
-      out[i] = _scale_rows(leaves[i], step)
-    return jax.tree.unflatten(treedef, out), new_state
-
-  return optax.GradientTransformation(dense.init, update_fn)
-
-
-def _sparse_decay(weight_decay: Any, mask: Any) -> optax.GradientTransformation:
-  """AdamW's decoupled decay, ``u + wd * p``; on a RowSparse leaf, on its rows."""
-  if callable(weight_decay):
-    raise TypeError(
-        '`weight_decay` of lazy_adamw must be a number or an array, got a'
-        ' callable: for a schedule of the weight decay, wrap the builder,'
-        ' adamfx.inject_hyperparams(adamfx.lazy_adamw)(learning_rate,'
-        ' weight_decay=schedule), which passes the schedule\'s value at each step.'
-    )
-  _checks.check_non_negative('weight_decay', weight_decay)
-
-  def update_fn(updates, state, params=None):
+  ``-lr * (u + wd * p)``: the learning rate (a number, an array or a
+  schedule of ``lr_state.count``, as ``optax.scale_by_learning_rate``) and
+  AdamW's decay ``decay = (weight_decay, mask)`` (a number or an array; the
+  mask, a tree or a function of the params, says which leaves, as optax's).
+  Per-leaf lists are indexed as the driver indexes leaves (their places
+  among the params); a :class:`RowSparse` leaf's decay reads its touched rows.
+  """
+  leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_leaf)
+  holed = jax.tree.map(lambda x: None if _is_sparse(x) else x, updates, is_leaf=_is_leaf)
+  places = _rounding.leaf_positions(holed)
+  slots = max(places, default=-1) + 1
+  parts, invalid = {}, None
+  if learning_rate is not None:
+    with jax.numpy_dtype_promotion('standard'):
+      if callable(learning_rate):  # a schedule, as optax.scale_by_schedule
+        parts.update(lr_size=jnp.asarray(-1 * learning_rate(lr_state.count)), lr_kind='schedule')
+        lr_state = optax.ScaleByScheduleState(count=optax.safe_increment(lr_state.count))
+      elif _is_number(learning_rate):
+        parts.update(lr_static=-1 * learning_rate, lr_kind='number')
+      else:
+        parts.update(lr_size=-1 * learning_rate, lr_kind='array')
+        invalid = _out_of_range(learning_rate)
+  if decay is not None:
+    weight_decay, mask = decay
     if params is None:
       raise ValueError('lazy_adamw needs `params` in update() for the weight decay.')
-    leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_leaf)
-    p_leaves = treedef.flatten_up_to(params)
-    m = mask(params) if callable(mask) else mask
-    m_leaves = [True] * len(leaves) if m is None else treedef.flatten_up_to(m)
-    out = []
-    with jax.numpy_dtype_promotion('standard'):
-      for u, p, keep in zip(leaves, p_leaves, m_leaves):
-        if u is None or not keep:
-          out.append(u)
-        elif _is_sparse(u):
-          ids, values = rows_of(u)
-          rows = gather_rows(p, ids)
-          out.append(u.with_values((values + weight_decay * rows).astype(values.dtype)))
-        else:
-          out.append((u + weight_decay * p).astype(u.dtype))
-    return jax.tree.unflatten(treedef, out), state
+    if _is_number(weight_decay):
+      parts['decay_static'] = weight_decay
+    else:
+      parts['decay_size'] = weight_decay
+      bad = _out_of_range(weight_decay)
+      invalid = bad if invalid is None else invalid | bad
+    mask_tree = mask(params) if callable(mask) else mask
+    if mask_tree is None:
+      on = [True] * len(leaves)
+    else:  # a tree of bools, or a prefix of the updates' tree
+      on = treedef.flatten_up_to(jax.tree.map(
+          lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=_is_leaf), mask_tree, updates,
+          is_leaf=_is_leaf))
+    decay_on, p_slots = [False] * slots, [None] * slots
+    for j, (u, keep, p) in enumerate(zip(leaves, on, treedef.flatten_up_to(params))):
+      decay_on[places[j]] = u is not None and bool(keep)
+      p_slots[places[j]] = p
+    parts.update(decay_on=tuple(decay_on), params=p_slots)
+  return _update.Tail(**parts, invalid=invalid), lr_state
 
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+def _apply_tail(updates: Any, tail: _update.Tail) -> Any:
+  """``tail`` on every leaf (a :class:`RowSparse` one: on its rows), as its own link."""
+  leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_leaf)
+  holed = jax.tree.map(lambda x: None if _is_sparse(x) else x, updates, is_leaf=_is_leaf)
+  out = []
+  for u, i in zip(leaves, _rounding.leaf_positions(holed)):
+    if u is None:
+      out.append(None)
+    elif _is_sparse(u):
+      ids, values = rows_of(u)
+      param = gather_rows(tail.params[i], ids) if _update.decays(tail, i) else None
+      out.append(u.with_values(_update.apply_tail(values, i, tail, False, param)))
+    else:
+      out.append(_update.apply_tail(u, i, tail, False))
+  return jax.tree.unflatten(treedef, out)
+
+
+def _tail_link(init: Callable[[Any], Any], **parts: Any) -> optax.GradientTransformation:
+  """One part of the tail (the decay, or the learning rate) as a chain link,
+  for :func:`adamfx._stable.chain`, which acts between them."""
+
+  def update_fn(updates, state, params=None):
+    tail, new_state = _tail(updates, params, lr_state=state, **parts)
+    return _apply_tail(updates, tail), (state if 'learning_rate' not in parts else new_state)
+
+  return optax.GradientTransformation(init, update_fn)
+
+
+def _lazy_chain(scaling: Any, learning_rate: Any, decay: Any, stable: Any, *, b2: Any,
+                eps: Any, param_rounding: str) -> optax.GradientTransformationExtraArgs:
+  """The chain of :func:`lazy_adam` / :func:`lazy_adamw`: the scaling, [the
+  decay,] the learning rate, as optax's chain (its state), in one step of the
+  core's driver with the tail fused (or, with update clipping or cautious
+  updates, link by link through :func:`adamfx._stable.chain`)."""
+  scaling, run = scaling
+  _checks.check_learning_rate(learning_rate)
+  _param_rounding.check_mode(param_rounding)
+  links = [scaling]
+  if decay is not None:
+    links.append(_tail_link(lambda params: optax.EmptyState(), decay=decay))
+  links.append(_tail_link(optax.scale_by_learning_rate(learning_rate).init,
+                          learning_rate=learning_rate))
+  if stable.active:
+    tx = _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=decay is not None)
+  else:
+    def update_fn(updates, state, params=None, **extra_args):
+      del extra_args
+      _checks.check_chain_state(state, len(links))
+      tail = lambda: _tail(updates, params, learning_rate=learning_rate, lr_state=state[-1],
+                           decay=decay)
+      u, inner, lr_state = run(updates, state[0], tail)
+      return u, (inner, *state[1:-1], lr_state)
+
+    tx = optax.GradientTransformationExtraArgs(optax.chain(*links).init, update_fn)
+  return _param_rounding.with_param_rounding(tx, param_rounding)
 
 
 def lazy_adam(
@@ -891,6 +863,8 @@ def lazy_adam(
     *,
     nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
+    nesterov: bool = False,
+    amsgrad: bool = False,
     update_clipping: bool = False,
     cautious: bool = False,
     moments: Optional[Any] = None,
@@ -923,6 +897,8 @@ def lazy_adam(
     nu_dtype: storage dtype of the second moment; default: the params'.
     catch_up: decay a row's moments over the steps it missed when it is next
       touched (see :func:`scale_by_lazy_adam`).
+    nesterov: NAdam's step on the touched rows (see :func:`scale_by_lazy_adam`).
+    amsgrad: AMSGrad's step on the touched rows (see :func:`scale_by_lazy_adam`).
     moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
     update_clipping: StableAdamW's per-tensor update clipping (see
       :func:`adamfx.adam`); for a :class:`RowSparse` leaf the untouched rows
@@ -969,18 +945,11 @@ def lazy_adam(
     Kingma & Ba, `Adam: A Method for Stochastic Optimization
     <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
   """
-  links = [
-      scale_by_lazy_adam(
-          b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
-      _sparse_learning_rate(learning_rate),
-  ]
-  _param_rounding.check_mode(param_rounding)
-  stable = _stable.options(update_clipping, cautious)
-  if stable.active:
-    tx = _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=False)
-  else:
-    tx = optax.chain(*links)
-  return _param_rounding.with_param_rounding(tx, param_rounding)
+  return _lazy_chain(
+      _lazy_scaling(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up,
+                    moments=moments, nesterov=nesterov, amsgrad=amsgrad),
+      learning_rate, None, _stable.options(update_clipping, cautious), b2=b2, eps=eps,
+      param_rounding=param_rounding)
 
 
 def lazy_adamw(
@@ -995,6 +964,8 @@ def lazy_adamw(
     *,
     nu_dtype: Optional[Any] = None,
     catch_up: bool = False,
+    nesterov: bool = False,
+    amsgrad: bool = False,
     update_clipping: bool = False,
     cautious: bool = False,
     decouple_lr: bool = False,
@@ -1022,6 +993,8 @@ def lazy_adamw(
       selecting the leaves to decay, as in ``optax.add_decayed_weights``.
     nu_dtype: storage dtype of the second moment.
     catch_up: see :func:`scale_by_lazy_adam`.
+    nesterov: NAdamW's step on the touched rows (see :func:`scale_by_lazy_adam`).
+    amsgrad: AMSGrad's step on the touched rows (see :func:`scale_by_lazy_adam`).
     moments: the moments' storage format (see :func:`scale_by_lazy_adam`).
     update_clipping: see :func:`lazy_adam`.
     cautious: see :func:`lazy_adam`.
@@ -1060,20 +1033,16 @@ def lazy_adamw(
     <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
   """
   if callable(weight_decay):
-    _sparse_decay(weight_decay, mask)  # refuses it, naming lazy_adamw
+    raise TypeError(
+        '`weight_decay` of lazy_adamw must be a number or an array, got a'
+        ' callable: for a schedule of the weight decay, wrap the builder,'
+        ' adamfx.inject_hyperparams(adamfx.lazy_adamw)(learning_rate,'
+        ' weight_decay=schedule), which passes the schedule\'s value at each step.'
+    )
   _checks.check_non_negative('weight_decay', weight_decay)
-  links = [
-      scale_by_lazy_adam(
-          b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up, moments=moments),
-      _sparse_decay(
-          _stable.decoupled_weight_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask
-      ),
-      _sparse_learning_rate(learning_rate),
-  ]
-  _param_rounding.check_mode(param_rounding)
-  stable = _stable.options(update_clipping, cautious)
-  if stable.active:
-    tx = _stable.chain(links[0], links[1:], stable, b2=b2, eps=eps, decayed=True)
-  else:
-    tx = optax.chain(*links)
-  return _param_rounding.with_param_rounding(tx, param_rounding)
+  return _lazy_chain(
+      _lazy_scaling(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, catch_up=catch_up,
+                    moments=moments, nesterov=nesterov, amsgrad=amsgrad),
+      learning_rate,
+      (_stable.decoupled_weight_decay(weight_decay, learning_rate, decouple_lr, max_lr), mask),
+      _stable.options(update_clipping, cautious), b2=b2, eps=eps, param_rounding=param_rounding)

@@ -1,8 +1,9 @@
 r"""The Adam core: its state, its per-leaf math and the one tree driver.
 
 Every member -- Adam, NAdam (``nesterov=True``), AMSGrad (``amsgrad=True``),
-AdamW's Adam part, AdaMax (``infinity_norm=True``), lazy Adam's dense leaves,
-the 8-bit aliases and the torch/Keras builders -- runs through
+AdamW's Adam part, AdaMax (``infinity_norm=True``), lazy Adam (its row-sparse
+leaves on their touched rows, :func:`_row_step`), the 8-bit aliases and the
+torch/Keras builders -- runs through
 :func:`tree_update`, which owns flattening, None leaves, the count, the
 checks, the NaN guard for invalid traced hyperparameters, the casts and the
 fused tail ``-lr * (u + wd * p)`` (:class:`Tail`). Per leaf it runs the
@@ -528,12 +529,15 @@ class LeafMath(NamedTuple):
     )
 
 
-def dense_step(g, m, v, vm, leaf_index, math):
+def dense_step(g, m, v, vm, leaf_index, math, index=None):
   """The step of one leaf whose moments are arrays (dense storage, any dtype).
 
   Returns ``(update, mu, nu, nu_max, scaled=False)``, the moments as stored:
   bfloat16 moments of float32 arithmetic take :func:`_in_place_narrow_step`,
-  the rest :func:`_moment_step` and the storage casts below.
+  the rest :func:`_moment_step` and the storage casts below. ``index``: the
+  elements' flat positions in the whole leaf when ``g`` is lazy Adam's
+  gathered rows (:func:`element_index`), so that a 16-bit ``nu`` draws the
+  rounding bits of those elements.
   """
   b1, b2, eps, eps_root = (math.hps[k] for k in ('b1', 'b2', 'eps', 'eps_root'))
   count, nesterov = math.count, math.nesterov
@@ -542,7 +546,8 @@ def dense_step(g, m, v, vm, leaf_index, math):
     _checks.check_decay_in_dtype('b1', b1, cdt)
     _checks.check_decay_in_dtype('b2', b2, cdt)
     k = _leaf_scalars(math.scalars, cdt, count, b1, b2, eps, eps_root, nesterov)
-    u, m_new, v_new = _in_place_narrow_step(g, m, v, k, count, leaf_index, nesterov=nesterov)
+    u, m_new, v_new = _in_place_narrow_step(
+        g, m, v, k, count, leaf_index, nesterov=nesterov, index=index)
     return u, m_new, v_new, None, False
   u, m_new, v_new, vm_new = math(g, m, v, vm)
   if not math.infinity_norm and _in_place(m_new.dtype, m.dtype, v.dtype):
@@ -554,20 +559,24 @@ def dense_step(g, m, v, vm, leaf_index, math):
   # A positive nu stored as 0 (float16 underflow) would make the next step
   # m_hat / eps, inf in float16: keep_positive stores the smallest instead.
   v_s = _numerics.keep_positive(
-      _rounding.store_second_moment(v_new, v.dtype, count, leaf_index), v_new)
+      _rounding.store_second_moment(v_new, v.dtype, count, leaf_index, index), v_new)
   vm_s = None if vm is None else _numerics.keep_positive(
       _numerics.saturate(vm_new, vm.dtype), vm_new)
   return u, _numerics.saturate(m_new, m.dtype), v_s, vm_s, False
 
 
-def default_step(fmt, g, m, v, vm, leaf_index, math):
+def default_step(fmt, g, m, v, vm, leaf_index, math, decay=None):
   """A format's step without a fused one: decode, :class:`LeafMath`, encode.
 
   An element whose gradient is not finite keeps its stored history (its
   update is NaN, as for float32 Adam), so that one bad element does not
-  poison a block's scale. Returns ``(update, mu, nu, nu_max, False)``.
+  poison a block's scale. ``decay``: lazy Adam's catch-up, a function of
+  the decoded ``(mu, nu)`` applied before the step (see :func:`_row_step`).
+  Returns ``(update, mu, nu, nu_max, False)``.
   """
   olds = [fmt.decode(x, s) for x, s in ((m, True), (v, False))]
+  if decay is not None:
+    olds = list(decay(*olds))
   if vm is not None:
     olds.append(fmt.decode(vm, False))
   u, *news = math(g, olds[0], olds[1], olds[2] if vm is not None else None)
@@ -579,6 +588,78 @@ def default_step(fmt, g, m, v, vm, leaf_index, math):
   if vm is None:
     stored.append(None)
   return (u, *stored, False)
+
+
+def element_index(ids: jax.Array, rows: jax.Array) -> jax.Array:
+  """uint32 ``[k, row_size]``: the flat position in the whole leaf of each
+  element of the rows ``ids`` gathered as ``rows``."""
+  row = int(np.prod(rows.shape[1:], dtype=np.int64))
+  return (ids.astype(jnp.uint32)[:, None] * jnp.uint32(row)
+          + jax.lax.iota(jnp.uint32, row)[None, :])
+
+
+def _catch_up(ids: jax.Array, gap: jax.Array, hps: dict[str, Any], cdt: Any):
+  """Lazy Adam's catch-up of gathered rows: ``(m, v) -> (m * b1**gap, v * b2**gap)``,
+  in ``cdt``, each stored back in its dtype."""
+
+  def decay(m, v):
+    shape = (ids.shape[0],) + (1,) * (m.ndim - 1)
+    d1 = jax.lax.pow(jnp.asarray(hps['b1'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
+    d2 = jax.lax.pow(jnp.asarray(hps['b2'], cdt) * jnp.ones(shape, cdt), gap.reshape(shape))
+    return (m.astype(cdt) * d1).astype(m.dtype), (v.astype(cdt) * d2).astype(v.dtype)
+
+  return decay
+
+
+def _row_step(rows, fmt, g, m, v, vm, last, i, math, tail, invalid):
+  """Lazy Adam's step of a row-sparse leaf ``g``: the leaf's step on its touched rows.
+
+  ``rows`` is the row access of :mod:`adamfx._sparse` (``coalesce``,
+  ``gather``, ``scatter``, ``rebuild``). Duplicate ids are summed; the
+  touched rows of ``m``, ``v`` (and ``vm``) are gathered (through the
+  format's ``gather_rows``), stepped by :func:`dense_step` (a 16-bit ``nu``
+  rounded with the bits of those rows' elements, so that touching every row
+  is the dense leaf's step) or, stored in a format, by :func:`default_step`
+  (decode, :class:`LeafMath`, encode), and scattered back. With ``last``
+  (``catch_up``: the step each row was last touched at), a row untouched
+  since step ``s`` first decays as dense Adam's would have over the steps
+  ``s+1 .. t-1``, where its gradient was 0: by ``b**(t-1-s)`` (stored moments
+  in their dtype; a format's decoded ones before the step). The update's
+  rows go through the one tail (the decay reads the touched params' rows).
+  Returns ``(update, mu, nu, nu_max, last)``, the update a row-sparse leaf.
+  """
+  count = math.count
+  ids, g_rows, valid = rows.coalesce(g)
+  if fmt is None:
+    take, put = rows.gather, rows.scatter
+  else:
+    take = lambda x, ids: fmt.gather_rows(x, ids, rows.gather)
+    put = lambda x, ids, r: fmt.scatter_rows(x, ids, r, rows.scatter)
+  m_r, v_r = take(m, ids), take(v, ids)
+  vm_r = None if vm is None else take(vm, ids)
+  decay = None
+  if last is not None:
+    # Once the int32 count saturates, count - 1 - last would be -1 (a
+    # growth by 1 / b): no catch-up there, the step's own decay only.
+    gap = jnp.maximum((count - 1) - rows.gather(last, ids), 0)
+    last = rows.scatter(last, ids, jnp.broadcast_to(count, ids.shape))
+    if fmt is None:
+      cdt = _numerics.compute_dtype(g_rows.dtype, m.dtype, v.dtype)
+      m_r, v_r = _catch_up(ids, gap, math.hps, cdt)(m_r, v_r)
+    else:
+      decay = lambda m_x, v_x: _catch_up(ids, gap, math.hps, m_x.dtype)(m_x, v_x)
+  if fmt is None:
+    narrow = jnp.issubdtype(v.dtype, jnp.floating) and jnp.finfo(v.dtype).bits < 32
+    index = element_index(ids, v_r) if narrow else None
+    u, m_n, v_n, vm_n, _ = dense_step(g_rows, m_r, v_r, vm_r, i, math, index=index)
+  else:
+    u, m_n, v_n, vm_n, _ = default_step(fmt, g_rows, m_r, v_r, vm_r, i, math, decay=decay)
+  u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
+  u = nan_where(invalid, u)
+  param = rows.gather(tail.params[i], ids) if decays(tail, i) else None
+  u = apply_tail(u, i, tail, False, param)
+  return (rows.rebuild(g, ids, u), put(m, ids, m_n), put(v, ids, v_n),
+          None if vm is None else put(vm, ids, vm_n), last)
 
 
 class Tail(NamedTuple):
@@ -599,17 +680,27 @@ class Tail(NamedTuple):
   decay_size: Any = None  # else an array
   decay_on: Optional[tuple[bool, ...]] = None  # per leaf; None: no decay
   params: Optional[list[Any]] = None  # the params' leaves, for the decay
+  invalid: Any = None  # a traced learning rate or decay out of range: NaN updates
 
 
-def apply_tail(u: jax.Array, i: int, tail: Optional[Tail], scaled: bool) -> jax.Array:
+def decays(tail: Optional[Tail], i: int) -> bool:
+  """Whether ``tail`` decays leaf ``i``."""
+  return tail is not None and tail.decay_on is not None and bool(tail.decay_on[i])
+
+
+def apply_tail(
+    u: jax.Array, i: int, tail: Optional[Tail], scaled: bool, param: Any = None
+) -> jax.Array:
   """Leaf ``i``'s update through ``tail`` (see :class:`Tail`); ``scaled``: the
-  format already applied the learning rate."""
+  format already applied the learning rate. ``param``: the params the decay
+  reads, when not leaf ``i`` of ``tail.params`` (lazy Adam's gathered rows)."""
   if tail is None:
     return u
+  u = nan_where(tail.invalid, u)
   with jax.numpy_dtype_promotion('standard'):
-    if tail.decay_on is not None and tail.decay_on[i]:
+    if decays(tail, i):
       size = tail.decay_static if tail.decay_static is not None else tail.decay_size
-      u = (u + size * tail.params[i]).astype(u.dtype)
+      u = (u + size * (tail.params[i] if param is None else param)).astype(u.dtype)
     if tail.lr_kind is not None and not scaled:
       if tail.lr_static is not None:
         u = (tail.lr_static * u).astype(u.dtype)
@@ -623,8 +714,8 @@ def _step_size(tail: Optional[Tail], i: int) -> Optional[float]:
   """The learning rate a format may fuse into leaf ``i``'s step, or None."""
   if tail is None or tail.lr_static is None:
     return None
-  if tail.decay_on is not None and tail.decay_on[i]:
-    return None  # the decay comes first
+  if decays(tail, i) or tail.invalid is not None:
+    return None  # the decay (or the NaN guard) comes first
   return tail.lr_static
 
 
@@ -640,6 +731,7 @@ def tree_update(
     tail: Optional[Tail] = None,
     who: Optional[str] = None,
     state_type: Optional[type] = None,
+    rows: Any = None,
 ) -> tuple[optax.Updates, AdamState]:
   """The one tree driver of the Adam family.
 
@@ -651,6 +743,11 @@ def tree_update(
   of any floating dtype), ``fmt.step(g, m, v, vm, leaf_index, math)`` or
   :func:`default_step`, with the core's :class:`LeafMath` (the torch/Keras
   builders' own arithmetic is such a step, their state ``state_type``).
+
+  ``rows``: lazy Adam's row access (:mod:`adamfx._sparse`); a leaf it calls
+  row-sparse takes :func:`_row_step`, the same step on the touched rows.
+  The state may then hold ``last_step`` (``catch_up``), and ``state_type``
+  takes it.
   """
   b1, b2, eps, eps_root = (hps[k] for k in ('b1', 'b2', 'eps', 'eps_root'))
   state = _checks.adam_like_state(
@@ -662,39 +759,53 @@ def tree_update(
         nu_max=prepare(state.nu_max, False, 'nu_max') if amsgrad else None,
     )
   updates = jax.tree.map(jnp.asarray, updates)  # Python-number leaves too
+  is_leaf, holed = _is_none, updates
+  if rows is not None:
+    is_leaf = lambda x: x is None or rows.is_sparse(x)
+    holed = jax.tree.map(lambda x: None if rows.is_sparse(x) else x, updates, is_leaf=is_leaf)
+  # (lazy Adam checks its tree of row-sparse leaves against the state itself)
   if fmt is None:
-    _checks.check_matching_trees(updates, state.mu)
+    if rows is None:
+      _checks.check_matching_trees(updates, state.mu)
     step = dense_step
   else:
     is_stored = lambda x: x is None or fmt.is_stored(x)
-    _checks.check_matching_trees(
-        updates, jax.tree.map(fmt.param_like, state.mu, is_leaf=is_stored))
+    if rows is None:
+      _checks.check_matching_trees(
+          updates, jax.tree.map(fmt.param_like, state.mu, is_leaf=is_stored))
     step = getattr(fmt, 'step', None) or functools.partial(default_step, fmt)
   _checks.check_hyperparam_dtype('b1', b1)
   _checks.check_hyperparam_dtype('b2', b2)
   count = optax.safe_increment(state.count)
   invalid = _checks.invalid_hyperparams(b1, b2, eps, eps_root)
-  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=_is_none)
+  g_leaves, treedef = jax.tree.flatten(updates, is_leaf=is_leaf)
   m_leaves = treedef.flatten_up_to(state.mu)
   v_leaves = treedef.flatten_up_to(state.nu)
   vm_leaves = treedef.flatten_up_to(state.nu_max) if amsgrad else [None] * len(g_leaves)
+  last = getattr(state, 'last_step', None) if rows is not None else None
+  l_leaves = treedef.flatten_up_to(last) if last is not None else [None] * len(g_leaves)
   # Each leaf's index (stochastic rounding, the tail's per-leaf lists): its
   # place among the params, optax.MaskedNode places (other multi_transform
   # partitions, or the eager path's other leaves) counted.
-  positions = _rounding.leaf_positions(updates)
+  positions = _rounding.leaf_positions(holed)
   math = LeafMath(count, hps, nesterov, amsgrad, infinity_norm, None, {})
   outs = []
-  for i, g, m, v, vm in zip(positions, g_leaves, m_leaves, v_leaves, vm_leaves):
+  for i, g, m, v, vm, lt in zip(positions, g_leaves, m_leaves, v_leaves, vm_leaves, l_leaves):
     if g is None:
-      outs.append((None,) * 4)
+      outs.append((None,) * 4 + (lt,))
+      continue
+    if rows is not None and rows.is_sparse(g):
+      outs.append(_row_step(rows, fmt, g, m, v, vm, lt, i, math, tail, invalid))
       continue
     u, m_s, v_s, vm_s, scaled = step(g, m, v, vm, i, math._replace(step_size=_step_size(tail, i)))
     u = apply_tail(nan_where(invalid, u).astype(g.dtype), i, tail, scaled)
-    outs.append((u, m_s, v_s, vm_s))
-  u, mu, nu, nu_max = (jax.tree.unflatten(treedef, list(c)) for c in zip(*outs)) if outs else (
-      (jax.tree.unflatten(treedef, []),) * 4)
+    outs.append((u, m_s, v_s, vm_s, None if lt is None else jnp.full_like(lt, count)))
+  u, mu, nu, nu_max, last_step = (
+      (jax.tree.unflatten(treedef, list(c)) for c in zip(*outs)) if outs else
+      (jax.tree.unflatten(treedef, []),) * 5)
+  extra = {} if rows is None else {'last_step': last_step if last is not None else None}
   new_state = (state_type or (AdaMaxState if infinity_norm else AdamState))(
-      count=count, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None)
+      count=count, mu=mu, nu=nu, nu_max=nu_max if amsgrad else None, **extra)
   return u, new_state
 
 

@@ -230,6 +230,16 @@ CONTRACTS = [
              lambda: optax.adam(LR), sparse=True),
     Contract('lazy_adamw', lambda: adamfx.lazy_adamw(LR, **_WD), lambda: optax.adamw(LR, **_WD),
              sparse=True),
+    # NAdam and AMSGrad as flags of lazy Adam (issue 19): on dense gradients, optax's.
+    Contract('lazy_nadam', lambda: adamfx.lazy_adam(LR, nesterov=True), lambda: optax.nadam(LR),
+             sparse=True),
+    Contract('lazy_amsgrad', lambda: adamfx.lazy_adam(LR, amsgrad=True),
+             lambda: optax.amsgrad(LR), sparse=True),
+    Contract('lazy_nadamw', lambda: adamfx.lazy_adamw(LR, nesterov=True, **_WD),
+             lambda: optax.nadamw(LR, **_WD), sparse=True),
+    Contract('lazy_amsgrad_8bit', lambda: adamfx.lazy_adam(LR, amsgrad=True, moments=_B8_ROWS),
+             eight_bit=True, sparse=True, rtol=_F64_RTOL,
+             numpy_reference=lambda p: reference.AMSGrad8bit(LR, min_size=_C8, block_size=64)),
     # The framework-exact builders take real params only, as torch and keras
     # (complex_params=False), and keep 16-bit params' moments in float32.
     Contract('torch_adam', lambda: adamfx.torch_adam(LR), lambda: optax.adam(LR),
@@ -1245,6 +1255,10 @@ _BUILDERS = {
     'scale_by_adam8bit': (adamfx.scale_by_adam8bit, dict(min_8bit_size=_C8)),
     'lazy_adam': (adamfx.lazy_adam, {}), 'lazy_adam_catch_up': (adamfx.lazy_adam, dict(catch_up=True)),
     'lazy_adamw': (adamfx.lazy_adamw, _WD),
+    'lazy_nadam': (adamfx.lazy_adam, dict(nesterov=True)),
+    'lazy_amsgrad': (adamfx.lazy_adam, dict(amsgrad=True)),
+    'lazy_nadamw': (adamfx.lazy_adamw, dict(nesterov=True, **_WD)),
+    'lazy_amsgrad_8bit': (adamfx.lazy_adam, dict(amsgrad=True, moments=_B8_ROWS)),
     'torch_adam': (adamfx.torch_adam, {}), 'torch_adamw': (adamfx.torch_adamw, _WD),
     'keras_adam': (adamfx.keras_adam, {}), 'keras_adamw': (adamfx.keras_adamw, _WD),
     'stable_adamw': (adamfx.stable_adamw, _WD),

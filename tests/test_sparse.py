@@ -38,14 +38,21 @@ def _ids_stream(steps, k, seed=0, num_rows=V):
   return ids.astype(np.int32), vals
 
 
-def numpy_lazy_adam(table, ids, vals, lr, b1=0.9, b2=0.999, eps=1e-8, catch_up=False):
+def numpy_lazy_adam(table, ids, vals, lr, b1=0.9, b2=0.999, eps=1e-8, catch_up=False,
+                    nesterov=False, amsgrad=False):
   """float64 transcription: coalesce, then Algorithm 1 on the touched rows.
 
   ``lr``: a number, or a schedule called with the 0-based step (as optax's).
+  ``nesterov``: NAdam in optax's form, ``b1 m / (1 - b1**(t+1)) + (1 - b1) g
+  / (1 - b1**t)``; ``amsgrad``: the touched rows' running maximum of the
+  bias-corrected ``v`` (optax's form) replaces ``v_hat`` (with ``catch_up``,
+  ``v`` decays over a row's missed steps, its maximum does not).
+  Returns ``(params, m, v)``, and the maximum as well with ``amsgrad``.
   """
   p = np.array(table, np.float64)
   m = np.zeros_like(p)
   v = np.zeros_like(p)
+  v_max = np.zeros_like(p)
   last = np.zeros(p.shape[0], np.int64)
   for t, (i, g) in enumerate(zip(ids, vals), start=1):
     dense = np.zeros_like(p)
@@ -58,11 +65,16 @@ def numpy_lazy_adam(table, ids, vals, lr, b1=0.9, b2=0.999, eps=1e-8, catch_up=F
       last[rows] = t
     m[rows] = b1 * m[rows] + (1 - b1) * dense[rows]
     v[rows] = b2 * v[rows] + (1 - b2) * dense[rows] ** 2
-    m_hat = m[rows] / (1 - b1**t)
+    if nesterov:
+      m_hat = b1 * m[rows] / (1 - b1**(t + 1)) + (1 - b1) * dense[rows] / (1 - b1**t)
+    else:
+      m_hat = m[rows] / (1 - b1**t)
     v_hat = v[rows] / (1 - b2**t)
+    if amsgrad:
+      v_hat = v_max[rows] = np.maximum(v_max[rows], v_hat)
     rate = float(lr(t - 1)) if callable(lr) else lr
     p[rows] -= rate * m_hat / (np.sqrt(v_hat) + eps)
-  return p, m, v
+  return (p, m, v, v_max) if amsgrad else (p, m, v)
 
 
 def run_lazy(tx, table, ids, vals, jit=True):
@@ -93,6 +105,60 @@ def test_matches_numpy_float64_with_duplicates(x64):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(state[0].mu, m, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(state[0].nu, v, rtol=1e-12, atol=1e-18)
+
+
+@pytest.mark.parametrize('flag', ['nesterov', 'amsgrad'])
+def test_nadam_and_amsgrad_match_numpy_float64_on_touched_rows(x64, flag):
+  """lazy_adam(nesterov=True) / (amsgrad=True): NAdam's and AMSGrad's step on
+  the touched rows only (duplicates summed), with and without catch_up."""
+  ids, vals = _ids_stream(30, 12, seed=12)
+  table0 = np.random.default_rng(13).normal(size=(V, D))
+  for catch_up in (False, True):
+    want = numpy_lazy_adam(table0, ids, vals, 0.05, catch_up=catch_up, **{flag: True})
+    got, state = run_lazy(adamfx.lazy_adam(0.05, catch_up=catch_up, **{flag: True}),
+                          jnp.asarray(table0), ids, vals)
+    # float64 throughout; the orders of operations differ: 1e-12.
+    np.testing.assert_allclose(got, want[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(state[0].mu, want[1], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(state[0].nu, want[2], rtol=1e-12, atol=1e-18)
+    if flag == 'amsgrad':
+      np.testing.assert_allclose(state[0].nu_max, want[3], rtol=1e-12, atol=1e-18)
+    else:
+      assert state[0].nu_max is None
+  plain, _, _ = numpy_lazy_adam(table0, ids, vals, 0.05)
+  assert np.max(np.abs(plain - want[0])) > 1e-3  # the flag mattered
+
+
+@pytest.mark.parametrize('name', ['nadam', 'amsgrad', 'nadamw'])
+def test_every_row_touched_is_optax_nadam_and_amsgrad(x64, name):
+  """Each step touches every row once (a permutation, the rows given in a
+  shuffled order): lazy Adam's NAdam/AMSGrad (and NAdamW) are optax's
+  ``nadam``/``amsgrad``/``nadamw`` on the dense gradient, in float64."""
+  lazy, ref = {
+      'nadam': (adamfx.lazy_adam(0.03, nesterov=True), optax.nadam(0.03)),
+      'amsgrad': (adamfx.lazy_adam(0.03, amsgrad=True), optax.amsgrad(0.03)),
+      'nadamw': (adamfx.lazy_adamw(0.03, weight_decay=0.1, nesterov=True),
+                 optax.nadamw(0.03, weight_decay=0.1)),
+  }[name]
+  rng = np.random.default_rng(14)
+  table0 = jnp.asarray(rng.normal(size=(V, D)))
+  lp, rp = {'t': table0, 'b': jnp.ones(4)}, {'t': table0, 'b': jnp.ones(4)}
+  ls, rs = lazy.init(lp), ref.init(rp)
+  for _ in range(8):
+    perm = rng.permutation(V).astype(np.int32)
+    rows = jnp.asarray(rng.normal(size=(V, D)))
+    gb = jnp.asarray(rng.normal(size=4))
+    u, ls = jax.jit(lazy.update)({'t': RowSparse(jnp.asarray(perm), rows, V), 'b': gb}, ls, lp)
+    lp = optax.apply_updates(lp, u)
+    with jax.numpy_dtype_promotion('standard'):  # optax's own code needs it
+      u, rs = ref.update({'t': jnp.zeros((V, D), rows.dtype).at[perm].set(rows), 'b': gb}, rs, rp)
+    rp = optax.apply_updates(rp, u)
+  for k in ('t', 'b'):
+    np.testing.assert_allclose(lp[k], rp[k], rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(ls[0].mu['t'], rs[0].mu['t'], rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(ls[0].nu['t'], rs[0].nu['t'], rtol=1e-12, atol=1e-18)
+  if name == 'amsgrad':
+    np.testing.assert_allclose(ls[0].nu_max['t'], rs[0].nu_max['t'], rtol=1e-12, atol=1e-18)
 
 
 def test_schedule_matches_numpy_float64(x64):
@@ -265,6 +331,23 @@ def test_out_of_range_ids_touch_no_row_under_jit():
   moved = np.flatnonzero((np.asarray(optax.apply_updates(table0, u)) != np.asarray(table0)).any(1))
   assert moved.tolist() == [3]
   np.testing.assert_array_equal(mixed.todense()[V - 1], 0.0)
+
+
+@pytest.mark.parametrize('name,value', [('b1', 1.5), ('eps', -1.0), ('learning_rate', -0.1),
+                                        ('weight_decay', -1.0)])
+def test_invalid_traced_hyperparameters_give_nan_rows(name, value):
+  """A traced hyperparameter out of its range (inject_hyperparams under jit)
+  makes the touched rows' update NaN, as the dense leaves' -- never a finite
+  wrong step (before issue 19 the rows stepped on: a negative rate ascended)."""
+  p = {'t': jnp.ones((8, 2)), 'w': jnp.ones(3)}
+  g = {'t': RowSparse(jnp.array([1, 5]), jnp.ones((2, 2)), 8), 'w': jnp.ones(3)}
+  tx = adamfx.inject_hyperparams(adamfx.lazy_adamw)(learning_rate=0.1, weight_decay=0.1)
+  state = tx.init(p)
+  state.hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
+  u, _ = jax.jit(tx.update)(g, state, p)
+  assert np.isnan(np.asarray(u['t'].values)).all()
+  assert np.isnan(np.asarray(u['w'])).all()
+  assert not np.asarray(u['t'].todense())[[0, 2, 3, 4, 6, 7]].any()  # untouched rows: no step
 
 
 def test_out_of_range_ids_eagerly_name_the_leaf_and_id():
