@@ -296,7 +296,7 @@ def teacher_student(batch: int = 256):
   return init, loss, sample, lambda p: loss(p, x_eval)
 
 
-def _train(init, loss, sample, final, make_tx, params_dtype, seeds, steps):
+def train(init, loss, sample, final, make_tx, params_dtype, seeds, steps):
   """Final losses per seed: all seeds vmapped, the steps scanned, one jit."""
   import jax
   import jax.numpy as jnp
@@ -362,7 +362,7 @@ def quality_table(tasks: list[str], seeds: int = 3, steps: dict[str, int] | None
     for label, dtype, make in quality_rows(lr):
       if only and ref is not None and not any(o in label for o in only):
         continue
-      losses = _train(init, loss, sample, final, make, dtype, list(range(seeds)), steps[task])
+      losses = train(init, loss, sample, final, make, dtype, list(range(seeds)), steps[task])
       row = {'task': task, 'steps': steps[task], 'optimizer': label,
              'mean': float(losses.mean()), 'spread': float(losses.max() - losses.min())}
       if ref is None:
