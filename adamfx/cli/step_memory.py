@@ -371,7 +371,7 @@ def quality_table(tasks: list[str], seeds: int = 3, steps: dict[str, int] | None
         ref = row
         row['threshold'] = max(0.01 * row['mean'], row['spread'])
       row['gap'] = row['mean'] - ref['mean']
-      row['within'] = bool(row['gap'] <= ref['threshold'])
+      row['within'] = bool(abs(row['gap']) <= ref['threshold'])  # as adamfx memory's parity
       out.append(row)
       if progress:
         print(f'  {task}: {label}: {row["mean"]:.5f}', file=sys.stderr, flush=True)
