@@ -147,7 +147,7 @@ def _rounded_leaf(mode, p, u, c, step, index):
     new = round_nearest(p32 + c1.astype(f32), dtype)
   else:
     bits = _rounding.random_bits(p.shape, step, index + _LEAF_SALT)
-    new = _rounding.stochastic_round(p32 + u32, dtype, bits).astype(f32)
+    new = _rounding.stochastic_round_float32(p32 + u32, dtype, bits)
   # The update: apply_updates (p + update, rounded to nearest) lands on
   # ``new`` itself unless the difference is inexact (see the module doc).
   update = round_nearest(new - p32, dtype).astype(dtype)

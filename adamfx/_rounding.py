@@ -147,13 +147,10 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
     True
   """
   dtype = jnp.dtype(dtype)
+  if dtype == jnp.dtype(jnp.bfloat16):
+    return stochastic_round_float32(x, dtype, bits).astype(dtype)
   big = float(jnp.finfo(dtype).max)
   x = jnp.clip(x.astype(jnp.float32), -big, big)
-  if dtype == jnp.dtype(jnp.bfloat16):
-    xb = jax.lax.bitcast_convert_type(x, _U32)
-    yb = (xb + (bits & _U32(0xFFFF))) & _U32(0xFFFF0000)
-    y = jax.lax.bitcast_convert_type(yb, jnp.float32)
-    return jnp.where(jnp.isnan(x), x, y).astype(dtype)
   near = x.astype(dtype)
   near32 = near.astype(jnp.float32)
   toward = jnp.where(x > near32, jnp.inf, -jnp.inf).astype(dtype)
@@ -163,6 +160,25 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
   p = jnp.where(gap != 0, (x - near32) / jnp.where(gap != 0, gap, 1), 0)
   u = (bits >> _U32(8)).astype(jnp.float32) * np.float32(2.0**-24)
   return jnp.where(u < p, other, near)
+
+
+def stochastic_round_float32(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
+  """:func:`stochastic_round`'s result as float32 (exact: a ``dtype`` number).
+
+  For bfloat16 this skips the convert to bfloat16 and back that a float32
+  consumer would otherwise pay (XLA cannot tell that it is exact): the
+  bit trick leaves the low 16 bits zero, so the float32 value *is* the
+  bfloat16 number (NaN stays NaN).
+  """
+  dtype = jnp.dtype(dtype)
+  if dtype != jnp.dtype(jnp.bfloat16):
+    return stochastic_round(x, dtype, bits).astype(jnp.float32)
+  big = float(jnp.finfo(dtype).max)
+  x = jnp.clip(x.astype(jnp.float32), -big, big)
+  xb = jax.lax.bitcast_convert_type(x, _U32)
+  yb = (xb + (bits & _U32(0xFFFF))) & _U32(0xFFFF0000)
+  y = jax.lax.bitcast_convert_type(yb, jnp.float32)
+  return jnp.where(jnp.isnan(x), x, y)
 
 
 def store_second_moment(

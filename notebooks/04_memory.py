@@ -203,11 +203,16 @@ assert abs(losses['4-bit (adam4bit)'].mean() - base.mean()) <= threshold
 # down at random, right on average, with no buffer (bits hashed from step, leaf and element).
 # Both roundings are forced (`lax.reduce_precision`, integer bit operations), since XLA may
 # otherwise compute a bfloat16 error term in float32 and fold it to 0 (jax issue 23007).
+#
+# On a constant gradient Adam's step is the learning rate (`m_hat / sqrt(v_hat) = 1`), so a
+# thousand steps of `adamfx.adam(1e-3, param_rounding=...)` add `1e-3` a thousand times. The
+# moments are kept in float32 here (`mu_dtype`, `nu_dtype`; by default they follow the
+# params' dtype), so that each step is `1e-3` to float32 precision and only the params'
+# rounding differs.
 
 # %%
 import optax
 
-from adamfx import _param_rounding
 from adamfx.cli import step_memory as sm
 
 
@@ -215,7 +220,7 @@ from adamfx.cli import step_memory as sm
 def add_1e3_thousand_times(p):
   out = {}
   for mode in ('nearest', 'kahan', 'stochastic'):
-    tx = _param_rounding.with_param_rounding(optax.sgd(1e-3), mode)
+    tx = adamfx.adam(1e-3, mu_dtype=jnp.float32, nu_dtype=jnp.float32, param_rounding=mode)
 
     def body(i, carry, tx=tx):
       p, s = carry
@@ -227,7 +232,8 @@ def add_1e3_thousand_times(p):
 
 
 sums = add_1e3_thousand_times(jnp.ones(4096, jnp.bfloat16))
-print({k: float(v.astype(jnp.float32).mean()) for k, v in sums.items()}, '(exact: 2.0)')
+display(Markdown('| param_rounding | mean of the 4096 params (exact: 2.0) |\n|---|---:|\n' + '\n'.join(
+    f'| {k} | {float(v.astype(jnp.float32).mean()):.4f} |' for k, v in sums.items())))
 assert float(sums['nearest'][0]) == 1.0
 assert float(sums['kahan'][0]) == 2.0
 assert abs(float(sums['stochastic'].astype(jnp.float32).mean()) - 2.0) < 0.01
@@ -244,10 +250,10 @@ curves = {}
 for label, dtype, make in sm.quality_rows(1e-3):
   if '8bit' in label or 'bf16 moments' in label:
     continue
-  curves[label] = sm._train(init, loss, sample, final, make, dtype, ts_seeds, ts_steps).mean()
+  curves[label] = sm.train(init, loss, sample, final, make, dtype, ts_seeds, ts_steps).mean()
 ref = curves['adamfx.adam, float32 params (reference)']
-for label, value in curves.items():
-  print(f'{label:45s} {value:.5f} ({100 * (value / ref - 1):+.1f}%)')
+display(Markdown('| optimizer | final loss | vs float32 params |\n|---|---:|---:|\n' + '\n'.join(
+    f'| {label} | {value:.5f} | {100 * (value / ref - 1):+.1f}% |' for label, value in curves.items())))
 assert curves['adamfx.adam, bf16 params, nearest'] > curves['adamfx.adam, bf16 params, kahan']
 
 # %% [markdown]
@@ -269,7 +275,7 @@ else:
       [sm.mlp_model(width=512, layers=4)],
       only=['optax.adam', 'adamfx.adam8bit', 'adamfx.adam nearest', 'adamfx.adam kahan',
             'adamfx.adam stochastic'])
-print(sm.format_memory(table))
+display(Markdown(sm.format_memory(table)))
 labels = [f"{r['optimizer']} ({r['params_dtype'][:4]})" for r in table]
 y = np.arange(len(table))
 floor = np.array([r['sgd_floor'] for r in table])

@@ -151,6 +151,37 @@ register_case(Case(
     'the same large leaf: adamfx.adam4bit vs adamfx.adam8bit'))
 
 
+def _rounding(member: str, mode: str):
+  """``() -> adamfx.<member>(1e-3, param_rounding=mode)``."""
+
+  def make():
+    import adamfx
+
+    return getattr(adamfx, member)(1e-3, param_rounding=mode)
+
+  return make
+
+
+def _rounding_baseline(member: str):
+  """The same member with round-to-nearest params: the rounding cases' reference."""
+
+  def make():
+    return f'adamfx.{member} nearest', _rounding(member, 'nearest')()
+
+  return make
+
+
+# Issue 20's overhead target: Kahan or stochastic param rounding adds at most
+# 15 % to the jitted, donated step of the same member on bfloat16 params.
+for _member, _prefix in (('adam', 'bf16'), ('adam8bit', '8bit_bf16')):
+  for _mode in ('kahan', 'stochastic'):
+    register_case(Case(
+        f'{_prefix}_{_mode}', _bf16_tree, _rounding_baseline(_member), _rounding(_member, _mode),
+        f'bfloat16 transformer-like tree: adamfx.{_member}(param_rounding={_mode!r}) vs'
+        f" 'nearest'"))
+del _member, _prefix, _mode
+
+
 SPARSE_CASE = 'sparse'  # the embedding-table case, its own columns: adamfx.cli.bench_sparse
 
 

@@ -21,7 +21,8 @@ MLP (64-256-256-16, tanh) and the character transformer LM over 3 seeds,
 and compares the final loss with float32-params Adam's against the parity
 threshold ``max(1% of float32's mean, its seed spread)``. ``--overhead``
 times the jitted, donated step of each rounding mode against round-to-
-nearest (median of interleaved trials).
+nearest, the optimizer step alone and the training step (median ratio of
+interleaved trials, wall and process CPU time).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 
 MODELS = ('mlp', 'charlm')
+QUALITY_TASKS = ('teacher-student', 'charlm')
 
 
 # ------------------------------------------------------------------ models
@@ -296,7 +298,7 @@ def teacher_student(batch: int = 256):
   return init, loss, sample, lambda p: loss(p, x_eval)
 
 
-def _train(init, loss, sample, final, make_tx, params_dtype, seeds, steps):
+def train(init, loss, sample, final, make_tx, params_dtype, seeds, steps):
   """Final losses per seed: all seeds vmapped, the steps scanned, one jit."""
   import jax
   import jax.numpy as jnp
@@ -362,14 +364,14 @@ def quality_table(tasks: list[str], seeds: int = 3, steps: dict[str, int] | None
     for label, dtype, make in quality_rows(lr):
       if only and ref is not None and not any(o in label for o in only):
         continue
-      losses = _train(init, loss, sample, final, make, dtype, list(range(seeds)), steps[task])
+      losses = train(init, loss, sample, final, make, dtype, list(range(seeds)), steps[task])
       row = {'task': task, 'steps': steps[task], 'optimizer': label,
              'mean': float(losses.mean()), 'spread': float(losses.max() - losses.min())}
       if ref is None:
         ref = row
         row['threshold'] = max(0.01 * row['mean'], row['spread'])
       row['gap'] = row['mean'] - ref['mean']
-      row['within'] = bool(row['gap'] <= ref['threshold'])
+      row['within'] = bool(abs(row['gap']) <= ref['threshold'])  # as adamfx memory's parity
       out.append(row)
       if progress:
         print(f'  {task}: {label}: {row["mean"]:.5f}', file=sys.stderr, flush=True)
@@ -396,60 +398,95 @@ def format_quality(table: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- overhead
 
 
-def overhead(trials: int = 7, inner: int = 5) -> list[dict[str, Any]]:
-  """Time of the jitted, donated MLP step with Kahan/stochastic over nearest.
+def overhead(trials: int = 9, inner: int = 5) -> list[dict[str, Any]]:
+  """Time of Kahan/stochastic param rounding over round-to-nearest, same member.
 
-  Interleaved trials (one of each mode per trial), medians; per member
-  (adam, adam8bit) on bfloat16 params.
+  On bfloat16 params of a 4x512 MLP (bfloat16 compute, batch 64), per member
+  (adam, adam8bit) and mode, two jitted steps with params and state donated:
+  the optimizer step alone (``tx.update`` + ``optax.apply_updates`` on fixed
+  gradients) and the whole training step (gradient, update,
+  ``apply_updates``). Trials are interleaved (each trial runs every mode of
+  a member ``inner`` times in turn), and each trial's time is divided by the
+  same trial's ``'nearest'`` time: the ratio's median, min and max, of the
+  wall time and of the process CPU time (all of XLA's threads; on a shared
+  machine the wall time mostly measures the other processes, the CPU time
+  the work done).
   """
   import jax
   import jax.numpy as jnp
+  import optax
 
   import adamfx
 
   m = mlp_model(width=512, layers=4)
   members = {'adam': lambda mode: adamfx.adam(1e-3, param_rounding=mode),
              'adam8bit': lambda mode: adamfx.adam8bit(1e-3, param_rounding=mode)}
-  out = []
+  modes = ('nearest', 'kahan', 'stochastic')
   key = jax.random.PRNGKey(0)
+  out = []
   for member, make in members.items():
     runs = {}
-    for mode in ('nearest', 'kahan', 'stochastic'):
+    for mode in modes:
       tx = make(mode)
-      compiled, pshape, sshape = lowered_step(m, tx, jnp.bfloat16)
+      train_step, pshape, _ = lowered_step(m, tx, jnp.bfloat16)
+
+      def opt_step(params, state, grads, tx=tx):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
       params = jax.tree.map(
           lambda s: (jax.random.normal(key, s.shape, jnp.float32) * 0.03).astype(s.dtype), pshape)
-      state = tx.init(params)
+      grads = jax.tree.map(lambda p: p * jnp.asarray(0.01, p.dtype), params)
+      opt_compiled = jax.jit(opt_step, donate_argnums=(0, 1)).lower(
+          params, jax.eval_shape(tx.init, params), grads).compile()
       batch = tuple(jax.random.normal(key, b.shape, b.dtype) for b in m.batch)
-      runs[mode] = [compiled, params, state, batch]
+      for kind, compiled, data in (('optimizer step', opt_compiled, grads),
+                                   ('training step', train_step, batch)):
+        p = jax.tree.map(lambda x: x.copy(), params)
+        runs[kind, mode] = [compiled, p, tx.init(p), data]
+    for r in runs.values():  # warm up
+      r[1], r[2] = r[0](r[1], r[2], r[3])
+      jax.block_until_ready(r[1])
     times = {k: [] for k in runs}
     for _ in range(trials):
-      for mode, r in runs.items():
-        compiled, params, state, batch = r
-        t0 = time.perf_counter()
+      for k, r in runs.items():
+        compiled, params, state, data = r
+        w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(inner):
-          params, state = compiled(params, state, batch)
+          params, state = compiled(params, state, data)
         jax.block_until_ready(params)
-        times[mode].append((time.perf_counter() - t0) / inner)
+        times[k].append(((time.perf_counter() - w0) / inner, (time.process_time() - c0) / inner))
         r[1], r[2] = params, state
-    base = np.asarray(times['nearest'])
-    for mode in ('kahan', 'stochastic'):
-      ratios = np.asarray(times[mode]) / base
-      out.append({'member': member, 'mode': mode,
-                  'nearest_ms': float(np.median(base) * 1e3),
-                  'ms': float(np.median(times[mode]) * 1e3),
-                  'ratio_median': float(np.median(ratios)), 'ratio_min': float(ratios.min()),
-                  'ratio_max': float(ratios.max())})
+    for kind in ('optimizer step', 'training step'):
+      base = np.asarray(times[kind, 'nearest'])
+      for mode in modes[1:]:
+        t = np.asarray(times[kind, mode])
+        ratios = t / base  # trial by trial; columns: wall, CPU
+        out.append({
+            'member': member, 'kind': kind, 'mode': mode, 'trials': trials,
+            'nearest_ms': float(np.median(base[:, 0]) * 1e3),
+            'nearest_cpu_ms': float(np.median(base[:, 1]) * 1e3),
+            'ms': float(np.median(t[:, 0]) * 1e3), 'cpu_ms': float(np.median(t[:, 1]) * 1e3),
+            'ratio_median': float(np.median(ratios[:, 0])), 'ratio_min': float(ratios[:, 0].min()),
+            'ratio_max': float(ratios[:, 0].max()),
+            'cpu_ratio_median': float(np.median(ratios[:, 1])),
+            'cpu_ratio_min': float(ratios[:, 1].min()), 'cpu_ratio_max': float(ratios[:, 1].max()),
+        })
   return out
 
 
 def format_overhead(table: list[dict[str, Any]]) -> str:
-  lines = ['', '### Step time with param rounding / nearest (bf16 params, MLP 4x512,'
-           ' jitted donated step, interleaved trials)', '',
-           '| member | mode | nearest ms | mode ms | ratio median (min-max) |', '|---|---|---|---|---|']
+  lines = ['', f'### Param rounding / nearest: bf16 params, MLP 4x512, jitted donated steps,'
+           f' {table[0]["trials"]} interleaved trials', '',
+           '| member | step | mode | nearest CPU ms (wall) | mode CPU ms (wall) |'
+           ' CPU ratio median (min-max) | wall ratio median (min-max) |',
+           '|---|---|---|---|---|---|---|']
   for r in table:
-    lines.append(f'| {r["member"]} | {r["mode"]} | {r["nearest_ms"]:.2f} | {r["ms"]:.2f} |'
-                 f' {r["ratio_median"]:.2f} ({r["ratio_min"]:.2f}-{r["ratio_max"]:.2f}) |')
+    lines.append(
+        f'| {r["member"]} | {r["kind"]} | {r["mode"]} | {r["nearest_cpu_ms"]:.2f}'
+        f' ({r["nearest_ms"]:.2f}) | {r["cpu_ms"]:.2f} ({r["ms"]:.2f}) |'
+        f' {r["cpu_ratio_median"]:.2f} ({r["cpu_ratio_min"]:.2f}-{r["cpu_ratio_max"]:.2f}) |'
+        f' {r["ratio_median"]:.2f} ({r["ratio_min"]:.2f}-{r["ratio_max"]:.2f}) |')
   return '\n'.join(lines)
 
 
@@ -467,8 +504,13 @@ def add_arguments(parser: Any, json_flag: bool = True) -> None:
   parser.add_argument('--quality-steps', type=int, default=None,
                       help='steps per quality run (default 3000 MLP, 600 LM)')
   parser.add_argument('--seeds', type=int, default=3)
+  parser.add_argument('--quality-tasks', nargs='+', choices=QUALITY_TASKS,
+                      default=list(QUALITY_TASKS), help='the --quality tasks (default: both)')
   parser.add_argument('--overhead', action='store_true',
-                      help='time Kahan/stochastic against nearest (jitted donated step)')
+                      help='time Kahan/stochastic against nearest (jitted donated optimizer'
+                           ' step and training step)')
+  parser.add_argument('--no-table', action='store_true',
+                      help='skip the memory table (run only --quality / --overhead)')
   if json_flag:
     parser.add_argument('--json', action='store_true', help='print JSON instead of tables')
 
@@ -477,20 +519,22 @@ def run(args: argparse.Namespace) -> int:
   from adamfx.cli import measure as _measure
 
   result = {'machine': _measure.machine()}
-  result['memory'] = memory_table(list(args.models), args.only)
+  if not getattr(args, 'no_table', False):
+    result['memory'] = memory_table(list(args.models), args.only)
   if getattr(args, 'quality', False):
     steps = None
     if args.quality_steps:
       steps = {'teacher-student': args.quality_steps, 'charlm': args.quality_steps}
-    result['quality'] = quality_table(['teacher-student', 'charlm'], args.seeds, steps, args.only,
-                                      progress=True)
+    tasks = getattr(args, 'quality_tasks', None) or list(QUALITY_TASKS)
+    result['quality'] = quality_table(tasks, args.seeds, steps, args.only, progress=True)
   if getattr(args, 'overhead', False):
     result['overhead'] = overhead()
   if args.json:
     print(json.dumps(result, indent=1))
     return 0
   print(f'## Whole-step memory ({_measure.describe(result["machine"])})')
-  print(format_memory(result['memory']))
+  if 'memory' in result:
+    print(format_memory(result['memory']))
   if 'quality' in result:
     print(format_quality(result['quality']))
   if 'overhead' in result:
