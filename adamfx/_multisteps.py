@@ -49,6 +49,7 @@ _MODES = ('gradients', 'optimizer')
 # Added to a leaf's index for the accumulator's rounding bits, so they are
 # independent of the bits a bfloat16 second moment of the same leaf uses.
 _SALT = 0x5A3C
+_SALT_UPDATE = 0x3C5A
 
 
 def _is_sparse(x: Any) -> bool:
@@ -379,6 +380,11 @@ class MultiSteps:
       m = jnp.where(first, g, a32 + (g - a32) / n.astype(dt))
       return m if skip is None else jnp.where(skip, a32, m)
 
+    if any(a is not None and a.dtype != dt for a, dt in zip(a_leaves, dtypes)):
+      out, inner, acc = self._update_narrow(
+          call, g_leaves, a_leaves, u_leaves, dtypes, mean, state, emit)
+      return jax.tree.unflatten(u_def, out), inner, jax.tree.unflatten(a_def, acc)
+
     means = [None if a is None else mean(g, a, dt)
              for g, a, dt in zip(g_leaves, a_leaves, dtypes)]
 
@@ -405,6 +411,76 @@ class MultiSteps:
     out = [None if u is None else jnp.where(emit, c.astype(u.dtype), jnp.zeros([], u.dtype))
            for u, c in zip(u_leaves, carry)]
     return jax.tree.unflatten(u_def, out), inner, jax.tree.unflatten(a_def, acc)
+
+  def _update_narrow(self, call, g_leaves, a_leaves, u_leaves, dtypes, mean, state, emit):
+    """The k-th mini-step's update without a buffer of the update's dtype.
+
+    An accumulator narrower than the update (bfloat16 for a float32 update)
+    leaves no spent buffer for the update to be written into, and a
+    ``lax.cond`` returning it would need a fresh one (4 bytes per param).
+    Here the inner step runs in a ``lax.while_loop`` of zero or one trip: a
+    loop's carry is one buffer, in and out, so what the loop computes
+    overwrites what it was given. The carry holds, per leaf:
+
+    * an accumulator with float32's exponent range (bfloat16): the mean,
+      rounded stochastically into the accumulator's own buffer before the
+      loop (each micro-gradient is spent as soon as the backward pass has
+      made it, as in a step without accumulation), and then the update,
+      rounded stochastically to the accumulator's dtype (unbiased; its
+      error is below one bfloat16 ulp, ``2**-8`` of the update). After an
+      updating mini-step the accumulator holds that update (never read:
+      the next mini-step starts the mean afresh).
+    * a narrower range (float16, whose subnormals would swallow small
+      updates): the micro-gradient, widened (in place when it is already
+      float32), the mean taken from it inside the loop and the update, in
+      the update's dtype, written over it; every micro-gradient is then
+      live at once, 4 bytes per param on top of the accumulator. The
+      accumulator is rounded after the loop (zeros after an update).
+    """
+    salt = (state.gradient_step.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+            + state.mini_step.astype(jnp.uint32))
+
+    def rnd(x, dtype, i):
+      if _rounding._narrower(x.dtype, dtype):
+        return _rounding.stochastic_round(x, dtype, _rounding.random_bits(x.shape, salt, i))
+      return x.astype(dtype)
+
+    # True: the carry holds the accumulator (mean, then update); False: the
+    # widened gradient (then the update, in the update's dtype).
+    in_acc = [a is not None and (
+        not _rounding._narrower(dt, a.dtype)
+        or jnp.finfo(a.dtype).maxexp >= jnp.finfo(dt).maxexp)
+              for a, dt in zip(a_leaves, dtypes)]
+    xs = []
+    for i, (g, a, dt, lean) in enumerate(zip(g_leaves, a_leaves, dtypes, in_acc)):
+      if a is None:
+        xs.append(None)
+      else:
+        xs.append(rnd(mean(g, a, dt), a.dtype, i + _SALT) if lean else g.astype(dt))
+
+    def body(c):
+      _, xs, inner = c
+      ms = [None if a is None else (x.astype(dt) if lean else mean(x, a, dt))
+            for x, a, dt, lean in zip(xs, a_leaves, dtypes, in_acc)]
+      u, new_inner = call(ms, inner)
+      u = jax.tree.leaves(u, is_leaf=_is_leaf)
+      return jnp.zeros([], jnp.bool_), [
+          None if x is None else rnd(uu, x.dtype, i + _SALT_UPDATE)
+          for i, (uu, x) in enumerate(zip(u, xs))], new_inner
+
+    _, xs, inner = jax.lax.while_loop(lambda c: c[0], body, (emit, xs, state.inner_opt_state))
+
+    def store(x, a, dt, lean, i):
+      if lean:
+        return x
+      c = rnd(mean(x, a, dt), a.dtype, i + _SALT)
+      return jnp.where(emit, jnp.zeros([], a.dtype), c)
+
+    acc = [None if a is None else store(x, a, dt, lean, i)
+           for i, (x, a, dt, lean) in enumerate(zip(xs, a_leaves, dtypes, in_acc))]
+    out = [None if u is None else jnp.where(emit, x.astype(u.dtype), jnp.zeros([], u.dtype))
+           for u, x in zip(u_leaves, xs)]
+    return out, inner, acc
 
   def _update_optimizer(self, updates, state, params, extra_args, skip, emit, k):
     grads = updates
