@@ -416,70 +416,75 @@ class MultiSteps:
     """The k-th mini-step's update without a buffer of the update's dtype.
 
     An accumulator narrower than the update (bfloat16 for a float32 update)
-    leaves no spent buffer for the update to be written into, and a
-    ``lax.cond`` returning it would need a fresh one (4 bytes per param).
-    Here the inner step runs in a ``lax.while_loop`` of zero or one trip: a
-    loop's carry is one buffer, in and out, so what the loop computes
-    overwrites what it was given. The carry holds, per leaf:
+    leaves no spent buffer for the update to be written into, and returning
+    it from a ``lax.cond`` takes a fresh one (4 bytes per param). Here the
+    inner step runs in a ``lax.while_loop`` of zero or one trip, whose carry
+    is one buffer in and out, holding per leaf:
 
-    * an accumulator with float32's exponent range (bfloat16): the mean,
-      rounded stochastically into the accumulator's own buffer before the
-      loop (each micro-gradient is spent as soon as the backward pass has
-      made it, as in a step without accumulation), and then the update,
-      rounded stochastically to the accumulator's dtype (unbiased; its
-      error is below one bfloat16 ulp, ``2**-8`` of the update). After an
-      updating mini-step the accumulator holds that update (never read:
-      the next mini-step starts the mean afresh).
-    * a narrower range (float16, whose subnormals would swallow small
-      updates): the micro-gradient, widened (in place when it is already
-      float32), the mean taken from it inside the loop and the update, in
-      the update's dtype, written over it; every micro-gradient is then
-      live at once, 4 bytes per param on top of the accumulator. The
-      accumulator is rounded after the loop (zeros after an update).
+    * for a 2-byte accumulator: the mean, rounded stochastically into the
+      accumulator's own buffer before the loop (each micro-gradient is spent
+      as soon as the backward pass has made it, as in a step without
+      accumulation), and then the update, rounded stochastically to
+      bfloat16 (unbiased, within ``2**-8`` of the update; kept as bfloat16
+      bits in a float16 accumulator, whose range would lose small updates).
+      The accumulator is zeroed after the update has been read.
+    * otherwise (a 1-byte float8 accumulator): the micro-gradient, widened,
+      the mean taken from it inside the loop and the update written over it
+      in the update's dtype; every micro-gradient is then live at once.
     """
     salt = (state.gradient_step.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
             + state.mini_step.astype(jnp.uint32))
 
     def rnd(x, dtype, i):
       if _rounding._narrower(x.dtype, dtype):
+        x = x.astype(_promote(x.dtype, jnp.float32))
         return _rounding.stochastic_round(x, dtype, _rounding.random_bits(x.shape, salt, i))
       return x.astype(dtype)
 
-    # True: the carry holds the accumulator (mean, then update); False: the
-    # widened gradient (then the update, in the update's dtype).
-    in_acc = [a is not None and (
-        not _rounding._narrower(dt, a.dtype)
-        or jnp.finfo(a.dtype).maxexp >= jnp.finfo(dt).maxexp)
-              for a, dt in zip(a_leaves, dtypes)]
+    def carrier(a, dt):
+      """The dtype the update is rounded to, in the accumulator's buffer (or None)."""
+      if not _rounding._narrower(dt, a.dtype) or jnp.finfo(a.dtype).maxexp >= jnp.finfo(dt).maxexp:
+        return a.dtype
+      return jnp.dtype(jnp.bfloat16) if a.dtype.itemsize == 2 else None
+
+    kinds = [None if a is None else carrier(a, dt) for a, dt in zip(a_leaves, dtypes)]
     xs = []
-    for i, (g, a, dt, lean) in enumerate(zip(g_leaves, a_leaves, dtypes, in_acc)):
+    for i, (g, a, dt, kind) in enumerate(zip(g_leaves, a_leaves, dtypes, kinds)):
       if a is None:
         xs.append(None)
       else:
-        xs.append(rnd(mean(g, a, dt), a.dtype, i + _SALT) if lean else g.astype(dt))
+        xs.append(g.astype(dt) if kind is None else rnd(mean(g, a, dt), a.dtype, i + _SALT))
 
     def body(c):
       _, xs, inner = c
-      ms = [None if a is None else (x.astype(dt) if lean else mean(x, a, dt))
-            for x, a, dt, lean in zip(xs, a_leaves, dtypes, in_acc)]
+      ms = [None if a is None else (mean(x, a, dt) if kind is None else x.astype(dt))
+            for x, a, dt, kind in zip(xs, a_leaves, dtypes, kinds)]
       u, new_inner = call(ms, inner)
       u = jax.tree.leaves(u, is_leaf=_is_leaf)
-      return jnp.zeros([], jnp.bool_), [
-          None if x is None else rnd(uu, x.dtype, i + _SALT_UPDATE)
-          for i, (uu, x) in enumerate(zip(u, xs))], new_inner
+      out = []
+      for i, (uu, x, kind) in enumerate(zip(u, xs, kinds)):
+        if x is not None:
+          uu = rnd(uu, x.dtype if kind is None else kind, i + _SALT_UPDATE)
+          uu = jax.lax.bitcast_convert_type(uu, x.dtype) if uu.dtype != x.dtype else uu
+        out.append(None if x is None else uu)
+      return jnp.zeros([], jnp.bool_), out, new_inner
 
     _, xs, inner = jax.lax.while_loop(lambda c: c[0], body, (emit, xs, state.inner_opt_state))
 
-    def store(x, a, dt, lean, i):
-      if lean:
-        return x
+    def store(x, a, dt, kind, i):
+      if kind is not None:
+        return jnp.where(emit, jnp.zeros([], a.dtype), x)
       c = rnd(mean(x, a, dt), a.dtype, i + _SALT)
       return jnp.where(emit, jnp.zeros([], a.dtype), c)
 
-    acc = [None if a is None else store(x, a, dt, lean, i)
-           for i, (x, a, dt, lean) in enumerate(zip(xs, a_leaves, dtypes, in_acc))]
-    out = [None if u is None else jnp.where(emit, x.astype(u.dtype), jnp.zeros([], u.dtype))
-           for u, x in zip(u_leaves, xs)]
+    def read(x, kind, u):
+      if kind is not None and kind != x.dtype:
+        x = jax.lax.bitcast_convert_type(x, kind)
+      return jnp.where(emit, x.astype(u.dtype), jnp.zeros([], u.dtype))
+
+    acc = [None if a is None else store(x, a, dt, kind, i)
+           for i, (x, a, dt, kind) in enumerate(zip(xs, a_leaves, dtypes, kinds))]
+    out = [None if u is None else read(x, kind, u) for u, x, kind in zip(u_leaves, xs, kinds)]
     return out, inner, acc
 
   def _update_optimizer(self, updates, state, params, extra_args, skip, emit, k):
