@@ -21,7 +21,13 @@ Two accumulators beyond optax's float32:
 * ``acc_dtype=jnp.bfloat16`` keeps the running mean in 2 bytes per parameter
   with *stochastic rounding* (:mod:`adamfx._rounding`'s counter-based bits):
   round-to-nearest stalls (a mean of 1.0s and 1.004s stays 1.0), stochastic
-  rounding is unbiased.
+  rounding is unbiased. A float32 update would have no spent buffer of its
+  size here, and a ``lax.cond`` returning it takes a fresh one (4 bytes per
+  parameter, the k-th step's peak on a small batch): instead the mean is
+  rounded into the accumulator's buffer, the wrapped optimiser runs in a
+  ``lax.while_loop`` of zero or one trip (whose carry is updated in place)
+  and its update is rounded stochastically to bfloat16 into that same
+  buffer, then returned in its own dtype.
 * ``accumulate='optimizer'`` keeps no accumulator at all: every micro-batch
   gradient goes straight into the wrapped optimiser's state (its moments and
   its count advance at every mini-step), and only the k-th update is applied
@@ -130,7 +136,11 @@ class MultiSteps:
       for float32 (the params' dtype where that is wider: float64,
       complex); ``jnp.bfloat16`` or ``jnp.float16`` for half the bytes,
       accumulated with stochastic rounding (unbiased; the bits are hashed
-      from the counts, so runs are reproducible).
+      from the counts, so runs are reproducible). With these the wrapped
+      optimiser sees the mean as stored (rounded) and its update is rounded
+      stochastically to bfloat16 (unbiased, within ``2**-8`` of it) before
+      it is returned: the price of a step that holds nothing beyond the
+      2-byte accumulator (see the memory guide).
     accumulate: ``'gradients'`` (default) or ``'optimizer'`` (no
       accumulator; see above).
     accumulator_dtype: optax's name of ``acc_dtype``, accepted so that code
@@ -138,7 +148,7 @@ class MultiSteps:
 
   Raises:
     ValueError: for an ``every_k_schedule`` int below 1, an ``accumulate``
-      other than the two modes, an ``acc_dtype`` that is not a real float
+      other than the two modes, an ``acc_dtype`` that is not a real float of 2 bytes or more
       or one given with ``accumulate='optimizer'`` (which has no
       accumulator); at ``update``, for gradients not shaped like the params
       and for :class:`adamfx.RowSparse` gradients in ``'gradients'`` mode
@@ -161,11 +171,13 @@ class MultiSteps:
     (Array([-0.1, -0. ], dtype=float32), True)
 
   .. warning::
-    After a mini-step that updated, ``state.acc_grads`` holds that update
-    (its buffer is reused for it, which is what keeps the step lean) where
-    optax's holds zeros; the next mini-step starts the mean from its own
-    gradient and never reads it. A ``should_skip_update_fn`` needs the whole
-    gradient before it decides, so every micro-gradient is live at once.
+    With a float32 (or wider) accumulator, after a mini-step that updated,
+    ``state.acc_grads`` holds that update (its buffer is reused for it,
+    which is what keeps the step lean) where optax's holds zeros; the next
+    mini-step starts the mean from its own gradient and never reads it (a
+    16-bit accumulator holds zeros, as optax's). A ``should_skip_update_fn``
+    needs the whole gradient before it decides, so every micro-gradient is
+    live at once.
 
   References:
     Zhang et al., `Adam Accumulation to Reduce Memory Footprints of both
@@ -202,10 +214,10 @@ class MultiSteps:
         dt = jnp.dtype(acc_dtype)
       except TypeError:
         dt = None
-      if dt is None or not jnp.issubdtype(dt, jnp.floating):
+      if dt is None or not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 2:
         raise ValueError(
-            '`acc_dtype` must be a real float dtype (float32, bfloat16, float16,'
-            f' float64), got {acc_dtype!r}.')
+            '`acc_dtype` must be a real float dtype of 2 bytes or more (float32,'
+            f' bfloat16, float16, float64), got {acc_dtype!r}.')
       acc_dtype = dt
     if isinstance(every_k_schedule, (bool, np.bool_)) or (
         isinstance(every_k_schedule, (int, np.integer)) and every_k_schedule < 1):
@@ -380,7 +392,8 @@ class MultiSteps:
       m = jnp.where(first, g, a32 + (g - a32) / n.astype(dt))
       return m if skip is None else jnp.where(skip, a32, m)
 
-    if any(a is not None and a.dtype != dt for a, dt in zip(a_leaves, dtypes)):
+    if any(a is not None and a.dtype != dt and a.dtype.itemsize == 2
+           for a, dt in zip(a_leaves, dtypes)):
       out, inner, acc = self._update_narrow(
           call, g_leaves, a_leaves, u_leaves, dtypes, mean, state, emit)
       return jax.tree.unflatten(u_def, out), inner, jax.tree.unflatten(a_def, acc)
@@ -415,22 +428,19 @@ class MultiSteps:
   def _update_narrow(self, call, g_leaves, a_leaves, u_leaves, dtypes, mean, state, emit):
     """The k-th mini-step's update without a buffer of the update's dtype.
 
-    An accumulator narrower than the update (bfloat16 for a float32 update)
-    leaves no spent buffer for the update to be written into, and returning
-    it from a ``lax.cond`` takes a fresh one (4 bytes per param). Here the
-    inner step runs in a ``lax.while_loop`` of zero or one trip, whose carry
-    is one buffer in and out, holding per leaf:
-
-    * for a 2-byte accumulator: the mean, rounded stochastically into the
-      accumulator's own buffer before the loop (each micro-gradient is spent
-      as soon as the backward pass has made it, as in a step without
-      accumulation), and then the update, rounded stochastically to
-      bfloat16 (unbiased, within ``2**-8`` of the update; kept as bfloat16
-      bits in a float16 accumulator, whose range would lose small updates).
-      The accumulator is zeroed after the update has been read.
-    * otherwise (a 1-byte float8 accumulator): the micro-gradient, widened,
-      the mean taken from it inside the loop and the update written over it
-      in the update's dtype; every micro-gradient is then live at once.
+    A 2-byte accumulator (bfloat16, float16) leaves no spent buffer for a
+    float32 update to be written into, and returning it from a ``lax.cond``
+    takes a fresh one (4 bytes per param, the k-th step's peak on a small
+    batch). Here the mean is rounded stochastically into the accumulator's
+    own buffer as each micro-gradient arrives (each is spent as soon as the
+    backward pass has made it, as in a step without accumulation), the
+    wrapped optimiser runs in a ``lax.while_loop`` of zero or one trip whose
+    carry, one buffer in and out, is the accumulator, and the update is
+    rounded stochastically to bfloat16 into it (unbiased, within ``2**-8``
+    of the update; as bfloat16 bits in a float16 accumulator, whose range
+    would lose small updates). The accumulator is zeroed once the update has
+    been read. Leaves whose accumulator has the update's dtype (complex
+    leaves) carry their mean and update unrounded.
     """
     salt = (state.gradient_step.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
             + state.mini_step.astype(jnp.uint32))
@@ -442,48 +452,33 @@ class MultiSteps:
       return x.astype(dtype)
 
     def carrier(a, dt):
-      """The dtype the update is rounded to, in the accumulator's buffer (or None)."""
-      if not _rounding._narrower(dt, a.dtype) or jnp.finfo(a.dtype).maxexp >= jnp.finfo(dt).maxexp:
+      """The dtype the update is rounded to in the accumulator's buffer."""
+      if a.dtype == dt or jnp.finfo(a.dtype).maxexp >= jnp.finfo(dt).maxexp:
         return a.dtype
-      return jnp.dtype(jnp.bfloat16) if a.dtype.itemsize == 2 else None
+      return jnp.dtype(jnp.bfloat16)  # same 2 bytes as float16, float32's range
 
     kinds = [None if a is None else carrier(a, dt) for a, dt in zip(a_leaves, dtypes)]
-    xs = []
-    for i, (g, a, dt, kind) in enumerate(zip(g_leaves, a_leaves, dtypes, kinds)):
-      if a is None:
-        xs.append(None)
-      else:
-        xs.append(g.astype(dt) if kind is None else rnd(mean(g, a, dt), a.dtype, i + _SALT))
+    xs = [None if a is None else rnd(mean(g, a, dt), a.dtype, i + _SALT)
+          for i, (g, a, dt) in enumerate(zip(g_leaves, a_leaves, dtypes))]
 
     def body(c):
       _, xs, inner = c
-      ms = [None if a is None else (mean(x, a, dt) if kind is None else x.astype(dt))
-            for x, a, dt, kind in zip(xs, a_leaves, dtypes, kinds)]
+      ms = [None if x is None else x.astype(dt) for x, dt in zip(xs, dtypes)]
       u, new_inner = call(ms, inner)
-      u = jax.tree.leaves(u, is_leaf=_is_leaf)
       out = []
-      for i, (uu, x, kind) in enumerate(zip(u, xs, kinds)):
+      for i, (uu, x, kind) in enumerate(zip(jax.tree.leaves(u, is_leaf=_is_leaf), xs, kinds)):
         if x is not None:
-          uu = rnd(uu, x.dtype if kind is None else kind, i + _SALT_UPDATE)
-          uu = jax.lax.bitcast_convert_type(uu, x.dtype) if uu.dtype != x.dtype else uu
+          uu = jax.lax.bitcast_convert_type(rnd(uu, kind, i + _SALT_UPDATE), x.dtype)
         out.append(None if x is None else uu)
       return jnp.zeros([], jnp.bool_), out, new_inner
 
     _, xs, inner = jax.lax.while_loop(lambda c: c[0], body, (emit, xs, state.inner_opt_state))
 
-    def store(x, a, dt, kind, i):
-      if kind is not None:
-        return jnp.where(emit, jnp.zeros([], a.dtype), x)
-      c = rnd(mean(x, a, dt), a.dtype, i + _SALT)
-      return jnp.where(emit, jnp.zeros([], a.dtype), c)
-
     def read(x, kind, u):
-      if kind is not None and kind != x.dtype:
-        x = jax.lax.bitcast_convert_type(x, kind)
+      x = jax.lax.bitcast_convert_type(x, kind)
       return jnp.where(emit, x.astype(u.dtype), jnp.zeros([], u.dtype))
 
-    acc = [None if a is None else store(x, a, dt, kind, i)
-           for i, (x, a, dt, kind) in enumerate(zip(xs, a_leaves, dtypes, kinds))]
+    acc = [None if x is None else jnp.where(emit, jnp.zeros([], x.dtype), x) for x in xs]
     out = [None if u is None else read(x, kind, u) for u, x, kind in zip(u_leaves, xs, kinds)]
     return out, inner, acc
 

@@ -114,6 +114,8 @@ def test_invalid_arguments_are_refused():
     adamfx.MultiSteps(adamfx.adam(1e-3), 2, accumulate='moments')
   with pytest.raises(ValueError, match='acc_dtype.*real float.*int8'):
     adamfx.MultiSteps(adamfx.adam(1e-3), 2, acc_dtype=jnp.int8)
+  with pytest.raises(ValueError, match='acc_dtype.*2 bytes or more.*float8_e4m3fn'):
+    adamfx.MultiSteps(adamfx.adam(1e-3), 2, acc_dtype=jnp.float8_e4m3fn)
   with pytest.raises(ValueError, match="acc_dtype.*None with accumulate='optimizer'"):
     adamfx.MultiSteps(adamfx.adam(1e-3), 2, acc_dtype=jnp.bfloat16, accumulate='optimizer')
   ms = adamfx.MultiSteps(adamfx.adam(1e-3), 2)
