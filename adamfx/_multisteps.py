@@ -138,7 +138,8 @@ class MultiSteps:
       accumulated with stochastic rounding (unbiased; the bits are hashed
       from the counts, so runs are reproducible). With these the wrapped
       optimiser sees the mean as stored (rounded) and its update is rounded
-      stochastically to bfloat16 (unbiased, within ``2**-8`` of it) before
+      stochastically to bfloat16 (unbiased, a relative error below one
+      bfloat16 ulp, ``2**-7``) before
       it is returned: the price of a step that holds nothing beyond the
       2-byte accumulator (see the memory guide).
     accumulate: ``'gradients'`` (default) or ``'optimizer'`` (no
@@ -436,8 +437,8 @@ class MultiSteps:
     backward pass has made it, as in a step without accumulation), the
     wrapped optimiser runs in a ``lax.while_loop`` of zero or one trip whose
     carry, one buffer in and out, is the accumulator, and the update is
-    rounded stochastically to bfloat16 into it (unbiased, within ``2**-8``
-    of the update; as bfloat16 bits in a float16 accumulator, whose range
+    rounded stochastically to bfloat16 into it (unbiased, a relative error
+    below ``2**-7``; as bfloat16 bits in a float16 accumulator, whose range
     would lose small updates). The accumulator is zeroed once the update has
     been read. Leaves whose accumulator has the update's dtype (complex
     leaves) carry their mean and update unrounded.
