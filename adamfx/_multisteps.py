@@ -139,9 +139,9 @@ class MultiSteps:
       from the counts, so runs are reproducible). With these the wrapped
       optimiser sees the mean as stored (rounded) and its update is rounded
       stochastically to bfloat16 (unbiased, a relative error below one
-      bfloat16 ulp, ``2**-7``) before
-      it is returned: the price of a step that holds nothing beyond the
-      2-byte accumulator (see the memory guide).
+      bfloat16 ulp, ``2**-7``) before it is returned: the price of a step
+      that holds nothing beyond the 2-byte accumulator (see the memory
+      guide).
     accumulate: ``'gradients'`` (default) or ``'optimizer'`` (no
       accumulator; see above).
     accumulator_dtype: optax's name of ``acc_dtype``, accepted so that code
@@ -149,10 +149,11 @@ class MultiSteps:
 
   Raises:
     ValueError: for an ``every_k_schedule`` int below 1, an ``accumulate``
-      other than the two modes, an ``acc_dtype`` that is not a real float of 2 bytes or more
-      or one given with ``accumulate='optimizer'`` (which has no
-      accumulator); at ``update``, for gradients not shaped like the params
-      and for :class:`adamfx.RowSparse` gradients in ``'gradients'`` mode
+      other than the two modes, an ``acc_dtype`` that is not a real float
+      of 2 bytes or more (float8) or one given with
+      ``accumulate='optimizer'`` (which has no accumulator); at ``update``,
+      for gradients not shaped like the params and for
+      :class:`adamfx.RowSparse` gradients in ``'gradients'`` mode
       (their rows vary from mini-step to mini-step: use
       ``accumulate='optimizer'``, which feeds them to ``lazy_adam`` as they
       come).
