@@ -21,7 +21,13 @@ Two accumulators beyond optax's float32:
 * ``acc_dtype=jnp.bfloat16`` keeps the running mean in 2 bytes per parameter
   with *stochastic rounding* (:mod:`adamfx._rounding`'s counter-based bits):
   round-to-nearest stalls (a mean of 1.0s and 1.004s stays 1.0), stochastic
-  rounding is unbiased.
+  rounding is unbiased. A float32 update would have no spent buffer of its
+  size here, and a ``lax.cond`` returning it takes a fresh one (4 bytes per
+  parameter, the k-th step's peak on a small batch): instead the mean is
+  rounded into the accumulator's buffer, the wrapped optimiser runs in a
+  ``lax.while_loop`` of zero or one trip (whose carry is updated in place)
+  and its update is rounded stochastically to bfloat16 into that same
+  buffer, then returned in its own dtype.
 * ``accumulate='optimizer'`` keeps no accumulator at all: every micro-batch
   gradient goes straight into the wrapped optimiser's state (its moments and
   its count advance at every mini-step), and only the k-th update is applied
@@ -49,6 +55,7 @@ _MODES = ('gradients', 'optimizer')
 # Added to a leaf's index for the accumulator's rounding bits, so they are
 # independent of the bits a bfloat16 second moment of the same leaf uses.
 _SALT = 0x5A3C
+_SALT_UPDATE = 0x3C5A
 
 
 def _is_sparse(x: Any) -> bool:
@@ -129,7 +136,12 @@ class MultiSteps:
       for float32 (the params' dtype where that is wider: float64,
       complex); ``jnp.bfloat16`` or ``jnp.float16`` for half the bytes,
       accumulated with stochastic rounding (unbiased; the bits are hashed
-      from the counts, so runs are reproducible).
+      from the counts, so runs are reproducible). With these the wrapped
+      optimiser sees the mean as stored (rounded) and its update is rounded
+      stochastically to bfloat16 (unbiased, a relative error below one
+      bfloat16 ulp, ``2**-7``) before it is returned: the price of a step
+      that holds nothing beyond the 2-byte accumulator (see the memory
+      guide).
     accumulate: ``'gradients'`` (default) or ``'optimizer'`` (no
       accumulator; see above).
     accumulator_dtype: optax's name of ``acc_dtype``, accepted so that code
@@ -138,9 +150,10 @@ class MultiSteps:
   Raises:
     ValueError: for an ``every_k_schedule`` int below 1, an ``accumulate``
       other than the two modes, an ``acc_dtype`` that is not a real float
-      or one given with ``accumulate='optimizer'`` (which has no
-      accumulator); at ``update``, for gradients not shaped like the params
-      and for :class:`adamfx.RowSparse` gradients in ``'gradients'`` mode
+      of 2 bytes or more (float8) or one given with
+      ``accumulate='optimizer'`` (which has no accumulator); at ``update``,
+      for gradients not shaped like the params and for
+      :class:`adamfx.RowSparse` gradients in ``'gradients'`` mode
       (their rows vary from mini-step to mini-step: use
       ``accumulate='optimizer'``, which feeds them to ``lazy_adam`` as they
       come).
@@ -160,11 +173,13 @@ class MultiSteps:
     (Array([-0.1, -0. ], dtype=float32), True)
 
   .. warning::
-    After a mini-step that updated, ``state.acc_grads`` holds that update
-    (its buffer is reused for it, which is what keeps the step lean) where
-    optax's holds zeros; the next mini-step starts the mean from its own
-    gradient and never reads it. A ``should_skip_update_fn`` needs the whole
-    gradient before it decides, so every micro-gradient is live at once.
+    With a float32 (or wider) accumulator, after a mini-step that updated,
+    ``state.acc_grads`` holds that update (its buffer is reused for it,
+    which is what keeps the step lean) where optax's holds zeros; the next
+    mini-step starts the mean from its own gradient and never reads it (a
+    16-bit accumulator holds zeros, as optax's). A ``should_skip_update_fn``
+    needs the whole gradient before it decides, so every micro-gradient is
+    live at once.
 
   References:
     Zhang et al., `Adam Accumulation to Reduce Memory Footprints of both
@@ -201,10 +216,10 @@ class MultiSteps:
         dt = jnp.dtype(acc_dtype)
       except TypeError:
         dt = None
-      if dt is None or not jnp.issubdtype(dt, jnp.floating):
+      if dt is None or not jnp.issubdtype(dt, jnp.floating) or dt.itemsize < 2:
         raise ValueError(
-            '`acc_dtype` must be a real float dtype (float32, bfloat16, float16,'
-            f' float64), got {acc_dtype!r}.')
+            '`acc_dtype` must be a real float dtype of 2 bytes or more (float32,'
+            f' bfloat16, float16, float64), got {acc_dtype!r}.')
       acc_dtype = dt
     if isinstance(every_k_schedule, (bool, np.bool_)) or (
         isinstance(every_k_schedule, (int, np.integer)) and every_k_schedule < 1):
@@ -379,6 +394,12 @@ class MultiSteps:
       m = jnp.where(first, g, a32 + (g - a32) / n.astype(dt))
       return m if skip is None else jnp.where(skip, a32, m)
 
+    if any(a is not None and a.dtype != dt and a.dtype.itemsize == 2
+           for a, dt in zip(a_leaves, dtypes)):
+      out, inner, acc = self._update_narrow(
+          call, g_leaves, a_leaves, u_leaves, dtypes, mean, state, emit)
+      return jax.tree.unflatten(u_def, out), inner, jax.tree.unflatten(a_def, acc)
+
     means = [None if a is None else mean(g, a, dt)
              for g, a, dt in zip(g_leaves, a_leaves, dtypes)]
 
@@ -405,6 +426,63 @@ class MultiSteps:
     out = [None if u is None else jnp.where(emit, c.astype(u.dtype), jnp.zeros([], u.dtype))
            for u, c in zip(u_leaves, carry)]
     return jax.tree.unflatten(u_def, out), inner, jax.tree.unflatten(a_def, acc)
+
+  def _update_narrow(self, call, g_leaves, a_leaves, u_leaves, dtypes, mean, state, emit):
+    """The k-th mini-step's update without a buffer of the update's dtype.
+
+    A 2-byte accumulator (bfloat16, float16) leaves no spent buffer for a
+    float32 update to be written into, and returning it from a ``lax.cond``
+    takes a fresh one (4 bytes per param, the k-th step's peak on a small
+    batch). Here the mean is rounded stochastically into the accumulator's
+    own buffer as each micro-gradient arrives (each is spent as soon as the
+    backward pass has made it, as in a step without accumulation), the
+    wrapped optimiser runs in a ``lax.while_loop`` of zero or one trip whose
+    carry, one buffer in and out, is the accumulator, and the update is
+    rounded stochastically to bfloat16 into it (unbiased, a relative error
+    below ``2**-7``; as bfloat16 bits in a float16 accumulator, whose range
+    would lose small updates). The accumulator is zeroed once the update has
+    been read. Leaves whose accumulator has the update's dtype (complex
+    leaves) carry their mean and update unrounded.
+    """
+    salt = (state.gradient_step.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+            + state.mini_step.astype(jnp.uint32))
+
+    def rnd(x, dtype, i):
+      if _rounding._narrower(x.dtype, dtype):
+        x = x.astype(_promote(x.dtype, jnp.float32))
+        return _rounding.stochastic_round(x, dtype, _rounding.random_bits(x.shape, salt, i))
+      return x.astype(dtype)
+
+    def carrier(a, dt):
+      """The dtype the update is rounded to in the accumulator's buffer."""
+      if a.dtype == dt or jnp.finfo(a.dtype).maxexp >= jnp.finfo(dt).maxexp:
+        return a.dtype
+      return jnp.dtype(jnp.bfloat16)  # same 2 bytes as float16, float32's range
+
+    kinds = [None if a is None else carrier(a, dt) for a, dt in zip(a_leaves, dtypes)]
+    xs = [None if a is None else rnd(mean(g, a, dt), a.dtype, i + _SALT)
+          for i, (g, a, dt) in enumerate(zip(g_leaves, a_leaves, dtypes))]
+
+    def body(c):
+      _, xs, inner = c
+      ms = [None if x is None else x.astype(dt) for x, dt in zip(xs, dtypes)]
+      u, new_inner = call(ms, inner)
+      out = []
+      for i, (uu, x, kind) in enumerate(zip(jax.tree.leaves(u, is_leaf=_is_leaf), xs, kinds)):
+        if x is not None:
+          uu = jax.lax.bitcast_convert_type(rnd(uu, kind, i + _SALT_UPDATE), x.dtype)
+        out.append(None if x is None else uu)
+      return jnp.zeros([], jnp.bool_), out, new_inner
+
+    _, xs, inner = jax.lax.while_loop(lambda c: c[0], body, (emit, xs, state.inner_opt_state))
+
+    def read(x, kind, u):
+      x = jax.lax.bitcast_convert_type(x, kind)
+      return jnp.where(emit, x.astype(u.dtype), jnp.zeros([], u.dtype))
+
+    acc = [None if x is None else jnp.where(emit, jnp.zeros([], x.dtype), x) for x in xs]
+    out = [None if u is None else read(x, kind, u) for u, x, kind in zip(u_leaves, xs, kinds)]
+    return out, inner, acc
 
   def _update_optimizer(self, updates, state, params, extra_args, skip, emit, k):
     grads = updates

@@ -7,7 +7,8 @@ accumulators, optimizer accumulation), next to the same step without
 accumulation. Quality: final loss of the character LM (micro-batches of 8,
 k = 4) over 3 seeds, true accumulation against optimizer accumulation.
 
-    PYTHONPATH=. python scripts/multisteps_measure.py [--memory-only] [--steps 300]
+    PYTHONPATH=. python scripts/multisteps_measure.py [--memory-only | --quality-only]
+        [--steps 300] [--only bfloat16]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def _rows(make):
       'optax.MultiSteps': lambda: optax.MultiSteps(make(), 4).gradient_transformation(),
       'adamfx.MultiSteps float32': lambda: ms(make(), 4).gradient_transformation(),
       'adamfx.MultiSteps bfloat16': lambda: ms(make(), 4, acc_dtype=jnp.bfloat16)
+      .gradient_transformation(),
+      'adamfx.MultiSteps float16': lambda: ms(make(), 4, acc_dtype=jnp.float16)
       .gradient_transformation(),
       "adamfx.MultiSteps accumulate='optimizer'": lambda: ms(make(), 4, accumulate='optimizer')
       .gradient_transformation(),
@@ -94,7 +97,7 @@ def _gpt():
   return task.loss, params, batch
 
 
-def quality(steps, seeds=(0, 1, 2)):
+def quality(steps, seeds=(0, 1, 2), only=None):
   task = _memory_bench.lm_task(batch_size=8)
   ms = adamfx.MultiSteps
   variants = {
@@ -107,17 +110,22 @@ def quality(steps, seeds=(0, 1, 2)):
       .gradient_transformation(),
   }
   return {name: _memory_bench.train(task, f, list(seeds), 4 * steps)
-          for name, f in variants.items()}
+          for name, f in variants.items() if only is None or only in name}
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--memory-only', action='store_true')
   parser.add_argument('--steps', type=int, default=300, help='updates (k = 4 mini-steps each)')
+  parser.add_argument('--only', default=None,
+                      help='train only the quality rows whose name contains this string')
+  parser.add_argument('--quality-only', action='store_true', help='skip the memory tables')
   args = parser.parse_args()
   print(_measure.describe(_measure.machine()))
   for name, (loss, params, batch) in {'MLP 256-1024-1024-1024-256, batch 8': _mlp(),
                                       'GPT-like LM d=256 x5, batch 2 x 64': _gpt()}.items():
+    if args.quality_only:
+      break
     for inner, make in {'adam': lambda: adamfx.adam(1e-3),
                         'adam8bit': lambda: adamfx.adam8bit(1e-3)}.items():
       rows = memory_table(name, loss, params, batch, make)
@@ -130,7 +138,7 @@ def main():
   if args.memory_only:
     return
   print(f'\nchar LM, micro-batch 8, k = 4, {args.steps} updates, seeds 0 1 2: final loss')
-  for name, losses in quality(args.steps).items():
+  for name, losses in quality(args.steps, only=args.only).items():
     print(f'| {name} | {np.mean(losses):.4f} | {" ".join(f"{x:.4f}" for x in losses)} |')
 
 
