@@ -81,15 +81,9 @@ def mlp_model(width: int = 1024, layers: int = 8, batch: int = 64) -> Model:
 
 
 def _lm_module():
-  try:
-    from adamfx.cli import memory as mb  # after the tools moved (issue 19)
-    if hasattr(mb, 'lm_task'):
-      return mb
-  except ImportError:
-    pass
-  from adamfx.cli import memory as mb
+  from adamfx.cli import memory  # the character LM task lives with the memory bench
 
-  return mb
+  return memory
 
 
 def charlm_model(d: int = 256, layers: int = 4, batch: int = 32, context: int = 64) -> Model:
@@ -133,41 +127,26 @@ def rows() -> list[tuple[str, str, Callable[[], Any]]]:
       ('adamfx.adam bf16 moments', 'float32',
        lambda: adamfx.adam(lr, mu_dtype=bf, nu_dtype=bf)),
       ('adamfx.adam8bit', 'float32', lambda: adamfx.adam8bit(lr)),
+      ('adamfx.adam4bit', 'float32', lambda: adamfx.adam4bit(lr)),
   ]
-  if hasattr(adamfx, 'adam4bit'):
-    out.append(('adamfx.adam4bit', 'float32', lambda: adamfx.adam4bit(lr)))
   for mode in ('nearest', 'kahan', 'stochastic'):
     out += [
-        (f'adamfx.adam {mode}', 'bfloat16', lambda m=mode: adamfx.adam(lr, param_rounding=m)),
-        (f'adamfx.adam8bit {mode}', 'bfloat16',
-         lambda m=mode: adamfx.adam8bit(lr, param_rounding=m)),
+        (f'adamfx.{name} {mode}', 'bfloat16', lambda m=mode, b=builder: b(lr, param_rounding=m))
+        for name, builder in (('adam', adamfx.adam), ('adam8bit', adamfx.adam8bit),
+                              ('adam4bit', adamfx.adam4bit))
     ]
-    if hasattr(adamfx, 'adam4bit'):
-      out.append((f'adamfx.adam4bit {mode}', 'bfloat16', lambda m=mode: _adam4bit(lr, m)))
   # Gradient accumulation over k=4 micro-batches.
   out.append(('optax.MultiSteps(adamfx.adam, 4)', 'float32',
               lambda: optax.MultiSteps(adamfx.adam(lr), 4)))
-  if hasattr(adamfx, 'MultiSteps'):
-    for acc in ('float32', 'bfloat16'):
-      out.append((f'adamfx.MultiSteps(adam, 4, acc_dtype={acc})', 'float32',
-                  lambda a=acc: adamfx.MultiSteps(adamfx.adam(lr), 4, acc_dtype=jnp.dtype(a))))
-    out.append(("adamfx.MultiSteps(adam, 4, accumulate='optimizer')", 'float32',
-                lambda: adamfx.MultiSteps(adamfx.adam(lr), 4, accumulate='optimizer')))
-    out.append(("adamfx.MultiSteps(adam8bit kahan, 4, acc bf16)", 'bfloat16',
-                lambda: adamfx.MultiSteps(adamfx.adam8bit(lr, param_rounding='kahan'), 4,
-                                          acc_dtype=jnp.bfloat16)))
+  for acc in ('float32', 'bfloat16'):
+    out.append((f'adamfx.MultiSteps(adam, 4, acc_dtype={acc})', 'float32',
+                lambda a=acc: adamfx.MultiSteps(adamfx.adam(lr), 4, acc_dtype=jnp.dtype(a))))
+  out.append(("adamfx.MultiSteps(adam, 4, accumulate='optimizer')", 'float32',
+              lambda: adamfx.MultiSteps(adamfx.adam(lr), 4, accumulate='optimizer')))
+  out.append(("adamfx.MultiSteps(adam8bit kahan, 4, acc bf16)", 'bfloat16',
+              lambda: adamfx.MultiSteps(adamfx.adam8bit(lr, param_rounding='kahan'), 4,
+                                        acc_dtype=jnp.bfloat16)))
   return out
-
-
-def _adam4bit(lr, mode):
-  import adamfx
-
-  try:
-    return adamfx.adam4bit(lr, param_rounding=mode)
-  except TypeError:  # a 4-bit builder without param_rounding yet
-    if mode != 'nearest':
-      raise
-    return adamfx.adam4bit(lr)
 
 
 # ---------------------------------------------------------------- measuring
