@@ -37,6 +37,7 @@ import optax
 from adamfx import _checks
 from adamfx import _numerics
 from adamfx import _rounding
+from adamfx import _sharding
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
@@ -665,6 +666,8 @@ def tree_update(
       outs.append((None,) * 4)
       continue
     u, m_s, v_s, vm_s, scaled = step(g, m, v, vm, i, math._replace(step_size=_step_size(tail, i)))
+    if fmt is not None and fmt.is_stored(m):
+      u, (m_s, v_s, vm_s) = _sharding.follow(g, (m, v, vm), u, (m_s, v_s, vm_s))
     u = apply_tail(nan_where(invalid, u).astype(g.dtype), i, tail, scaled)
     outs.append((u, m_s, v_s, vm_s))
   u, mu, nu, nu_max = (jax.tree.unflatten(treedef, list(c)) for c in zip(*outs)) if outs else (
