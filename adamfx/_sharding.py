@@ -191,8 +191,9 @@ def _pin(ref: Any, x: Any) -> Any:
 def follow(g: Any, olds: Any, u: Any, news: Any) -> tuple[Any, Any]:
   """One leaf's step outputs laid out like its inputs, on Auto meshes (issue 24 item 2).
 
-  ``news`` (the new stored moments: codes, scales) keep the layout of
-  ``olds`` (the same shapes; the state's layout, the params' since init),
+  ``news`` (the new stored moments: codes, scales) of the param's rank keep
+  the layout of ``olds`` (the same shapes; the state's layout, the params'
+  since init),
   and the update ``u`` that of an old array of the param's shape (8-bit
   codes), else of the gradient ``g``. Without this, XLA's propagation
   through a step that views a leaf as flattened blocks loses its layout
@@ -203,6 +204,11 @@ def follow(g: Any, olds: Any, u: Any, news: Any) -> tuple[Any, Any]:
   new_leaves, treedef = jax.tree.flatten(news)
   if len(old_leaves) != len(new_leaves):
     return u, news
-  pinned = [_pin(a, b) for a, b in zip(old_leaves, new_leaves)]
+  # Per-block arrays of another rank than the param (the scales of a leaf
+  # blocked as a whole) are left to XLA: a group with an old array that is
+  # replicated may come out split over an axis the propagation brings in.
+  ndim = getattr(g, 'ndim', None)
+  pinned = [_pin(a, b) if getattr(b, 'ndim', None) == ndim else b
+            for a, b in zip(old_leaves, new_leaves)]
   ref = next((a for a in old_leaves if getattr(a, 'shape', None) == getattr(u, 'shape', ())), g)
   return _pin(ref, u), jax.tree.unflatten(treedef, pinned)

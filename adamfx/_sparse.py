@@ -617,6 +617,11 @@ def _sparse_leaf_format(g, m, v, last, count, fmt, math, i):
   m_rows = fmt.gather_rows(m, ids, gather_rows)
   v_rows = fmt.gather_rows(v, ids, gather_rows)
   m_old, v_old = fmt.decode(m_rows, True), fmt.decode(v_rows, False)
+  sharding = _explicit_sharding(m_old)
+  if sharding is not None and _explicit_sharding(g_rows) != sharding:
+    # Explicit axes: the rows' values (replicated, say) laid out as the
+    # gathered moments are, for the elementwise step.
+    g_rows = jax.sharding.reshard(g_rows, sharding)
   if last is not None:  # as _sparse_leaf
     gap = jnp.maximum((count - 1) - gather_rows(last, ids), 0)
     shape = (ids.shape[0],) + (1,) * (m_old.ndim - 1)
