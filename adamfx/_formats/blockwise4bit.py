@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Any
 
 import jax
@@ -247,7 +248,7 @@ class Blockwise4bit:
           _quant._laid_out(_quant._with_auto_axes(
               lambda z: jax.lax.index_in_dim(z, 0, 0, keepdims=False),
               lambda sh: _quant._scale_sharding(_drop_first(sh), shape[1:]), zeros),
-              _drop_first(getattr(param, 'sharding', None)) and param.T),
+              types.SimpleNamespace(sharding=_drop_first(getattr(param, 'sharding', None)))),
           shape, bs, self._map(signed), True)
     cshape = _codec4.codes_shape(shape, bs)
     if cshape == shape[:-1] + (shape[-1] // 2,):
