@@ -253,8 +253,14 @@ def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax
     A float32 array of ``q.codes``' shape.
   """
   shape = q.codes.shape
-  vals = _codec8.map_value(q.codes, signed)
-  return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
+
+  def run(codes, scale):
+    vals = _codec8.map_value(codes, signed)
+    return _from_blocks(_to_blocks(vals, block_size) * scale[..., None], shape, block_size)
+
+  # On Explicit axes the blocked view's layout and the scales' may differ
+  # (a leaf blocked as a whole): run under auto_axes, laid out as the codes.
+  return _with_auto_axes(run, lambda sh: jax.typeof(q.codes).sharding, q.codes, q.scale)
 
 
 def _explicit_sharding(x: Any) -> Any:
