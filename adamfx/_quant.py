@@ -304,8 +304,14 @@ def dequantize(q: QuantizedArray, *, signed: bool, block_size: int = 256) -> jax
     A float32 array of ``q.codes``' shape.
   """
   shape = q.codes.shape
-  vals = _codec8.map_value(q.codes, signed)
-  return _from_blocks(_to_blocks(vals, block_size) * q.scale[..., None], shape, block_size)
+
+  def run(codes, scale):
+    vals = _codec8.map_value(codes, signed)
+    return _from_blocks(_to_blocks(vals, block_size) * scale[..., None], shape, block_size)
+
+  # On Explicit axes the blocked view's layout and the scales' may differ
+  # (a leaf blocked as a whole): run under auto_axes, laid out as the codes.
+  return _with_auto_axes(run, lambda sh: jax.typeof(q.codes).sharding, q.codes, q.scale)
 
 
 def _explicit_sharding(x: Any) -> Any:
@@ -327,21 +333,44 @@ def _explicit_sharding(x: Any) -> Any:
 
 
 def _scale_sharding(sharding: Any, shape: tuple[int, ...]) -> Any:
-  """The block scales' sharding: the param's where it divides, else replicated."""
+  """A per-block array's sharding, from its param's ``sharding``.
+
+  The param's spec where the array has the param's rank and every sharded
+  dimension divides (blocks along the last axis: scales ``(..., n_blocks)``,
+  4-bit codes with the last axis halved); for blocks along the flattened
+  leaf (one axis, in the leaf's row-major order), the spec of the param's
+  first axis where the block count divides by its devices (each device then
+  holds the blocks of its rows' span); else replicated.
+  """
   mesh = sharding.mesh
-  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  if len(spec) == len(shape):
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    ways = lambda e: math.prod(
-        sizes[n] for n in (e if isinstance(e, tuple) else (e,)) if n is not None
-    )
-    if all(d % ways(e) == 0 for d, e in zip(shape, spec)):
-      return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  spec = tuple(sharding.spec)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  ways = lambda e: math.prod(
+      sizes[n] for n in (e if isinstance(e, tuple) else (e,)) if n is not None
+  )
+  named = lambda *s: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
+  if len(spec) <= len(shape):
+    full = spec + (None,) * (len(shape) - len(spec))
+    if all(d % ways(e) == 0 for d, e in zip(shape, full)):
+      return named(*full)
+  if len(shape) == 1 and spec and shape[0] % ways(spec[0]) == 0:
+    return named(spec[0])
+  return named()
+
+
+def _explicit_among(args: Any) -> Any:
+  """The first Explicit-axes sharding among the arrays of ``args`` (None if none)."""
+  for x in jax.tree.leaves(args):
+    sharding = _explicit_sharding(x)
+    if sharding is not None:
+      return sharding
+  return None
 
 
 def _with_auto_axes(fn: Any, out_shardings: Any, *args: Any) -> Any:
-  sharding = _explicit_sharding(args[0])
+  """``fn(*args)``; on Explicit axes (any of ``args``' arrays, ``args[0]`` first)
+  under ``auto_axes``, the outputs pinned to ``out_shardings(sharding)``."""
+  sharding = _explicit_among(args)
   if sharding is None:
     return fn(*args)
   mesh = sharding.mesh
@@ -350,6 +379,20 @@ def _with_auto_axes(fn: Any, out_shardings: Any, *args: Any) -> Any:
       if t == jax.sharding.AxisType.Explicit
   )
   return jax.sharding.auto_axes(fn, axes=axes, out_sharding=out_shardings(sharding))(*args)
+
+
+def _laid_out(x: Any, param: Any) -> Any:
+  """``x`` (a concrete per-block array of ``param``) put on ``param``'s layout
+  (:func:`_scale_sharding`); traced, or for a param without a mesh sharding,
+  ``x`` as it is (under ``jit`` XLA lays it out from ``param``'s zeros)."""
+  sharding = getattr(param, 'sharding', None)
+  if (isinstance(x, jax.core.Tracer) or isinstance(param, jax.core.Tracer)
+      or not isinstance(sharding, jax.sharding.NamedSharding)):
+    return x
+  want = _scale_sharding(sharding, tuple(x.shape))
+  if x.sharding.is_equivalent_to(want, x.ndim):
+    return x
+  return jax.device_put(x, want)
 
 
 def _is_quantized(x: Any) -> bool:
@@ -522,13 +565,13 @@ def init_moment(p: Any, signed: bool, block_size: int, min_size: int) -> Any:
   return QuantizedArray(
       codes=_numerics.zeros_like(p, jnp.uint8),
       # A slice of p's blocked zeros, so that under jit(init) the scales
-      # follow p's sharding (plain zeros would land on one device). Under
-      # explicit sharding the (small) scales are replicated.
-      scale=_with_auto_axes(
+      # follow p's sharding (plain zeros would land on one device); on
+      # Explicit axes and eagerly, pinned to _scale_sharding's layout.
+      scale=_laid_out(_with_auto_axes(
           lambda z: _to_blocks(z, block_size)[..., 0],
           lambda sh: _scale_sharding(sh, scale_shape(shape, block_size)),
           zeros,
-      ),
+      ), p),
       block_size=block_size,
       signed=signed,
   )
@@ -613,7 +656,7 @@ def leaf_step(
     return _chunked(step_blocks, chunks, block_size, g, m, v, count, arrays)
 
   shardings = lambda sh: (
-      sh,
+      _scale_sharding(sh, tuple(g.shape)),
       jax.tree.map(lambda a: jax.typeof(a).sharding, m),
       jax.tree.map(lambda a: jax.typeof(a).sharding, v),
   )
@@ -641,7 +684,7 @@ def _amsgrad_step(g, m, v, vm, count, arrays, hps, nesterov, block_size, leaf_in
     return (u, *(quantize(x, signed=s, block_size=block_size, bits=b)
                  for x, s, b in zip(news, (True, False, False), (None, bits(1), bits(2)))))
 
-  shardings = lambda sh: (sh, *(jax.tree.map(lambda a: jax.typeof(a).sharding, x)
+  shardings = lambda sh: (_scale_sharding(sh, tuple(g.shape)), *(jax.tree.map(lambda a: jax.typeof(a).sharding, x)
                                 for x in (m, v, vm)))
   return _with_auto_axes(run, shardings, g, m, v, vm, count, arrays)
 

@@ -163,3 +163,52 @@ def zero1_shardings(tree: Any, mesh: Mesh, axis: AxisNames = 'data') -> Any:
     return NamedSharding(mesh, PartitionSpec(*entries))
 
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _pin(ref: Any, x: Any) -> Any:
+  """``x`` laid out like ``ref`` (an array of its shape), where the mesh is Auto.
+
+  Traced: ``shard_alike``, so XLA gives both one sharding (``ref``, an input
+  of the step, brings its own). Concrete (``jax_disable_jit``): a
+  ``device_put`` onto ``ref``'s ``NamedSharding``. On Explicit axes the types
+  already carry the shardings (the steps pin them under ``auto_axes``).
+  """
+  if ref is None or x is None or getattr(ref, 'shape', None) != getattr(x, 'shape', None):
+    return x
+  for a in (ref, x):
+    mesh = getattr(getattr(jax.typeof(a), 'sharding', None), 'mesh', None)
+    if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, 'axis_types', ()) or ()):
+      return x
+  if isinstance(ref, jax.core.Tracer) or isinstance(x, jax.core.Tracer):
+    from jax.experimental.shard_alike import shard_alike  # pylint: disable=g-import-not-at-top
+    return shard_alike(ref, x)[1]
+  sharding = getattr(ref, 'sharding', None)
+  if isinstance(sharding, NamedSharding) and not x.sharding.is_equivalent_to(sharding, x.ndim):
+    return jax.device_put(x, sharding)
+  return x
+
+
+def follow(g: Any, olds: Any, u: Any, news: Any) -> tuple[Any, Any]:
+  """One leaf's step outputs laid out like its inputs, on Auto meshes (issue 24 item 2).
+
+  ``news`` (the new stored moments: codes, scales) of the param's rank keep
+  the layout of ``olds`` (the same shapes; the state's layout, the params'
+  since init),
+  and the update ``u`` that of an old array of the param's shape (8-bit
+  codes), else of the gradient ``g``. Without this, XLA's propagation
+  through a step that views a leaf as flattened blocks loses its layout
+  (8-bit codes on ``P('data')`` of a ``P('data', 'model')`` param, 4-bit
+  updates replicated over ``'model'``).
+  """
+  old_leaves = jax.tree.leaves(olds)
+  new_leaves, treedef = jax.tree.flatten(news)
+  if len(old_leaves) != len(new_leaves):
+    return u, news
+  # Per-block arrays of another rank than the param (the scales of a leaf
+  # blocked as a whole) are left to XLA: a group with an old array that is
+  # replicated may come out split over an axis the propagation brings in.
+  ndim = getattr(g, 'ndim', None)
+  pinned = [_pin(a, b) if getattr(b, 'ndim', None) == ndim else b
+            for a, b in zip(old_leaves, new_leaves)]
+  ref = next((a for a in old_leaves if getattr(a, 'shape', None) == getattr(u, 'shape', ())), g)
+  return _pin(ref, u), jax.tree.unflatten(treedef, pinned)

@@ -568,6 +568,15 @@ class _Rows:
   def rebuild(g: RowSparse, ids: jax.Array, values: jax.Array) -> RowSparse:
     return RowSparse(ids, values, g.num_rows)
 
+  @staticmethod
+  def align(values: jax.Array, like: Any) -> jax.Array:
+    """On Explicit axes, the rows' values (replicated, say) laid out as ``like``
+    (the decoded moments' rows), for the elementwise step; else as they are."""
+    sharding = _explicit_sharding(like)
+    if sharding is not None and _explicit_sharding(values) != sharding:
+      return jax.sharding.reshard(values, sharding)
+    return values
+
 
 ROWS = _Rows()
 

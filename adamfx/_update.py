@@ -38,6 +38,7 @@ import optax
 from adamfx import _checks
 from adamfx import _numerics
 from adamfx import _rounding
+from adamfx import _sharding
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
@@ -653,6 +654,7 @@ def _row_step(rows, fmt, g, m, v, vm, last, i, math, tail, invalid):
     index = element_index(ids, v_r) if narrow else None
     u, m_n, v_n, vm_n, _ = dense_step(g_rows, m_r, v_r, vm_r, i, math, index=index)
   else:
+    g_rows = rows.align(g_rows, fmt.decode(m_r, True))
     u, m_n, v_n, vm_n, _ = default_step(fmt, g_rows, m_r, v_r, vm_r, i, math, decay=decay)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
   u = nan_where(invalid, u)
@@ -798,6 +800,8 @@ def tree_update(
       outs.append(_row_step(rows, fmt, g, m, v, vm, lt, i, math, tail, invalid))
       continue
     u, m_s, v_s, vm_s, scaled = step(g, m, v, vm, i, math._replace(step_size=_step_size(tail, i)))
+    if fmt is not None and fmt.is_stored(m):
+      u, (m_s, v_s, vm_s) = _sharding.follow(g, (m, v, vm), u, (m_s, v_s, vm_s))
     u = apply_tail(nan_where(invalid, u).astype(g.dtype), i, tail, scaled)
     outs.append((u, m_s, v_s, vm_s, None if lt is None else jnp.full_like(lt, count)))
   u, mu, nu, nu_max, last_step = (

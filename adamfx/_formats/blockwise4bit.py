@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from typing import Any
 
 import jax
@@ -241,19 +242,30 @@ class Blockwise4bit:
     shape = tuple(np.shape(param))
     zeros = _numerics.zeros_like(param, jnp.float32)
     bs = self.block_size
+    # Slices of p's (blocked) zeros, so that under jit(init) the codes and
+    # scales follow p's sharding (plain zeros would land on one device); on
+    # Explicit axes the blocking runs under auto_axes, pinned to the
+    # per-block sharding (_quant._scale_sharding); eagerly each array is
+    # put where that sharding says.
+    blocked = lambda part, out_shape: _quant._laid_out(_quant._with_auto_axes(
+        part, lambda sh: _quant._scale_sharding(sh, out_shape), zeros), param)
     if self._rank1(shape, signed):
-      return Quantized4bit(_half_last(zeros), zeros[:, 0], zeros[0, :], shape, bs,
-                           self._map(signed), True)
+      return Quantized4bit(
+          blocked(_half_last, shape[:-1] + (shape[-1] // 2,)),
+          blocked(lambda z: jax.lax.index_in_dim(z, 0, 1, keepdims=False), shape[:1]),
+          _quant._laid_out(_quant._with_auto_axes(
+              lambda z: jax.lax.index_in_dim(z, 0, 0, keepdims=False),
+              lambda sh: _quant._scale_sharding(_drop_first(sh), shape[1:]), zeros),
+              types.SimpleNamespace(sharding=_drop_first(getattr(param, 'sharding', None)))),
+          shape, bs, self._map(signed), True)
     cshape = _codec4.codes_shape(shape, bs)
     if cshape == shape[:-1] + (shape[-1] // 2,):
-      codes = _half_last(zeros)
+      codes = blocked(_half_last, cshape)
     else:
-      codes = jnp.zeros(cshape, jnp.uint8)
-    scale = _quant._with_auto_axes(
-        lambda z: _codec4.to_blocks(z, bs)[..., 0],
-        lambda sh: _quant._scale_sharding(sh, _codec4.scale_shape(shape, bs)),
-        zeros,
-    )
+      codes = blocked(
+          lambda z: _half_last(_codec4.to_blocks(z, bs)).reshape(cshape), cshape)
+    sshape = _codec4.scale_shape(shape, bs)
+    scale = blocked(lambda z: _codec4.to_blocks(z, bs)[..., 0], sshape)
     return Quantized4bit(codes, scale, None, shape, bs, self._map(signed), False)
 
   def _bits(self, rows: int, count: Any, leaf_index: int, signed: bool, row0: Any = 0,
@@ -440,21 +452,34 @@ class Blockwise4bit:
 
 
 def _generic_step(fmt, g, m, v, vm, leaf_index, math_):
-  """Decode, the core's math, encode (a non-finite gradient keeps its history)."""
-  olds = [fmt.decode(m, True), fmt.decode(v, False)]
-  if vm is not None:
-    olds.append(fmt.decode(vm, False))
-  u, *news = math_(g, olds[0], olds[1], olds[2] if vm is not None else None)
-  bad = ~jnp.isfinite(g)
-  stored = []
-  for moment, (old, new, like, signed) in enumerate(
-      zip(olds, news, (m, v, vm), (True, False, False))):
-    new = jnp.where(bad, old.astype(new.dtype), new)
-    stored.append(fmt._encode(new, signed, count=math_.count, leaf_index=leaf_index, like=like,
-                              moment=moment))
-  if vm is None:
-    stored.append(None)
-  return (u, *stored, False)
+  """Decode, the core's math, encode (a non-finite gradient keeps its history).
+
+  On Explicit axes the blocking reshapes run under ``auto_axes``, the
+  update and the stored moments pinned to the layouts they had."""
+  count = math_.count
+  arrays = {k: x for k, x in math_.hps.items() if not isinstance(x, (int, float))}
+
+  def run(g, m, v, vm, count, arrays):
+    mth = math_._replace(count=count, hps={**math_.hps, **arrays}, scalars={})
+    olds = [fmt.decode(m, True), fmt.decode(v, False)]
+    if vm is not None:
+      olds.append(fmt.decode(vm, False))
+    u, *news = mth(g, olds[0], olds[1], olds[2] if vm is not None else None)
+    bad = ~jnp.isfinite(g)
+    stored = []
+    for moment, (old, new, like, signed) in enumerate(
+        zip(olds, news, (m, v, vm), (True, False, False))):
+      new = jnp.where(bad, old.astype(new.dtype), new)
+      stored.append(fmt._encode(new, signed, count=count, leaf_index=leaf_index, like=like,
+                                moment=moment))
+    if vm is None:
+      stored.append(None)
+    return (u, *stored)
+
+  typeof = lambda x: jax.tree.map(lambda a: jax.typeof(a).sharding, x)
+  shardings = lambda sh: (_quant._scale_sharding(sh, tuple(g.shape)), typeof(m), typeof(v),
+                          typeof(vm))
+  return (*_quant._with_auto_axes(run, shardings, g, m, v, vm, count, arrays), False)
 
 
 def _fused_step(fmt, g, m, v, leaf_index, math_):
@@ -527,7 +552,7 @@ def _fused_step(fmt, g, m, v, leaf_index, math_):
     return u, mc.reshape(cshape), ms.reshape(sshape), vc.reshape(cshape), vs.reshape(sshape)
 
   shardings = lambda sh: (
-      sh, jax.typeof(m.codes).sharding, jax.typeof(m.scale).sharding,
+      _quant._scale_sharding(sh, shape), jax.typeof(m.codes).sharding, jax.typeof(m.scale).sharding,
       jax.typeof(v.codes).sharding, jax.typeof(v.scale).sharding)
   u, mc, ms, vc, vs = _quant._with_auto_axes(
       run, shardings, g, m.codes, m.scale, v.codes, v.scale, math_.count, arrays)
@@ -544,7 +569,14 @@ def _is_code_mapping(x: Any) -> bool:
   return keys in ({'codes', 'scale'}, {'codes', 'scale', 'col'})
 
 
+def _drop_first(sharding: Any) -> Any:
+  """A NamedSharding without its spec's first entry (a rank-1 moment's column maxima)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:]))
+
+
 def _half_last(zeros: jax.Array) -> jax.Array:
   """uint8 zeros of ``zeros.shape`` with the last axis halved, laid out like ``zeros``."""
   half = zeros.shape[-1] // 2
-  return zeros[..., :half].astype(jnp.uint8)
+  return jax.lax.slice_in_dim(zeros, 0, half, axis=zeros.ndim - 1).astype(jnp.uint8)
