@@ -217,6 +217,10 @@ def _worker():
       'auto': jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2),
       'explicit': jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2),
   }
+  if sys.argv[1:] == ['explicit-rest']:  # the `slow` contract rows of section 5 only
+    print('RESULT ' + json.dumps({'explicit_members': _explicit_members(
+        meshes['explicit'], default_run=False)}))
+    return
 
   # 1. The state's moments carry the params' shardings: init, eagerly and
   # under jit, for every config on both kinds of mesh; update under jit (the
@@ -352,13 +356,14 @@ def _worker():
   # 5. Every member of the contract table (tests/test_composition.py) on an
   # Explicit mesh (issue 18): init and two jitted updates of row- and
   # column-sharded params (a RowSparse gradient for the lazy members), equal
-  # to the same steps on one device.
-  res['explicit_members'] = _explicit_members(meshes['explicit'])
+  # to the same steps on one device. The rows the default run checks here; the
+  # table's other rows (`slow`, as in test_composition) in a second subprocess.
+  res['explicit_members'] = _explicit_members(meshes['explicit'], default_run=True)
 
   print('RESULT ' + json.dumps(res))
 
 
-def _explicit_members(mesh):
+def _explicit_members(mesh, default_run):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -379,6 +384,8 @@ def _explicit_members(mesh):
 
   out = {}
   for c in tc.CONTRACTS:
+    if (c.name in tc._DEFAULT_RUN) != default_run:
+      continue
     if c.packed:  # pack_state refuses sharded params (a concatenation gathers them)
       try:
         jax.jit(c.make().init)({k: jax.device_put(np.asarray(v), NamedSharding(mesh, specs[k]))
@@ -417,18 +424,28 @@ def _explicit_members(mesh):
 # ------------------------------------------------------------------- tests
 
 
-@pytest.fixture(scope='module')
-def results():
+def _run_worker(*args):
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
   env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+      [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
       text=True, timeout=600,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
   return json.loads(line[len('RESULT '):])
+
+
+@pytest.fixture(scope='module')
+def results():
+  return _run_worker()
+
+
+@pytest.fixture(scope='module')
+def explicit_rest():
+  """Section 5 for the contract rows the default run leaves to `slow`."""
+  return _run_worker('explicit-rest')
 
 
 @pytest.mark.parametrize('mesh', MESHES)
@@ -447,10 +464,12 @@ def test_state_follows_param_shardings(results, mesh, name):
 
 
 def _contract_names():
+  """The contract rows, each with test_composition's marker (`slow` for the rows
+  its default run leaves out)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import test_composition
 
-  return [c.name for c in test_composition.CONTRACTS]
+  return [(c.name, c.name in test_composition._DEFAULT_RUN) for c in test_composition.CONTRACTS]
 
 
 # Known open defect (issues 21 and 24 item 2): 4-bit state on an Explicit mesh does not
@@ -460,13 +479,16 @@ _EXPLICIT_OPEN = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize('name', [
-    pytest.param(n, marks=_EXPLICIT_OPEN) if '4bit' in n else n for n in _contract_names()
+    pytest.param(n, marks=((_EXPLICIT_OPEN,) if '4bit' in n else ())
+                 + (() if default else (pytest.mark.slow,)))
+    for n, default in _contract_names()
 ])
-def test_every_contract_member_steps_on_an_explicit_mesh(results, name):
+def test_every_contract_member_steps_on_an_explicit_mesh(request, name):
   """Issue 18: no ShardingTypeError on Explicit axes (lazy members with a
   RowSparse gradient); the params keep their shardings and move as on one
   device (float32, 2 steps: the same tolerance as the trained runs)."""
-  r = results['explicit_members'][name]
+  slow = request.node.get_closest_marker('slow') is not None
+  r = request.getfixturevalue('explicit_rest' if slow else 'results')['explicit_members'][name]
   assert 'error' not in r, r
   if 'refused' in r:  # pack_state: refused as on an Auto mesh, not a ShardingTypeError
     assert r['refused'].startswith('pack_state: leaf') and 'sharded over 8 devices' in r['refused']
