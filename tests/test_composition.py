@@ -336,15 +336,18 @@ CONTRACTS = [
              complex_params=False, wide_moments=True, rtol=_F64_RTOL,
              numpy_reference=lambda p: reference.KerasAdam(LR)),
 ]
-# The default run checks a spread of members, one of each kind (family member, storage
-# format, wrapper, porting builder, option); every other row runs every check under the
-# `slow` marker, which .ci/run runs (so the whole table is checked there). Keeps the
-# README's `pytest` within minutes on 2 cores.
+# The default run checks a spread of members, one of each kind (storage format: dense,
+# pinned 16-bit, 8-bit, 4-bit, packed; wrapper: inject, MultiSteps; lazy; porting
+# builder: torch, Keras; option: mask, stable, param_rounding; the scale_by_ form); every
+# other row runs every check under the `slow` marker, which .ci/run runs (so the whole
+# table is checked there). A member costs ~14 CPU seconds of compiles: the family's
+# variants whose numbers tests/test_adam.py holds to float64 references and optax (nadamw,
+# amsgrad, adamax), the second lazy row (lazy_adamw) and ema_params run in `slow`. Keeps
+# the README's `pytest` within minutes on 2 cores.
 _DEFAULT_RUN = frozenset({
-    'adam', 'adamw_mask', 'nadamw', 'amsgrad', 'adamax', 'scale_by_adam', 'adam_nu_bf16',
-    'adam8bit', 'pack_adam8bit', 'inject_adamw', 'lazy_adamw', 'torch_adamw', 'keras_adamw',
-    'ema_params', 'multisteps_adam', 'stable_adamw', 'adamw4bit', 'adam_kahan',
-    'lazy_adam_8bit',
+    'adam', 'adamw_mask', 'scale_by_adam', 'adam_nu_bf16', 'adam8bit', 'pack_adam8bit',
+    'inject_adamw', 'torch_adamw', 'keras_adamw', 'multisteps_adam', 'stable_adamw',
+    'adamw4bit', 'adam_kahan', 'lazy_adam_8bit',
 })
 contracts = pytest.mark.parametrize('c', [
     pytest.param(c, id=c.name, marks=() if c.name in _DEFAULT_RUN else pytest.mark.slow)
@@ -414,9 +417,17 @@ def _dtypes(tree):
 
 
 @functools.cache
+def _tx(name):
+  """A member's transformation, built once: checks that jit its ``update`` on the
+  same trees share one compilation (jit caches on the function), which a fresh
+  ``make()`` per check would redo."""
+  return _BY_NAME[name].make()
+
+
+@functools.cache
 def _stepper(name):
   """``(tx, step)`` for a member: one jitted step, shared by the checks below."""
-  tx = _BY_NAME[name].make()
+  tx = _tx(name)
 
   @jax.jit
   def step(params, state, grads):
@@ -637,7 +648,7 @@ def test_none_leaves(c):
 @contracts
 @pytest.mark.parametrize('empty', [{}, [], ()], ids=['dict', 'list', 'tuple'])
 def test_empty_trees(c, empty):
-  tx = c.make()
+  tx = _tx(c.name)
   state = tx.init(empty)
   u, state = jax.jit(tx.update)(empty, state, empty)
   assert u == empty
@@ -943,7 +954,7 @@ def test_contract_eager_jit_vmap_scan_and_optax(c, x64):
   with jax.enable_x64(x64):
     params = _cparams(x64)
     grads = _contract_grads(params)
-    tx = c.make()
+    tx = _tx(c.name)
     jitted, state, total = _run(tx, params, grads, jit=True)
     _, _, eager = _run(tx, params, grads, jit=False)
     ulps = _param_ulps(params, len(grads)) if c.param_rounded else 1e-9
@@ -1031,7 +1042,7 @@ def test_contract_no_recompile(c):
   """Jit: the second step reuses the first's compilation. Eager: steps with new
   gradient values (and, injected, new hyperparameter values) compile nothing."""
   params = _cparams()
-  tx = c.make()
+  tx = _tx(c.name)
   step = jax.jit(tx.update)
   state = tx.init(params)
   grads = _contract_grads(params, 4)
@@ -1080,7 +1091,7 @@ def test_contract_flax_nnx_optimizer(c):
     # A linear loss whose gradient is g, taken the NNX way.
     loss = lambda m, g=g: jnp.sum(m.w[...] * g['w']) + jnp.sum(m.b[...] * g['b'])
     opt.update(model, nnx.grad(loss)(model))
-  want, _, _ = _run(c.make(), params, grads, jit=False)
+  want, _, _ = _run(_tx(c.name), params, grads, jit=False)
   _assert_moved_alike({'w': model.w[...], 'b': model.b[...]}, want, params)  # params round to their ulp: 1e-6
   # The optimizer's own state counted every step (not the plain run's).
   counts = [int(x) for path, x in jax.tree_util.tree_leaves_with_path(nnx.state(opt, nnx.OptState))
@@ -1099,7 +1110,7 @@ def test_contract_equinox_loop(c):
 
   params = _cparams()
   grads = _contract_grads(params, 3)
-  tx = c.make()
+  tx = _tx(c.name)
   model = Model(params['w'], params['b'])
   state = tx.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -1113,7 +1124,7 @@ def test_contract_equinox_loop(c):
     model, state = step(model, state, g)
   # The same steps on the same tree (a packed state's blocks follow leaf order).
   as_model = lambda p: Model(p['w'], p['b'])
-  want, _, _ = _run(c.make(), as_model(params), [as_model(g) for g in grads], jit=True)
+  want, _, _ = _run(tx, as_model(params), [as_model(g) for g in grads], jit=True)
   _assert_moved_alike(model, want, as_model(params))  # params round to their ulp: 1e-6
 
 
@@ -1122,7 +1133,7 @@ def test_contract_checkpoint_round_trips(c, tmp_path):
   """npz and orbax: the restored state continues exactly as the original."""
   params = _cparams()
   grads = _contract_grads(params, 3)
-  tx = c.make()
+  tx = _tx(c.name)
   step = jax.jit(tx.update)
   state = tx.init(params)
   for g in grads[:2]:
@@ -1156,7 +1167,7 @@ def _bad_gradient_trees(params):
 def test_contract_bad_gradient_trees_are_refused(c, jit):
   """Gradients not shaped like the params: a ValueError/TypeError, never a result."""
   params = _cparams()
-  tx = c.make()
+  tx = _tx(c.name)
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
   for what, g in _bad_gradient_trees(params).items():
@@ -1221,7 +1232,7 @@ def test_contract_schedule_in_a_chain_after_it_and_tree_arithmetic(c):
   sched = lambda count: 1.0 / (1.0 + count.astype(jnp.float32))
   params = _cparams()
   chained = optax.chain(c.make(), optax.scale_by_schedule(sched))
-  plain = c.make()
+  plain = _tx(c.name)
   c_up, p_up = jax.jit(chained.update), jax.jit(plain.update)
   cs, ps, hs = chained.init(params), plain.init(params), plain.init(params)
   for t in range(2):

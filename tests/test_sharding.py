@@ -218,6 +218,14 @@ def _worker():
       'auto': jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2),
       'explicit': jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2),
   }
+  follow_meshes = lambda: {
+      'classic': jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'model')),
+      'auto': meshes['auto'], 'explicit': meshes['explicit']}
+  if sys.argv[1:] == ['explicit-rest']:  # the `slow` contract rows of sections 5 and 6
+    print('RESULT ' + json.dumps({
+        'explicit_members': _explicit_members(meshes['explicit'], default_run=False),
+        'members_follow': _members_follow(follow_meshes(), exclude=FOLLOW_DEFAULT)}))
+    return
 
   # 1. The state's moments carry the params' shardings: init, eagerly and
   # under jit, for every config on both kinds of mesh; update under jit (the
@@ -353,22 +361,20 @@ def _worker():
   # 5. Every member of the contract table (tests/test_composition.py) on an
   # Explicit mesh (issue 18): init and two jitted updates of row- and
   # column-sharded params (a RowSparse gradient for the lazy members), equal
-  # to the same steps on one device.
-  res['explicit_members'] = _explicit_members(meshes['explicit'])
+  # to the same steps on one device. The rows the default run checks here; the
+  # table's other rows (`slow`, as in test_composition) in a second subprocess.
+  res['explicit_members'] = _explicit_members(meshes['explicit'], default_run=True)
 
   # 6. Every stored-format member of the contract table (8-bit and 4-bit
   # moments, issue 24 item 2 and issue 21) on a classic Mesh, an Auto
   # make_mesh and an Explicit one: the state and the updates keep the
   # params' layout after init and after 3 updates, eager and jitted.
-  classic = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ('data', 'model'))
-  res['members_follow'] = _members_follow(
-      {'classic': classic, 'auto': meshes['auto'], 'explicit': meshes['explicit']},
-      None if os.environ.get('ADAMFX_FOLLOW_ALL') else FOLLOW_DEFAULT)
+  res['members_follow'] = _members_follow(follow_meshes(), only=FOLLOW_DEFAULT)
 
   print('RESULT ' + json.dumps(res))
 
 
-def _explicit_members(mesh):
+def _explicit_members(mesh, default_run):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -389,6 +395,8 @@ def _explicit_members(mesh):
 
   out = {}
   for c in tc.CONTRACTS:
+    if (c.name in tc._DEFAULT_RUN) != default_run:
+      continue
     if c.packed:  # pack_state refuses sharded params (a concatenation gathers them)
       try:
         jax.jit(c.make().init)({k: jax.device_put(np.asarray(v), NamedSharding(mesh, specs[k]))
@@ -477,7 +485,7 @@ def _follow_mismatches(params, state, updates):
   return bad
 
 
-def _members_follow(meshes, only=None):
+def _members_follow(meshes, only=None, exclude=()):
   import jax
   import numpy as np
   import test_composition as tc
@@ -492,7 +500,7 @@ def _members_follow(meshes, only=None):
                 for _ in range(FOLLOW_STEPS)]
   out = {}
   for c in tc.CONTRACTS:
-    if c.packed or not c.eight_bit or (only and c.name not in only):
+    if c.packed or not c.eight_bit or (only and c.name not in only) or c.name in exclude:
       continue
     for mesh_name, mesh in meshes.items():
       sh = NamedSharding(mesh, P('data', 'model'))
@@ -525,20 +533,28 @@ def _members_follow(meshes, only=None):
 # ------------------------------------------------------------------- tests
 
 
-@pytest.fixture(scope='module')
-def results(request):
-  env = dict(os.environ)
-  if 'not slow' not in (request.config.getoption('markexpr') or ''):
-    env['ADAMFX_FOLLOW_ALL'] = '1'  # slow tests selected: every stored-format member
+def _run_worker(*args, **env_extra):
+  env = {**os.environ, **env_extra}
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
   env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+      [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
       text=True, timeout=1200,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
   return json.loads(line[len('RESULT '):])
+
+
+@pytest.fixture(scope='module')
+def results():
+  return _run_worker()
+
+
+@pytest.fixture(scope='module')
+def explicit_rest():
+  """Section 5 for the contract rows the default run leaves to `slow`."""
+  return _run_worker('explicit-rest')
 
 
 @pytest.mark.parametrize('mesh', MESHES)
@@ -557,18 +573,24 @@ def test_state_follows_param_shardings(results, mesh, name):
 
 
 def _contract_names():
+  """The contract rows, each with test_composition's marker (`slow` for the rows
+  its default run leaves out)."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import test_composition
 
-  return [c.name for c in test_composition.CONTRACTS]
+  return [(c.name, c.name in test_composition._DEFAULT_RUN) for c in test_composition.CONTRACTS]
 
 
-@pytest.mark.parametrize('name', _contract_names())
-def test_every_contract_member_steps_on_an_explicit_mesh(results, name):
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=() if default else (pytest.mark.slow,))
+    for n, default in _contract_names()
+])
+def test_every_contract_member_steps_on_an_explicit_mesh(request, name):
   """Issue 18: no ShardingTypeError on Explicit axes (lazy members with a
   RowSparse gradient); the params keep their shardings and move as on one
   device (float32, 2 steps: the same tolerance as the trained runs)."""
-  r = results['explicit_members'][name]
+  slow = request.node.get_closest_marker('slow') is not None
+  r = request.getfixturevalue('explicit_rest' if slow else 'results')['explicit_members'][name]
   assert 'error' not in r, r
   if 'refused' in r:  # pack_state: refused as on an Auto mesh, not a ShardingTypeError
     assert r['refused'].startswith('pack_state: leaf') and 'sharded over 8 devices' in r['refused']
@@ -588,12 +610,13 @@ def _stored_names():
 @pytest.mark.parametrize('name', [
     pytest.param(n, marks=() if n in FOLLOW_DEFAULT else pytest.mark.slow) for n in _stored_names()
 ])
-def test_stored_state_and_updates_follow_the_params(results, name, mesh):
+def test_stored_state_and_updates_follow_the_params(request, name, mesh):
   """Issue 24 item 2, issue 21: 8-bit and 4-bit codes and scales, every other
   state array and the updates keep the params' layout after init and after
   3 updates, eager and jitted, on a classic Mesh, an Auto make_mesh and an
   Explicit one, for a leaf whose last axis is whole blocks and one whose is
   not (see _follow_mismatches for what is asserted of per-block arrays)."""
+  results = request.getfixturevalue('results' if name in FOLLOW_DEFAULT else 'explicit_rest')
   for mode in ('eager', 'jit'):
     r = results['members_follow'][f'{name}/{mesh}/{mode}']
     assert 'error' not in r, (mode, r)
