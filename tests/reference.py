@@ -319,7 +319,7 @@ class Adam8bit(Adam):
   the library, and a tolerance would have to allow a whole code step (up
   to 10% of an element's ``v``) on any element, which would hide real
   bugs. So the model takes the library's *random draws* -- the uint32 bits
-  of ``adamfx._codec4.block_bits`` for ``(count, 3 * group + 1, element)``,
+  of ``adamfx._formats.codec4.block_bits`` for ``(count, 3 * group + 1, element)``,
   the element's flat position in its group's buffer, turned into a uniform
   in [0, 1) as the library does (top 24 bits) -- and makes the rounding
   decision itself, in float64, from its own moments. The library's
@@ -364,7 +364,7 @@ class Adam8bit(Adam):
 
     ``salt`` 1 for ``v``, 2 for AMSGrad's ``v_max`` (independent draws).
     """
-    from adamfx import _codec4  # noqa: PLC0415
+    from adamfx._formats import codec4 as _codec4  # noqa: PLC0415
 
     blocks = max(1, -(-n // self.block_size))
     bits = np.asarray(_codec4.block_bits(blocks, self.block_size, np.int32(self.t),
@@ -513,7 +513,7 @@ class Stable8bit(Stable, Adam8bit):
   The cautious mask is taken on the direction the step computed (from the
   new first moment before it is stored, the sign of the update), the clipping
   ratio on the second moment as stored (dequantized), the state the step
-  returns (``adamfx._stable`` reads ``nu`` from it).
+  returns (``adamfx._core.stable`` reads ``nu`` from it).
   """
 
   def _direction(self, i: int, u: np.ndarray) -> np.ndarray:

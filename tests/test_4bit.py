@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import adamfx
-from adamfx import _codec4
+from adamfx._formats import codec4 as _codec4
 from adamfx.cli import measure as _measure
 
 F64 = np.float64
@@ -413,9 +413,9 @@ def test_chunked_fused_step_equals_decode_step_encode():
   """A leaf large enough to run in chunks: codes, scales and updates equal the
   plain decode / Adam / encode step's (blocks are independent, and the
   stochastic-rounding bits are indexed by element, not by chunk)."""
-  from adamfx import _quant
-  from adamfx import _update
+  from adamfx._core import driver as _update
   from adamfx._formats import blockwise4bit
+  from adamfx._formats import quant as _quant
 
   fmt = adamfx.Blockwise4bit()
   shape = (1024, 128)

@@ -432,7 +432,7 @@ def test_str_leaves_are_refused_at_save_and_restore(tmp_path, monkeypatch):
     adamfx.save_npz(tmp_path / 's.npz', tree)
   assert not os.listdir(tmp_path)
   # A file holding one anyway (written before the check existed).
-  from adamfx import _checkpoint  # noqa: PLC0415
+  from adamfx._wrappers import checkpoint as _checkpoint  # noqa: PLC0415
 
   monkeypatch.setattr(_checkpoint, '_refuse_unstorable', lambda *a: None)
   adamfx.save_npz(tmp_path / 's.npz', tree)

@@ -1,12 +1,12 @@
-"""4-bit codec (adamfx._codec4, adamfx.Blockwise4bit) against a float64 NumPy reference."""
+"""4-bit codec (adamfx._formats.codec4, adamfx.Blockwise4bit) against a float64 NumPy reference."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adamfx import _codec4
-from adamfx import _rounding
+from adamfx._core import rounding as _rounding
+from adamfx._formats import codec4 as _codec4
 from adamfx._formats.blockwise4bit import Blockwise4bit
 
 F64 = np.float64

@@ -1,4 +1,4 @@
-"""Tests of adamfx._codec8, the nearest-code search of 8-bit moments.
+"""Tests of adamfx._formats.codec8, the nearest-code search of 8-bit moments.
 
 References: a float64 brute-force quantiser (tests/reference.py
 ``quantize8``) and a brute-force argmin over the map. The table search
@@ -14,8 +14,8 @@ import pytest
 import reference
 
 import adamfx
-from adamfx import _codec8
-from adamfx import _quant
+from adamfx._formats import codec8 as _codec8
+from adamfx._formats import quant as _quant
 
 
 def _midpoints64(values):

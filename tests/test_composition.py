@@ -74,10 +74,10 @@ class Contract(NamedTuple):
   # name, instead of one moment per leaf;
   # ``eight_bit``: moments of leaves (or packed buffers) of >= ``_C8`` elements are
   # uint8 codes + float32 block scales, smaller ones keep their compute dtype
-  # (float32 for 16-bit floats), as adamfx/_quant.py documents; 4-bit rows
+  # (float32 for 16-bit floats), as adamfx/_formats/quant.py documents; 4-bit rows
   # (Blockwise4bit: uint8 codes, two a byte, + float32 scales) say it too.
   # ``wide_moments``: moments of 16-bit params are stored in float32 (the
-  # framework-exact builders, as adamfx/_conventions.py documents).
+  # framework-exact builders, as adamfx/_porting/conventions.py documents).
   packed: bool = False
   eight_bit: bool = False
   wide_moments: bool = False
@@ -128,7 +128,7 @@ def _uniform4(count, leaf, salt, rows):
   The random number generator, not the algorithm under test: ``_B4``'s bits
   (hashed from the step count, the leaf and the element; ``salt`` 0 for mu,
   1 for nu, 2 for nu_max) as uniforms in [0, 1) from their top 24 bits, as
-  adamfx._codec4.uniform documents. The count saturates at the int32 max,
+  adamfx._formats.codec4.uniform documents. The count saturates at the int32 max,
   as the state's does.
   """
   count = jnp.int32(min(count, np.iinfo(np.int32).max))
@@ -257,7 +257,7 @@ CONTRACTS = [
     Contract('multisteps_adam',
              lambda: adamfx.MultiSteps(adamfx.adam(LR), 1).gradient_transformation(),
              lambda: optax.adam(LR)),
-    # Issue 23's options (adamfx/_stable.py); optax has none of them, so their
+    # Issue 23's options (adamfx/_core/stable.py); optax has none of them, so their
     # numbers are held to optimi and a float64 transcription in
     # tests/test_stable.py. decouple_lr is AdamW with weight_decay / max_lr:
     # optax.adamw with that decay is its reference here.
@@ -295,7 +295,7 @@ CONTRACTS = [
     Contract('inject_stable_adamw', lambda: _inject(adamfx.stable_adamw)(LR, **_WD),
              rtol=_F64_RTOL, numpy_reference=lambda p: reference.Stable(LR, b2=0.99, eps=1e-6, clip=True, **_WD)),
     # The framework-exact builders with the options, in their frameworks' arithmetic
-    # (adamfx/_conventions.py): a float64 transcription of each, with StableAdamW's
+    # (adamfx/_porting/conventions.py): a float64 transcription of each, with StableAdamW's
     # clip and the cautious reference code on it (reference.FrameworkStable).
     Contract('torch_adamw_clip', lambda: adamfx.torch_adamw(LR, update_clipping=True, **_WD),
              param_rounded=True, complex_params=False, wide_moments=True, rtol=_F64_RTOL,

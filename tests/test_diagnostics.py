@@ -259,7 +259,7 @@ def test_diagnostics_dequantize_8bit_state():
   d = adamfx.adam_diagnostics(state, updates, 0.1)
   # Exactly the numbers of the same moments held in float32 (tested
   # dequantization, see test_quant.py) ...
-  from adamfx import _quant
+  from adamfx._formats import quant as _quant
 
   s = state[0]
   deq = lambda q: _quant.dequantize(q, signed=q.signed, block_size=q.block_size)

@@ -15,7 +15,7 @@ import pytest
 from conftest import optax_promotion
 
 import adamfx
-from adamfx import _fast
+from adamfx._core import eager as _fast
 
 RTOL = 1e-6  # float32 rounding, as in the optax parity suite
 STEPS = 4

@@ -11,23 +11,35 @@ import adamfx
 PACKAGE = pathlib.Path(adamfx.__file__).parent
 
 
-def _imports(path: pathlib.Path) -> set[str]:
-  """The adamfx modules ``path`` imports, at module level or inside functions."""
+def _name(path: pathlib.Path) -> str:
+  """``adamfx/_core/driver.py`` -> ``_core.driver``."""
+  return '.'.join(path.relative_to(PACKAGE).with_suffix('').parts)
+
+
+def _library() -> dict[str, pathlib.Path]:
+  """The library's modules by dotted name (not the tools, the package inits or ``__main__``)."""
+  return {_name(p): p for p in PACKAGE.rglob('*.py')
+          if 'cli' not in p.relative_to(PACKAGE).parts
+          and p.name not in ('__init__.py', '__main__.py')}
+
+
+def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+  """The library modules ``path`` imports, at module level or inside functions."""
   found = set()
   for node in ast.walk(ast.parse(path.read_text())):
-    if isinstance(node, ast.ImportFrom) and node.module == 'adamfx':
-      found |= {a.name for a in node.names}
-    elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('adamfx.'):
-      found.add(node.module.split('.')[1])
+    if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('adamfx'):
+      base = node.module.removeprefix('adamfx').removeprefix('.')
+      for alias in node.names:
+        child = f'{base}.{alias.name}'.strip('.')
+        found.add(child if child in modules else base)
     elif isinstance(node, ast.Import):
-      found |= {a.name.split('.')[1] for a in node.names if a.name.startswith('adamfx.')}
-  return found - {path.stem}
+      found |= {a.name.removeprefix('adamfx.') for a in node.names if a.name.startswith('adamfx.')}
+  return found & modules - {_name(path)}
 
 
 def _graph() -> dict[str, set[str]]:
-  modules = {p.stem: p for p in PACKAGE.glob('*.py')}
-  # __init__ imports everything and is imported by nothing inside the package.
-  return {m: _imports(p) & set(modules) - {'__init__'} for m, p in modules.items()}
+  modules = _library()
+  return {m: _imports(p, set(modules)) for m, p in modules.items()}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -61,8 +73,26 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_the_update_math_imports_no_constructor():
   graph = _graph()
-  assert not graph['_update'] & {'_adam', '_fast', '_inject', '_quant', '_sparse'}
-  assert '_update' in graph['_fast'] and '_fast' in graph['_adam']
+  assert not graph['_core.driver'] & {
+      '_builders.adam', '_core.eager', '_wrappers.inject', '_formats.quant', '_sparse.lazy'}
+  assert '_core.driver' in graph['_core.eager'] and '_core.eager' in graph['_builders.adam']
+
+
+# Each subpackage imports only from the ones listed (docs/guides/architecture.md's layers).
+_LAYERS = {
+    '_core': {'_core'},
+    '_formats': {'_core', '_formats'},
+    '_builders': {'_core', '_formats', '_builders'},
+    '_sparse': {'_core', '_formats', '_builders', '_sparse'},
+}
+
+
+def test_the_subpackages_import_down_the_layers():
+  graph = _graph()
+  assert {m.split('.')[0] for m in graph} >= set(_LAYERS) | {'_porting', '_wrappers'}
+  wrong = {m: sorted(d for d in deps if d.split('.')[0] not in _LAYERS[m.split('.')[0]])
+           for m, deps in graph.items() if m.split('.')[0] in _LAYERS}
+  assert not {m: d for m, d in wrong.items() if d}
 
 
 def _imported_names(source: str, package: str) -> set[str]:

@@ -1,4 +1,4 @@
-"""param_rounding='kahan' | 'stochastic' (adamfx/_param_rounding.py), and the
+"""param_rounding='kahan' | 'stochastic' (adamfx/_core/param_rounding.py), and the
 whole training step's memory (no update-sized temporaries, issue 20).
 
 References are independent of the code under test: float64 NumPy sums of
@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import adamfx
-from adamfx import _param_rounding
+from adamfx._core import param_rounding as _param_rounding
 
 BF16 = jnp.bfloat16
 

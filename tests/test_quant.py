@@ -1,4 +1,4 @@
-"""Tests of adamfx._quant: 8-bit blockwise Adam moments.
+"""Tests of adamfx._formats.quant: 8-bit blockwise Adam moments.
 
 References are independent of adamfx's quantizer: a transcription of
 bitsandbytes' ``create_dynamic_map`` for the code maps, a brute-force NumPy
@@ -19,8 +19,8 @@ from conftest import no_recompile
 from conftest import optax_promotion
 
 import adamfx
-from adamfx import _fast
-from adamfx import _quant
+from adamfx._core import eager as _fast
+from adamfx._formats import quant as _quant
 
 
 def _bnb_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):

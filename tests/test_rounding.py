@@ -1,4 +1,4 @@
-"""Tests of adamfx._rounding: the 16-bit storage rule of the second moment.
+"""Tests of adamfx._core.rounding: the 16-bit storage rule of the second moment.
 
 References are independent of adamfx: ml_dtypes' NumPy bfloat16/float16 for
 the neighbours and for the naive round-to-nearest recursion, float64 NumPy
@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import adamfx
-from adamfx import _rounding
+from adamfx._core import rounding as _rounding
 
 NARROW = [jnp.bfloat16, jnp.float16]
 

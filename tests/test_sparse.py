@@ -714,7 +714,7 @@ def test_todense_coalesce_and_norm_against_numpy():
   st = pytest.importorskip('hypothesis.strategies')
 
   dense = jax.jit(lambda g: g.todense())
-  parts = jax.jit(adamfx._sparse.coalesce)
+  parts = jax.jit(adamfx._sparse.lazy.coalesce)
   norm = jax.jit(adamfx.sparse_global_norm)
 
   @hypothesis.given(st.lists(st.integers(-3, 12), min_size=20, max_size=20), st.integers(0, 2**31))

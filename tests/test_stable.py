@@ -1,4 +1,4 @@
-"""Stable steps (adamfx/_stable.py): update clipping, cautious updates, decouple_lr.
+"""Stable steps (adamfx/_core/stable.py): update clipping, cautious updates, decouple_lr.
 
 References, none of them adamfx's own code:
 - torch-optimi (optional: skipped without torch/optimi): ``StableAdamW`` and

@@ -5,7 +5,7 @@ the Adam builders. Each large leaf's moment is kept as 4-bit codes, two a
 byte, and one float32 scale per block of ``block_size`` elements:
 :math:`4 + 32 / 128 = 4.25` bits per moment, :math:`1.0625` bytes per
 parameter for ``mu`` and ``nu`` together (8-bit: 2.03, float32: 8). The
-codes and maps are :mod:`adamfx._codec4`'s.
+codes and maps are :mod:`adamfx._formats.codec4`'s.
 
 A step decodes the moments to float32, runs Adam's float32 arithmetic and
 encodes the new moments, inside the same jitted function: only what is
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamfx import _checks
-from adamfx import _codec4
-from adamfx import _numerics
-from adamfx import _quant
-from adamfx import _update
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import numerics as _numerics
+from adamfx._formats import codec4 as _codec4
+from adamfx._formats import quant as _quant
 
 # Recorded with every checkpoint that holds 4-bit moments (with the maps and
 # block size): a change of what the codes mean changes this.
@@ -47,7 +47,7 @@ class Quantized4bit:
   structures.
 
   Attributes:
-    codes: uint8, two codes a byte (``adamfx._codec4.pack``); the
+    codes: uint8, two codes a byte (``adamfx._formats.codec4.pack``); the
       param's shape with the last axis halved when blocks run along it,
       else one axis of ``n_blocks * block_size // 2``.
     scale: float32, one per block (blockwise; the block's largest element,
@@ -56,7 +56,7 @@ class Quantized4bit:
     shape: the param's shape (static).
     block_size: elements per block (static).
     code_map: the name of the 16-value map (static; see
-      ``adamfx._codec4.code_map``).
+      ``adamfx._formats.codec4.code_map``).
     rank1: whether ``scale`` and ``col`` are a rank-1 normaliser (static).
   """
 
@@ -378,7 +378,7 @@ class Blockwise4bit:
     Containers that keep arrays but not the pytree's static data (Flax NNX's
     ``nnx.Optimizer`` hands state nodes back as mappings) lose the param's
     shape; it is read back from the codes' shape, which holds it wherever a
-    leaf's blocks need no padding (see :func:`adamfx._codec4.codes_shape`).
+    leaf's blocks need no padding (see :func:`adamfx._formats.codec4.codes_shape`).
     """
     codes, scale = _quant._unwrap(x['codes']), _quant._unwrap(x['scale'])
     shape = _codec4.shape_from_codes(tuple(np.shape(codes)), self.block_size)

@@ -1,6 +1,6 @@
 """Blockwise 8-bit storage of Adam's moments (Dettmers et al. 2022).
 
-A thin format object over the codec of :mod:`adamfx._quant` (the dynamic
+A thin format object over the codec of :mod:`adamfx._formats.quant` (the dynamic
 code map, :class:`adamfx.QuantizedArray`, the chunked fused step).
 """
 
@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamfx import _checks
-from adamfx import _numerics
-from adamfx import _quant
+from adamfx._core import checks as _checks
+from adamfx._core import numerics as _numerics
+from adamfx._formats import quant as _quant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +138,7 @@ class Blockwise8bit:
     return x is None or self.is_stored(x)
 
   def step(self, g, m, v, vm, leaf_index, math):
-    """The fused 8-bit step of one leaf (see :func:`adamfx._quant.leaf_step`)."""
+    """The fused 8-bit step of one leaf (see :func:`adamfx._formats.quant.leaf_step`)."""
     return _quant.leaf_step(
         g, m, v, vm, math.count, math.hps, nesterov=math.nesterov, amsgrad=math.amsgrad,
         block_size=self.block_size, step_size=math.step_size, leaf_index=leaf_index,

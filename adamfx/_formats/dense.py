@@ -1,9 +1,9 @@
 """Dense storage of Adam's moments: one array per leaf, in a floating dtype.
 
 ``Dense(dtype)`` is what ``mu_dtype``/``nu_dtype`` select; the core's dense
-step (:func:`adamfx._update._family_update`) does the arithmetic in at least
+step (:func:`adamfx._core.driver._family_update`) does the arithmetic in at least
 float32 and stores each moment in its dtype (16-bit ``nu`` with stochastic
-rounding, see :mod:`adamfx._rounding`).
+rounding, see :mod:`adamfx._core.rounding`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from adamfx import _checks
-from adamfx import _numerics
-from adamfx import _rounding
+from adamfx._core import checks as _checks
+from adamfx._core import numerics as _numerics
+from adamfx._core import rounding as _rounding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,11 +3,11 @@
 Called outside ``jit`` (in a notebook, say), the family update would run as
 dozens of separate array operations per leaf, each a dispatch and a pass over
 memory. :func:`family_update` instead runs every leaf through one compiled
-call of the same :func:`adamfx._update.tree_update` (whatever the moments'
+call of the same :func:`adamfx._core.driver.tree_update` (whatever the moments'
 storage format), leaves of one shape, dtype and storage in chunks of up to
 ``CHUNK``, so an eager step costs about one dispatch per chunk; every
 member applies its learning rate, and AdamW its decoupled decay, in those
-same calls (the core's :class:`adamfx._update.Tail`, planned by
+same calls (the core's :class:`adamfx._core.driver.Tail`, planned by
 :func:`learning_rate_plan` and :func:`decay_plan`). Under a trace (``jit``,
 ``vmap``, ``grad``, ``scan``) or ``jax_disable_jit`` it is ``tree_update``
 itself, so compiled code is unchanged.
@@ -38,13 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _checks
-from adamfx import _rounding
-from adamfx import _update
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import rounding as _rounding
 
-
-def _is_none(x: Any) -> bool:
-  return x is None
+_is_none = _update._is_none
 
 
 def _concrete(x: Any) -> bool:

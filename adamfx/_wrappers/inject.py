@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamfx import _numerics
-from adamfx import _update
+from adamfx._core import driver as _update
+from adamfx._core import numerics as _numerics
 
 STRUCTURAL_ARGS = frozenset({
     'amsgrad', 'block_size', 'mask', 'min_4bit_size', 'min_8bit_size', 'moments', 'mu_dtype',

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _numerics
+from adamfx._core import numerics as _numerics
 
 _U32 = jnp.uint32
 

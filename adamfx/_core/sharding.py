@@ -1,7 +1,7 @@
 r"""Sharding helpers: ZeRO-1 layouts for the optimiser state.
 
 adamfx's state already follows the params' shardings (see
-:func:`adamfx._numerics.zeros_like`): under plain data or model parallelism
+:func:`adamfx._core.numerics.zeros_like`): under plain data or model parallelism
 there is nothing to do. ZeRO stage 1 (Rajbhandari et al. 2020) goes further
 for data parallelism: the params stay replicated on every device, but each
 device keeps only a :math:`1/N` slice of the optimiser state, so Adam's two

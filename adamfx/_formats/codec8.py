@@ -1,6 +1,6 @@
 r"""The 8-bit moments' codes: nearest-code search by one table lookup, decoding by arithmetic.
 
-:func:`adamfx._quant.quantize` stores each element of a block, normalised by
+:func:`adamfx._formats.quant.quantize` stores each element of a block, normalised by
 the block's absmax to :math:`a \in [0, 1]`, as the index of the nearest
 value of a fixed, sorted table of magnitudes (the dynamic map). A closed-form
 search over the map's seven decades costs about 40 float operations an
@@ -130,7 +130,7 @@ def map_value(codes: jax.Array, signed: bool) -> jax.Array:
   an exact float32 numerator (an integer below :math:`2^{10}` times a power
   of two) over an exact float32 integer (at most :math:`5^7`): one IEEE
   division, correctly rounded, as every value of the float32 table
-  (:func:`adamfx._quant.dynamic_map`) is -- so the result is the table's
+  (:func:`adamfx._formats.quant.dynamic_map`) is -- so the result is the table's
   value bit for bit (tests/test_codec8.py checks all 256 codes of both
   maps). ``t``, the magnitude's rank (``code + 1`` unsigned; ``|code -
   127|`` signed), is :math:`P + i`, so :math:`P` is ``t``'s leading bit.

@@ -18,7 +18,7 @@ formulations,
 
 or a storage format's step (:mod:`adamfx._formats`) around :class:`LeafMath`.
 The variants are parameters of these, not copies of them. The constructors
-(:mod:`adamfx._adam`) and the compiled eager path (:mod:`adamfx._fast`) build
+(:mod:`adamfx._builders.adam`) and the compiled eager path (:mod:`adamfx._core.eager`) build
 on this module; it imports neither.
 """
 
@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _checks
-from adamfx import _numerics
-from adamfx import _rounding
-from adamfx import _sharding
+from adamfx._core import checks as _checks
+from adamfx._core import numerics as _numerics
+from adamfx._core import rounding as _rounding
+from adamfx._core import sharding as _sharding
 
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
@@ -97,8 +97,7 @@ class AdaMaxState(AdamState):
   __slots__ = ()
 
 
-def _is_none(x: Any) -> bool:
-  return x is None
+_is_none = _numerics.is_none
 
 
 def _hp(value: Any, dtype: Any) -> Any:
@@ -315,7 +314,7 @@ def _in_place_narrow_step(
   Returns ``(update, mu, nu)``, the moments as stored. The arithmetic is
   float32 and the gradient is clipped as in :func:`_in_place_step`; ``mu``
   is stored rounded to nearest, ``nu`` with unbiased stochastic rounding
-  (:mod:`adamfx._rounding`, so that ``0.999 * nu`` decays), and the update
+  (:mod:`adamfx._core.rounding`, so that ``0.999 * nu`` decays), and the update
   is read off the *stored* moments, as the float32 in-place step reads it
   off its stored ones. Each output is then an elementwise function of
   ``g``, ``m`` and ``v`` that XLA fuses into one loop, updating donated
@@ -556,7 +555,7 @@ def dense_step(g, m, v, vm, leaf_index, math, index=None):
     # and a clamp here would keep XLA from updating m and v in place.
     return u, m_new, v_new, vm_new, False
   # A 16-bit nu is stored with unbiased stochastic rounding: round-to-nearest
-  # would return 0.999 * nu as nu (see adamfx._rounding).
+  # would return 0.999 * nu as nu (see adamfx._core.rounding).
   # A positive nu stored as 0 (float16 underflow) would make the next step
   # m_hat / eps, inf in float16: keep_positive stores the smallest instead.
   v_s = _numerics.keep_positive(
@@ -615,7 +614,7 @@ def _catch_up(ids: jax.Array, gap: jax.Array, hps: dict[str, Any], cdt: Any):
 def _row_step(rows, fmt, g, m, v, vm, last, i, math, tail, invalid):
   """Lazy Adam's step of a row-sparse leaf ``g``: the leaf's step on its touched rows.
 
-  ``rows`` is the row access of :mod:`adamfx._sparse` (``coalesce``,
+  ``rows`` is the row access of :mod:`adamfx._sparse.lazy` (``coalesce``,
   ``gather``, ``scatter``, ``rebuild``). Duplicate ids are summed; the
   touched rows of ``m``, ``v`` (and ``vm``) are gathered (through the
   format's ``gather_rows``), stepped by :func:`dense_step` (a 16-bit ``nu``
@@ -746,7 +745,7 @@ def tree_update(
   :func:`default_step`, with the core's :class:`LeafMath` (the torch/Keras
   builders' own arithmetic is such a step, their state ``state_type``).
 
-  ``rows``: lazy Adam's row access (:mod:`adamfx._sparse`); a leaf it calls
+  ``rows``: lazy Adam's row access (:mod:`adamfx._sparse.lazy`); a leaf it calls
   row-sparse takes :func:`_row_step`, the same step on the touched rows.
   The state may then hold ``last_step`` (``catch_up``), and ``state_type``
   takes it.

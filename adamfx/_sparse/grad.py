@@ -14,9 +14,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adamfx._sparse import RowSparse
-from adamfx._sparse import gather_rows
-from adamfx._sparse import safe_ids
+from adamfx._sparse.lazy import RowSparse
+from adamfx._sparse.lazy import gather_rows
+from adamfx._sparse.lazy import safe_ids
 
 
 class _Marker:

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _checks
-from adamfx import _stable
-from adamfx._conventions import FrameworkAdamState
-from adamfx._update import AdaMaxState
-from adamfx._update import AdamState
+from adamfx._core import checks as _checks
+from adamfx._core import stable as _stable
+from adamfx._core.driver import AdaMaxState
+from adamfx._core.driver import AdamState
+from adamfx._porting.conventions import FrameworkAdamState
 
 _STATE_TYPES = (AdamState, optax.ScaleByAdamState, optax.ScaleByAmsgradState)
 

@@ -15,7 +15,7 @@ chosen per builder with ``param_rounding=`` (keyword-only on every builder;
 * ``'stochastic'``: the new param is rounded up or down at random with the
   probabilities that make it exact in expectation (Gupta et al. 2015;
   Zamirai et al. 2020). No buffer: the bits are a hash of ``(step, leaf,
-  element)``, as :mod:`adamfx._rounding` draws them for a 16-bit ``nu``
+  element)``, as :mod:`adamfx._core.rounding` draws them for a 16-bit ``nu``
   (no key argument, the same numbers on every run).
 
 ``'nearest'`` (the default) is today's round-to-nearest: the builder's
@@ -51,8 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _numerics
-from adamfx import _rounding
+from adamfx._core import numerics as _numerics
+from adamfx._core import rounding as _rounding
 
 MODES = ('nearest', 'kahan', 'stochastic')
 
@@ -111,8 +111,7 @@ def round_nearest(x: jax.Array, dtype: Any) -> jax.Array:
   return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
-def _is_none(x: Any) -> bool:
-  return x is None
+_is_none = _numerics.is_none
 
 
 def _leaf_dtype(p: Any) -> Any:

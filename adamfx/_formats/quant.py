@@ -11,7 +11,7 @@ spaced like a floating-point number with a variable-length exponent, so small
 entries of a block keep relative precision (down to ~1e-7 of the block's
 absmax) while the largest keep about 2-3 significant digits. A step
 dequantizes (code value times block scale), runs the float32 Adam update
-(:func:`adamfx._update._moment_step`, the same math as :func:`adamfx.adam`),
+(:func:`adamfx._core.driver._moment_step`, the same math as :func:`adamfx.adam`),
 and requantizes, all inside the same jitted function: ``mu`` to the nearest
 code, ``nu`` (and AMSGrad's ``nu_max``) to one of its two neighbouring codes
 at random, unbiased (stochastic rounding, bits hashed from the step count,
@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamfx import _checks
-from adamfx import _codec8
-from adamfx import _numerics
-from adamfx import _update
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import numerics as _numerics
+from adamfx._formats import codec8 as _codec8
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -176,7 +176,7 @@ def _from_blocks(x: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.A
 @functools.lru_cache(maxsize=2)
 def _magnitudes(signed: bool) -> np.ndarray:
   """The map's magnitudes, sorted from 0 to 1: what the nearest-code search
-  runs over (:func:`adamfx._codec8.nearest_index`). Signed: 0, the 127
+  runs over (:func:`adamfx._formats.codec8.nearest_index`). Signed: 0, the 127
   positive values and 1 (a negative element takes its magnitude's mirror)."""
   values = dynamic_map(signed)
   return values[127:] if signed else values
@@ -246,7 +246,7 @@ def nu_bits(shape: tuple[int, ...], block_size: int, count: Any, leaf_index: int
             salt: int = 1, row0: Any = 0) -> jax.Array:
   """Uniform uint32 bits for stochastically rounding an unsigned moment's codes.
 
-  The 4-bit format's bits (:func:`adamfx._codec4.block_bits`, a hash of
+  The 4-bit format's bits (:func:`adamfx._formats.codec4.block_bits`, a hash of
   ``(count, 3 * leaf_index + salt, element)``, ``salt`` 1 for ``nu`` and 2
   for AMSGrad's ``nu_max``), shaped like the blocked view of a leaf of
   ``shape``. The element index is the element's position in the whole leaf
@@ -254,7 +254,7 @@ def nu_bits(shape: tuple[int, ...], block_size: int, count: Any, leaf_index: int
   leaf stepped chunk by chunk (``rows`` blocks from ``row0``) draws the bits
   it draws in one piece (a chunk's ``shape`` is its ``(rows, block_size)``).
   """
-  from adamfx import _codec4  # noqa: PLC0415
+  from adamfx._formats import codec4 as _codec4  # noqa: PLC0415
 
   view, _ = _layout(tuple(shape), block_size)
   rows = math.prod(view[:-1])
@@ -275,7 +275,7 @@ def _encode(xn: jax.Array, shape: tuple[int, ...], signed: bool, block_size: int
   a = jnp.minimum(jnp.abs(xn), 1)
   k = _codec8.nearest_index(a, _magnitudes(signed))
   if bits is not None and not signed:
-    from adamfx import _codec4  # noqa: PLC0415
+    from adamfx._formats import codec4 as _codec4  # noqa: PLC0415
 
     val = lambda c: _codec8.map_value(c.astype(jnp.uint8), False)
     k = jnp.where(val(k) > a, k - 1, k)  # the neighbour below (k >= 0: map[0] = 0)
@@ -501,7 +501,7 @@ def _materialized_step(g, m_new, v_new, bad, count, hps, *, nesterov):
   once, instead of a decoded copy of the old moments and a second array
   for the reduction being written and read back. ``x / 1`` is ``x``
   exactly (NaN and infinities included). The update is then read off the
-  new moments by :func:`adamfx._update._update_from_moments`, the tail of
+  new moments by :func:`adamfx._core.driver._update_from_moments`, the tail of
   the float32 step, so it is that step's arithmetic; where the gradient
   is not finite it is NaN, as there.
   """

@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamfx import _checks
-from adamfx import _numerics
-from adamfx import _update
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import numerics as _numerics
 
 # The floor of the cautious mask's mean: a tensor whose direction disagrees
 # with its gradient almost everywhere is scaled by at most 1000.
@@ -163,7 +163,7 @@ def _second_moments(state: Any, treedef: Any) -> tuple[Any, list[Any], bool, boo
   leaves = treedef.flatten_up_to(v)
   leaves = [x.dequantize() if _is_quantized(x) else x for x in leaves]
   adamax = isinstance(state, _update.AdaMaxState)
-  # By name: adamfx._conventions imports this module.
+  # By name: adamfx._porting.conventions imports this module.
   raw_max = type(state).__name__ == 'FrameworkAdamState'
   return state.count, leaves, (nu_max is not None and not raw_max) or adamax, adamax
 
@@ -218,8 +218,8 @@ def _mask_dense(u: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _coalesced(g: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  # A method of RowSparse, so that this module (which adamfx._adam imports)
-  # does not import adamfx._sparse (which imports adamfx._adam).
+  # A method of RowSparse, so that this module (which adamfx._builders.adam imports)
+  # does not import adamfx._sparse.lazy (which imports adamfx._builders.adam).
   return g.coalesce()
 
 

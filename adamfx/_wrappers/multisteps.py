@@ -19,7 +19,7 @@ never read.
 Two accumulators beyond optax's float32:
 
 * ``acc_dtype=jnp.bfloat16`` keeps the running mean in 2 bytes per parameter
-  with *stochastic rounding* (:mod:`adamfx._rounding`'s counter-based bits):
+  with *stochastic rounding* (:mod:`adamfx._core.rounding`'s counter-based bits):
   round-to-nearest stalls (a mean of 1.0s and 1.004s stays 1.0), stochastic
   rounding is unbiased. A float32 update would have no spent buffer of its
   size here, and a ``lax.cond`` returning it takes a fresh one (4 bytes per
@@ -46,8 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _rounding
-from adamfx._sparse import RowSparse
+from adamfx._core import rounding as _rounding
+from adamfx._sparse.lazy import RowSparse
 
 MultiStepsState = optax.MultiStepsState
 

@@ -7,9 +7,9 @@ from typing import Optional
 
 import optax
 
-from adamfx import _adam
+from adamfx._builders import adam as _adam
+from adamfx._core.driver import ScalarOrSchedule
 from adamfx._formats.blockwise4bit import Blockwise4bit
-from adamfx._update import ScalarOrSchedule
 
 
 def adam4bit(

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adamfx import _checks
-from adamfx import _numerics
-from adamfx._conventions import FrameworkAdamState
+from adamfx._core import checks as _checks
+from adamfx._core import numerics as _numerics
+from adamfx._porting.conventions import FrameworkAdamState
 
 __all__ = ['from_torch_state', 'to_torch_state']
 
@@ -74,7 +74,7 @@ def _find_state(tree: Any, what: str) -> FrameworkAdamState:
 def _packed_layout(into: Any) -> Any:
   """The params layout when ``into``'s FrameworkAdamState sits inside
   :func:`adamfx.pack_state` (its moments are per-dtype buffers), else None."""
-  from adamfx._flat import PackedState  # pylint: disable=import-outside-toplevel
+  from adamfx._wrappers.flat import PackedState  # pylint: disable=import-outside-toplevel
 
   is_packed = lambda x: isinstance(x, PackedState)
   for node in jax.tree.leaves(into, is_leaf=is_packed):

@@ -17,6 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def is_none(x: Any) -> bool:
+  """``is_leaf`` for trees whose None leaves count (optax's None updates)."""
+  return x is None
+
+
 def compute_dtype(*dtypes: Any) -> np.dtype:
   """The dtype moment arithmetic runs in: at least float32 (or complex64).
 

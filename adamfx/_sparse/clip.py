@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamfx._sparse import _is_leaf
-from adamfx._sparse import _is_sparse
-from adamfx._sparse import coalesce
+from adamfx._sparse.lazy import _is_leaf
+from adamfx._sparse.lazy import _is_sparse
+from adamfx._sparse.lazy import coalesce
 
 
 def _sum_sq(x: Any) -> jax.Array:

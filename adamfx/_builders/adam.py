@@ -2,10 +2,10 @@ r"""The Adam family's constructors, as optax spells them.
 
 :func:`scale_by_adam`, :func:`adam`, :func:`adamw`, :func:`nadam`,
 :func:`nadamw`, :func:`amsgrad`, :func:`scale_by_adamax` and :func:`adamax`
-check their arguments and chain the update math of :mod:`adamfx._update`
-(compiled leaf by leaf when called eagerly, :mod:`adamfx._fast`) with the
+check their arguments and chain the update math of :mod:`adamfx._core.driver`
+(compiled leaf by leaf when called eagerly, :mod:`adamfx._core.eager`) with the
 learning rate and AdamW's decoupled decay. :func:`inject_hyperparams` lives in
-:mod:`adamfx._inject`.
+:mod:`adamfx._wrappers.inject`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamfx import _checks
-from adamfx import _fast
-from adamfx import _param_rounding
-from adamfx import _stable
-from adamfx import _update
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import eager as _fast
+from adamfx._core import param_rounding as _param_rounding
+from adamfx._core import stable as _stable
+from adamfx._core.driver import AdaMaxState
+from adamfx._core.driver import ScalarOrSchedule
 from adamfx._formats.blockwise8bit import Blockwise8bit
 from adamfx._formats.dense import Dense
-from adamfx._update import AdaMaxState
-from adamfx._update import ScalarOrSchedule
 
 
 def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -126,7 +126,7 @@ def _chain_learning_rate(
   applied inside the family's compiled calls, so a step is one dispatch per
   chunk of leaves and one or two passes less over memory, with the chain's
   numbers. With ``stable`` options (update clipping, cautious), the links
-  run through :func:`adamfx._stable.chain` (same state, no fused call).
+  run through :func:`adamfx._core.stable.chain` (same state, no fused call).
   """
   links = _links(scaling, learning_rate, decay)
   chain = optax.chain(*links)
@@ -187,7 +187,7 @@ def _storage(moments: Any, mu_dtype: Any, nu_dtype: Any) -> tuple[Any, Any, Any]
 
   ``Dense(dtype)`` (or None) selects the dense step with those dtypes
   (``mu_dtype``/``nu_dtype``, when given, win); any other format object
-  (``Blockwise8bit``, ...) runs through :func:`adamfx._update.format_update`
+  (``Blockwise8bit``, ...) runs through :func:`adamfx._core.driver.format_update`
   and cannot be combined with dtypes.
   """
   mu_dtype = _checks.check_state_dtype('mu_dtype', mu_dtype)
@@ -291,7 +291,7 @@ def scale_by_adam(
       params' dtype. The arithmetic stays in at least float32. A 16-bit
       ``nu`` is stored with stochastic rounding (deterministic bits hashed
       from the step count), so that ``0.999 * nu`` does not round back to
-      ``nu``: see ``adamfx._rounding``.
+      ``nu``: see ``adamfx._core.rounding``.
     nesterov: use Nesterov momentum (NAdam, Dozat 2016).
     amsgrad: keep the running maximum of the bias-corrected second moment
       (AMSGrad, Reddi et al. 2018), as ``optax.amsgrad`` does.

@@ -7,7 +7,7 @@ of TensorFlow's ``LazyAdam`` and PyTorch's ``torch.optim.SparseAdam``), so a
 step costs what the batch touches, not what the table holds. Dense leaves in
 the same tree get exactly :func:`adamfx.adam`'s numbers: they go through the
 same code. Every leaf is a step of the core's one tree driver
-(:func:`adamfx._update.tree_update`), a :class:`RowSparse` leaf's on its
+(:func:`adamfx._core.driver.tree_update`), a :class:`RowSparse` leaf's on its
 touched rows, gathered and scattered through the moments' storage format.
 """
 
@@ -24,15 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _adam
-from adamfx import _checks
-from adamfx import _fast
-from adamfx import _param_rounding
-from adamfx import _rounding
-from adamfx import _stable
-from adamfx import _update
+from adamfx._builders import adam as _adam
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import eager as _fast
+from adamfx._core import param_rounding as _param_rounding
+from adamfx._core import rounding as _rounding
+from adamfx._core import stable as _stable
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+ScalarOrSchedule = _update.ScalarOrSchedule
 
 
 class _RowSparseMeta(type):
@@ -551,7 +551,7 @@ def _row_zeros(p: Any) -> jax.Array:
 
 class _Rows:
   """The row access the core's tree driver uses for :class:`RowSparse` leaves
-  (see ``adamfx._update._row_step``): one hashable instance, static under jit."""
+  (see ``adamfx._core.driver._row_step``): one hashable instance, static under jit."""
 
   def __hash__(self):
     return 0
@@ -756,7 +756,7 @@ def _out_of_range(x: Any) -> jax.Array:
 
 def _tail(updates: Any, params: Any, *, learning_rate: Any = None, lr_state: Any = None,
           decay: Any = None) -> tuple[_update.Tail, Any]:
-  """The core's :class:`adamfx._update.Tail` of a lazy step: ``(tail, lr_state)``.
+  """The core's :class:`adamfx._core.driver.Tail` of a lazy step: ``(tail, lr_state)``.
 
   ``-lr * (u + wd * p)``: the learning rate (a number, an array or a
   schedule of ``lr_state.count``, as ``optax.scale_by_learning_rate``) and
@@ -824,7 +824,7 @@ def _apply_tail(updates: Any, tail: _update.Tail) -> Any:
 
 def _tail_link(init: Callable[[Any], Any], **parts: Any) -> optax.GradientTransformation:
   """One part of the tail (the decay, or the learning rate) as a chain link,
-  for :func:`adamfx._stable.chain`, which acts between them."""
+  for :func:`adamfx._core.stable.chain`, which acts between them."""
 
   def update_fn(updates, state, params=None):
     tail, new_state = _tail(updates, params, lr_state=state, **parts)
@@ -838,7 +838,7 @@ def _lazy_chain(scaling: Any, learning_rate: Any, decay: Any, stable: Any, *, b2
   """The chain of :func:`lazy_adam` / :func:`lazy_adamw`: the scaling, [the
   decay,] the learning rate, as optax's chain (its state), in one step of the
   core's driver with the tail fused (or, with update clipping or cautious
-  updates, link by link through :func:`adamfx._stable.chain`)."""
+  updates, link by link through :func:`adamfx._core.stable.chain`)."""
   scaling, run = scaling
   _checks.check_learning_rate(learning_rate)
   _param_rounding.check_mode(param_rounding)

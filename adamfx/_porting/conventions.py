@@ -52,12 +52,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adamfx import _checks
-from adamfx import _numerics
-from adamfx import _param_rounding
-from adamfx import _rounding
-from adamfx import _stable
-from adamfx import _update
+from adamfx._core import checks as _checks
+from adamfx._core import driver as _update
+from adamfx._core import numerics as _numerics
+from adamfx._core import param_rounding as _param_rounding
+from adamfx._core import rounding as _rounding
+from adamfx._core import stable as _stable
 
 __all__ = ['FrameworkAdamState', 'keras_adam', 'keras_adamw', 'torch_adam', 'torch_adamw']
 
@@ -82,7 +82,7 @@ class FrameworkAdamState(NamedTuple):
   nu_max: Optional[optax.Updates] = None
 
 
-_is_none = lambda x: x is None
+_is_none = _numerics.is_none
 
 
 class _Config(NamedTuple):
@@ -252,7 +252,7 @@ def _cautious(m, g):
 
 class _Rules(NamedTuple):
   """A framework's arithmetic as a step of the core's tree driver
-  (:func:`adamfx._update.tree_update`): moments are plain arrays, the step
+  (:func:`adamfx._core.driver.tree_update`): moments are plain arrays, the step
   is :func:`_leaf_step` with this update's scalars, cached per dtype."""
 
   cfg: _Config

@@ -60,9 +60,9 @@ def _configs(tree: Any) -> dict[str, dict[str, Any]]:
   for the leaves of a :func:`adamfx.pack_state` state: the packed layout (the
   params' paths, shapes and dtypes, in packing order).
   """
-  from adamfx._flat import PackedState  # noqa: PLC0415 (import cycle)
   from adamfx._formats.blockwise4bit import Quantized4bit  # noqa: PLC0415
-  from adamfx._quant import QuantizedArray  # noqa: PLC0415
+  from adamfx._formats.quant import QuantizedArray  # noqa: PLC0415
+  from adamfx._wrappers.flat import PackedState  # noqa: PLC0415 (import cycle)
 
   is_node = lambda x: isinstance(x, (QuantizedArray, Quantized4bit, PackedState))
   out: dict[str, dict[str, Any]] = {}
@@ -97,10 +97,10 @@ def _second_moments(tree: Any) -> dict[str, str]:
   Adam's average of ``g**2`` (issue 18: an AdaMax state restored into Adam
   stepped by -0.0213 where Adam's own gives -0.0100). optax's states name no
   kind (optax.adamax keeps ScaleByAdamState), so they convert either way."""
-  from adamfx._conventions import FrameworkAdamState  # noqa: PLC0415 (import cycle)
-  from adamfx._sparse import LazyAdamState  # noqa: PLC0415
-  from adamfx._update import AdaMaxState  # noqa: PLC0415
-  from adamfx._update import AdamState  # noqa: PLC0415
+  from adamfx._core.driver import AdaMaxState  # noqa: PLC0415
+  from adamfx._core.driver import AdamState  # noqa: PLC0415
+  from adamfx._porting.conventions import FrameworkAdamState  # noqa: PLC0415 (import cycle)
+  from adamfx._sparse.lazy import LazyAdamState  # noqa: PLC0415
 
   kinds = {AdaMaxState: 'max |g| (AdaMax)', AdamState: 'average of g**2 (Adam)',
            FrameworkAdamState: 'average of g**2 (Adam)', LazyAdamState: 'average of g**2 (Adam)'}

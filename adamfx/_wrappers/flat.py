@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _checks
+from adamfx._core import checks as _checks
 
 
 def _sharded(x: Any) -> bool:
@@ -319,7 +319,7 @@ def _storage_plan(inner: Any, params: Any) -> Any:
   in float32 as it does the leaves themselves. None (one buffer per dtype)
   when no leaf, and no buffer, would be stored in blocks.
   """
-  from adamfx._quant import QuantizedArray  # noqa: PLC0415 (import cycle)
+  from adamfx._formats.quant import QuantizedArray  # noqa: PLC0415 (import cycle)
 
   leaves, treedef = jax.tree.flatten(params)
   is_q = lambda x: isinstance(x, QuantizedArray)

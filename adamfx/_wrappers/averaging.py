@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adamfx import _checks
-from adamfx import _numerics
+from adamfx._core import checks as _checks
+from adamfx._core import numerics as _numerics
 
 __all__ = ['EmaParamsState', 'averaged_params', 'ema_params']
 
@@ -157,7 +157,7 @@ def _wide() -> Any:
 def _find(state: Any) -> tuple[EmaParamsState, Any]:
   """The one EmaParamsState in ``state`` (nested ones included) and, when it
   sits inside :func:`adamfx.pack_state`, the layout of the packed params."""
-  from adamfx._flat import PackedState  # pylint: disable=import-outside-toplevel
+  from adamfx._wrappers.flat import PackedState  # pylint: disable=import-outside-toplevel
 
   found = []
   stop = lambda x: isinstance(x, (EmaParamsState, PackedState))

@@ -35,7 +35,7 @@ the stall of issue 24). Values outside the map's range clamp to its ends:
 a second moment below the smallest value is stored *up* to it (never 0).
 
 Everything here is elementwise arithmetic, compares and selects: no gather
-(XLA's CPU backend runs gathers as scalar loops; see :mod:`adamfx._codec8`).
+(XLA's CPU backend runs gathers as scalar loops; see :mod:`adamfx._formats.codec8`).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def encode(a: jax.Array, name: str, bits: jax.Array | None = None) -> jax.Array:
       values outside the map's range clamp to its ends. No NaN.
     name: the map.
     bits: uniform uint32 random bits of ``a``'s shape for stochastic
-      rounding (see :func:`adamfx._rounding.random_bits`), or None for
+      rounding (see :func:`adamfx._core.rounding.random_bits`), or None for
       round-to-nearest (ties to the lower value).
 
   Returns:
@@ -409,12 +409,12 @@ def dequantize_rank1(
 def block_bits(rows: int, block_size: int, count: Any, salt: int, row0: Any = 0) -> jax.Array:
   """uint32 bits for ``rows`` blocks starting at block ``row0`` of a leaf.
 
-  :func:`adamfx._rounding.random_bits` over the leaf's blocked view
+  :func:`adamfx._core.rounding.random_bits` over the leaf's blocked view
   ``(n_blocks, block_size)`` (element index ``row * block_size + i``),
   restricted to rows ``row0 .. row0 + rows``: a leaf stepped chunk by chunk
   draws the same bits as in one piece.
   """
-  from adamfx import _rounding  # noqa: PLC0415
+  from adamfx._core import rounding as _rounding  # noqa: PLC0415
 
   key = _rounding._mix32(jnp.asarray(count).astype(_U32) ^ _U32(0x9E3779B9))
   key = _rounding._mix32(key + _U32((salt * 0x85EBCA6B + 0x27D4EB2F) % 2**32))

@@ -1,0 +1,1 @@
+"""The public builders: optax's Adam family and the low-bit aliases."""

@@ -1,0 +1,1 @@
+"""Framework-exact Adam (PyTorch, Keras) and PyTorch state conversion."""

@@ -1,0 +1,1 @@
+"""Row-sparse gradients and lazy Adam for embedding tables."""

@@ -1,0 +1,1 @@
+"""Built on any member: injection, packing, averaging, accumulation, sharding, checkpoints, diagnostics."""
