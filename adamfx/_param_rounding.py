@@ -134,14 +134,15 @@ def _rounded_leaf(mode, p, u, c, step, index):
   compensation while the other overwrites them: on donated buffers XLA
   would then copy both first (4 bytes per bfloat16 param).
 
-  A bfloat16 update is rounded by its cast alone: the barrier right after
-  it takes the params' dtype, so XLA cannot hand its float32 value through,
-  and the cast rounds to nearest as ``reduce_precision`` does (the same
-  bits; one ``reduce_precision`` less per element, about a tenth of the
-  Kahan step's CPU time). float16 keeps it (``reduce_precision`` flushes
-  float16 subnormals to zero, the cast keeps them), and so does ``c1``:
-  with both ``c`` and ``u`` NaN, dropping it changes which sign the NaN
-  takes.
+  A bfloat16 update and new compensation are rounded by their casts alone,
+  each straight into an optimization barrier, so XLA cannot hand their
+  float32 values through (not even to the next step of a scan); the cast
+  rounds to nearest as ``reduce_precision`` does, the same bits, and on
+  XLA:CPU the step is compute-bound, so two ``reduce_precision`` less per
+  element cut the Kahan step's CPU time by about an eighth. float16 keeps
+  them (``reduce_precision`` flushes float16 subnormals to zero, the cast
+  keeps them), and so does ``c1``: with both ``c`` and ``u`` NaN, a cast
+  alone changes which sign the NaN takes.
   """
   dtype = jnp.dtype(p.dtype)
   f32 = jnp.float32
@@ -162,13 +163,19 @@ def _rounded_leaf(mode, p, u, c, step, index):
   # The update: apply_updates (p + update, rounded to nearest) lands on
   # ``new`` itself unless the difference is inexact (see the module doc).
   if mode == 'kahan':
+    # float16 keeps reduce_precision: it flushes float16 subnormals to zero,
+    # the cast keeps them.
+    cast = jnp.finfo(dtype).nexp == jnp.finfo(f32).nexp
     update = new - p32
-    if jnp.finfo(dtype).nexp != jnp.finfo(f32).nexp:  # float16: reduce_precision
-      update = round_nearest(update, dtype)  # flushes its subnormals, the cast keeps them
-    update = jax.lax.optimization_barrier(update.astype(dtype))
+    update = jax.lax.optimization_barrier(
+        (update if cast else round_nearest(update, dtype)).astype(dtype))
     # ``c1 - update`` is exact in float32 where the update is (then it is
     # ``p + c1 - new``, at most half an ulp of ``new``); stored to nearest.
-    c = round_nearest(c1.astype(f32) - update.astype(f32), dtype).astype(dtype)
+    c = c1.astype(f32) - update.astype(f32)
+    if cast:
+      c = jax.lax.optimization_barrier(c.astype(dtype))
+    else:
+      c = round_nearest(c, dtype).astype(dtype)
   else:
     update = round_nearest(new - p32, dtype).astype(dtype)
   return update, c
