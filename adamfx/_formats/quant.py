@@ -404,7 +404,7 @@ def _is_leaf(x: Any) -> bool:
 
 
 _CHUNK = 1 << 15  # elements per chunk of a large leaf's 8-bit step (at least)
-_CHUNK_MAX = 1 << 18  # elements per chunk where the blocks allow (at most)
+_CHUNK_MAX = 1 << 17  # elements per chunk where the blocks allow (at most)
 
 
 def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
@@ -416,7 +416,9 @@ def _chunks(shape: tuple[int, ...], block_size: int) -> Optional[int]:
 
   Where a block is a whole number of vector lanes (``block_size`` a
   multiple of 16), chunks grow to up to ``_CHUNK_MAX`` elements (still at
-  least four a leaf; two float32 temporaries of 1 MiB each): each trip
+  least four a leaf; a few float32 temporaries of 512 KiB each, the
+  stochastic rounding's bits among them; 128K elements step as fast as
+  256K on this CPU and halve them): each trip
   round the loop runs a dozen loops over the chunk, split between the
   cores and joined, and on 2 busy cores a 4M-element leaf's step took
   0.7x-0.8x the time of 32K-element chunks. Blocks are independent and no
