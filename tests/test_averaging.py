@@ -188,7 +188,8 @@ _SHARDED = textwrap.dedent('''
 
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 def test_sharded_like_params():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _SHARDED], env=env, capture_output=True,
                        text=True, timeout=300)

@@ -267,12 +267,18 @@ def test_diagnostics_dequantize_8bit_state():
   want = adamfx.adam_diagnostics((f32,), updates, 0.1)
   for key in want:
     np.testing.assert_allclose(float(d[key]), float(want[key]), rtol=1e-6, err_msg=key)
-  # ... and close to float32 Adam's (8-bit moments keep 2-3 digits: 10%).
+  # ... and close to float32 Adam's. The mean keeps the codes' 2-3 digits (10%). The
+  # maxima are those of the elements far below their block's maximum (here the gradients
+  # near 0 of the linspace, nu ~1e-5 of the block's), whose codes are a decade apart at
+  # the map's small end: nu's stochastic codes (issue 24) put such an element's nu on
+  # either neighbour, so its SNR is within sqrt(10) of float32's, not within 10%.
   ref = adamfx.adam(0.1)
   r_updates, r_state = ref.update(params * 2, ref.init(params), params)
   exact = adamfx.adam_diagnostics(r_state, r_updates, 0.1)
-  for key in ('snr_mean', 'snr_max', 'step_max'):
-    np.testing.assert_allclose(float(d[key]), float(exact[key]), rtol=0.1, err_msg=key)
+  np.testing.assert_allclose(float(d['snr_mean']), float(exact['snr_mean']), rtol=0.1)
+  for key in ('snr_max', 'step_max'):
+    ratio = float(d[key]) / float(exact[key])
+    assert 10**-0.5 <= ratio <= 10**0.5, (key, ratio)
 
 
 def test_diagnostics_refuse_adamax():

@@ -484,7 +484,8 @@ _SHARDING = textwrap.dedent('''
 
 
 def test_accumulator_is_sharded_like_its_param():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', _SHARDING], env=env, capture_output=True,
                        text=True, timeout=300)

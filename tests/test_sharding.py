@@ -535,7 +535,8 @@ def _members_follow(meshes, only=None, exclude=()):
 
 def _run_worker(*args, **env_extra):
   env = {**os.environ, **env_extra}
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900').strip()
   env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run(
       [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,

@@ -685,7 +685,8 @@ _SHARDED = textwrap.dedent('''
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 def test_row_sharded_table_on_8_devices():
   env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900').strip()
   env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run([sys.executable, '-c', _SHARDED], env=env, capture_output=True,
                         text=True, timeout=300)

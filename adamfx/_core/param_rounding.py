@@ -223,7 +223,7 @@ def with_param_rounding(
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
-    >>> from adamfx import _param_rounding
+    >>> from adamfx._core import param_rounding as _param_rounding
     >>> tx = _param_rounding.with_param_rounding(optax.sgd(1e-3), 'kahan')
     >>> p = jnp.ones(4, jnp.bfloat16)
     >>> state = tx.init(p)

@@ -58,7 +58,7 @@ def random_bits(
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adamfx import _rounding
+    >>> from adamfx._core import rounding as _rounding
     >>> a = _rounding.random_bits((3,), jnp.int32(1), 0)
     >>> b = _rounding.random_bits((3,), jnp.int32(2), 0)
     >>> a.dtype, bool((a == _rounding.random_bits((3,), jnp.int32(1), 0)).all())
@@ -138,7 +138,7 @@ def stochastic_round(x: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adamfx import _rounding
+    >>> from adamfx._core import rounding as _rounding
     >>> x = jnp.full((4096,), 1 + 2.0**-9)  # a quarter of the way to 1 + 2**-7
     >>> y = _rounding.stochastic_round(x, jnp.bfloat16, _rounding.random_bits(x.shape, 1, 0))
     >>> sorted(set(y.astype(float).tolist()))
@@ -202,7 +202,7 @@ def store_second_moment(
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adamfx import _rounding
+    >>> from adamfx._core import rounding as _rounding
     >>> nu = jnp.full((1000,), 1.0, jnp.bfloat16)
     >>> (0.999 * nu.astype(jnp.float32)).astype(jnp.bfloat16)[0]  # stalls
     Array(1, dtype=bfloat16)

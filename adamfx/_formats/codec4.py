@@ -65,7 +65,7 @@ def code_map(name: str) -> np.ndarray:
     A read-only float32 NumPy array of 16 increasing values.
 
   Examples:
-    >>> from adamfx import _codec4
+    >>> from adamfx._formats import codec4 as _codec4
     >>> [round(float(v), 4) for v in _codec4.code_map('dynamic')[6:10]]
     [-0.0055, 0.0, 0.0055, 0.0325]
     >>> float(_codec4.code_map('linear')[0]), float(_codec4.code_map('power2')[0])
@@ -108,7 +108,7 @@ def pack(codes: jax.Array) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adamfx import _codec4
+    >>> from adamfx._formats import codec4 as _codec4
     >>> _codec4.pack(jnp.array([1, 2, 3, 15], jnp.uint8))
     Array([ 49, 242], dtype=uint8)
     >>> _codec4.unpack(_codec4.pack(jnp.array([1, 2, 3, 15], jnp.uint8)))
@@ -257,7 +257,7 @@ def codes_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
   can be read back from them). Otherwise ``(n_blocks * block_size // 2,)``.
 
   Examples:
-    >>> from adamfx import _codec4
+    >>> from adamfx._formats import codec4 as _codec4
     >>> _codec4.codes_shape((64, 256), 128), _codec4.codes_shape((4, 64), 128)
     ((64, 128), (4, 32))
     >>> _codec4.codes_shape((1000, 10), 128)

@@ -101,7 +101,7 @@ def nearest_index(a: jax.Array, values: np.ndarray) -> jax.Array:
 
   Examples:
     >>> import jax.numpy as jnp, numpy as np
-    >>> from adamfx import _codec8
+    >>> from adamfx._formats import codec8 as _codec8
     >>> values = np.array([0, 0.1, 0.5, 1], np.float32)
     >>> _codec8.nearest_index(jnp.array([0.0, 0.04, 0.06, 0.31, 0.74, 0.76, 1.0]), values)
     Array([0, 0, 1, 2, 2, 3, 3], dtype=int32)

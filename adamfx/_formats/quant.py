@@ -117,7 +117,7 @@ def dynamic_map(signed: bool) -> np.ndarray:
     [0, 1] (unsigned).
 
   Examples:
-    >>> from adamfx import _quant
+    >>> from adamfx._formats import quant as _quant
     >>> m = _quant.dynamic_map(signed=False)
     >>> m.shape, float(m[0]), float(m[1]), float(m[-1])
     ((256,), 0.0, 3.25e-07, 1.0)
@@ -152,7 +152,7 @@ def scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
   """Shape of the per-block scales of a leaf of ``shape``.
 
   Examples:
-    >>> from adamfx import _quant
+    >>> from adamfx._formats import quant as _quant
     >>> _quant.scale_shape((64, 512), 256), _quant.scale_shape((1000, 10), 256)
     ((64, 2), (40,))
   """
@@ -209,7 +209,7 @@ def quantize(
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> from adamfx import _quant
+    >>> from adamfx._formats import quant as _quant
     >>> q = _quant.quantize(jnp.array([0.5, -2.0, 0.0, 1e-3]), signed=True)
     >>> q.codes.dtype, q.scale
     (dtype('uint8'), Array([2.], dtype=float32))
