@@ -653,7 +653,7 @@ def _row_step(rows, fmt, g, m, v, vm, last, i, math, tail, invalid):
     index = element_index(ids, v_r) if narrow else None
     u, m_n, v_n, vm_n, _ = dense_step(g_rows, m_r, v_r, vm_r, i, math, index=index)
   else:
-    g_rows = rows.align(g_rows, fmt.decode(m_r, True))
+    g_rows = rows.align(g_rows, m_r, lambda x: fmt.decode(x, True))
     u, m_n, v_n, vm_n, _ = default_step(fmt, g_rows, m_r, v_r, vm_r, i, math, decay=decay)
   u = jnp.where(valid.reshape((-1,) + (1,) * (u.ndim - 1)), u, 0).astype(g.dtype)
   u = nan_where(invalid, u)

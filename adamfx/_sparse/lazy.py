@@ -569,17 +569,19 @@ class _Rows:
     return RowSparse(ids, values, g.num_rows)
 
   @staticmethod
-  def align(values: jax.Array, like: Any) -> jax.Array:
-    """On Explicit axes, the rows' values (replicated, say) laid out as ``like``
-    (the decoded moments' rows), for the elementwise step; else as they are."""
-    sharding = _explicit_sharding(like)
+  def align(values: jax.Array, stored: Any, decode: Any) -> jax.Array:
+    """On Explicit axes, the rows' values (replicated, say) laid out as the
+    decoded moments' rows (``decode(stored)``), for the elementwise step; else
+    as they are (nothing decoded)."""
+    if all(_explicit_sharding(x) is None for x in jax.tree.leaves(stored)):
+      return values
+    sharding = _explicit_sharding(decode(stored))
     if sharding is not None and _explicit_sharding(values) != sharding:
       return jax.sharding.reshard(values, sharding)
     return values
 
 
 ROWS = _Rows()
-
 
 
 def scale_by_lazy_adam(
