@@ -11,6 +11,7 @@ peer fails the session at its start, and a test that skips because of a peer fai
 """
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 
@@ -79,6 +80,24 @@ def pytest_make_collect_report(collector):
   del collector
   outcome = yield
   _fail_peer_skip(outcome.get_result())
+
+
+def pytest_configure(config):
+  """The 8-device tests share one xdist worker (``xdist_group('devices8')``): two
+  8-device subprocesses at once starve XLA:CPU's collectives on 2 cores. On
+  pytest 9.2, pytest-xdist 3.8's ``--dist loadgroup`` silently stops grouping
+  (it writes the group into a node id field pytest 9.2 no longer reads;
+  pytest-xdist issue 1386), so refuse that pair rather than run ungrouped."""
+  if hasattr(config, 'workerinput') or config.getoption('dist', 'no') != 'loadgroup':
+    return
+  version = lambda name: tuple(int(p) for p in importlib.metadata.version(name).split('.')[:2]
+                               if p.isdigit())
+  if version('pytest') >= (9, 2) and version('pytest-xdist') <= (3, 8):
+    raise pytest.UsageError(
+        f'pytest {importlib.metadata.version("pytest")} with pytest-xdist '
+        f'{importlib.metadata.version("pytest-xdist")}: --dist loadgroup does not group '
+        '(pytest-xdist issue 1386). Install the pytest that pyproject.toml pins: '
+        'pip install -e ".[test]"')
 
 
 def optax_promotion():

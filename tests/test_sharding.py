@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import filelock
 import pytest
 
 # The family members and options whose state must follow the params.
@@ -547,9 +548,21 @@ def _run_worker(*args, **env_extra):
 
 
 @pytest.fixture(scope='module')
-def results(request):
+def results(request, tmp_path_factory):
+  """The worker's findings, computed once a pytest run: pytest-xdist tears a
+  module fixture down whenever a worker's queue runs dry, and a second worker
+  may take some of the file's tests, so the JSON is kept in the run's shared
+  temporary folder (under a lock) rather than recomputed: a second 8-device
+  process beside the first is what starved XLA:CPU's collectives before."""
   slow = 'not slow' not in (request.config.getoption('markexpr') or '')
-  return _run_worker(**({'ADAMFX_ALL_MEMBERS': '1'} if slow else {}))
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):  # .../pytest-N/popen-gwK: the run's folder is its parent
+    shared = shared.parent
+  path = shared / f'sharding-results{"-all" if slow else ""}.json'
+  with filelock.FileLock(str(path) + '.lock'):
+    if not path.exists():
+      path.write_text(json.dumps(_run_worker(**({'ADAMFX_ALL_MEMBERS': '1'} if slow else {}))))
+  return json.loads(path.read_text())
 
 
 @pytest.fixture(scope='module')
