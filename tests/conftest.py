@@ -10,10 +10,13 @@ them their tests skip. With ``ADAMFX_REQUIRE_PEERS=1`` (set by .ci/run) a missin
 peer fails the session at its start, and a test that skips because of a peer fails.
 """
 
+import collections
 import contextlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -82,7 +85,47 @@ def pytest_make_collect_report(collector):
   _fail_peer_skip(outcome.get_result())
 
 
+_CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
+
+
+def _share_compilations(config):
+  """One JAX compilation cache for the run: the same program (an optimizer's
+  step on the same shapes) is compiled by many tests, in both xdist workers and
+  in the 8-device subprocesses. The folder is the run's own (made by the
+  controller, inherited by the workers through the environment, removed at the
+  end), so no entry outlives the code that compiled it."""
+  if hasattr(config, 'workerinput'):
+    folder = os.environ.get('ADAMFX_TEST_JAX_CACHE')
+  elif os.environ.get(_CACHE_ENV):  # the user's own cache: keep it as it is
+    return
+  else:
+    folder = config.stash[_CACHE_KEY] = tempfile.mkdtemp(prefix='adamfx-jax-cache-')
+    os.environ[_CACHE_ENV] = os.environ['ADAMFX_TEST_JAX_CACHE'] = folder
+    os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    os.environ['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  if folder:
+    jax.config.update('jax_compilation_cache_dir', folder)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+_CACHE_KEY = pytest.StashKey[str]()
+
+
+def pytest_unconfigure(config):
+  folder = config.stash.get(_CACHE_KEY, None)
+  if folder:
+    shutil.rmtree(folder, ignore_errors=True)
+    for name in (_CACHE_ENV, 'ADAMFX_TEST_JAX_CACHE'):
+      os.environ.pop(name, None)
+
+
 def pytest_configure(config):
+  _share_compilations(config)
+  _refuse_ungrouped_xdist(config)
+
+
+def _refuse_ungrouped_xdist(config):
   """The 8-device tests share one xdist worker (``xdist_group('devices8')``): two
   8-device subprocesses at once starve XLA:CPU's collectives on 2 cores. On
   pytest 9.2, pytest-xdist 3.8's ``--dist loadgroup`` silently stops grouping
@@ -98,6 +141,28 @@ def pytest_configure(config):
         f'{importlib.metadata.version("pytest-xdist")}: --dist loadgroup does not group '
         '(pytest-xdist issue 1386). Install the pytest that pyproject.toml pins: '
         'pip install -e ".[test]"')
+
+
+# The README's `pytest` (issue 19: minutes, not a quarter of an hour) checks each
+# parametrized test on its first case (DEFAULT_CASES); the other cases are marked
+# `slow`, which .ci/run runs (`pytest -m slow`), so every case still runs in CI.
+# A test marked ``default_cases(n)`` keeps n (None: all of them).
+DEFAULT_CASES = 1
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection sees the marks
+def pytest_collection_modifyitems(config, items):
+  del config
+  kept = collections.Counter()
+  for item in items:
+    if not hasattr(item, 'callspec') or item.get_closest_marker('slow'):
+      continue
+    mark = item.get_closest_marker('default_cases')
+    keep = mark.args[0] if mark else DEFAULT_CASES
+    test = (item.path, item.cls, item.originalname)
+    kept[test] += 1
+    if keep is not None and kept[test] > keep:
+      item.add_marker(pytest.mark.slow)
 
 
 def optax_promotion():

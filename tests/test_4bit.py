@@ -39,6 +39,7 @@ def _grads(shape, n, seed=0):
   return [jnp.asarray((rng.standard_normal(shape) * (1 + i)).astype(np.float32)) for i in range(n)]
 
 
+@pytest.mark.slow  # the contract table's adamw4bit row is the default run's
 def test_aliases_are_adam_and_adamw_with_the_format_bit_for_bit():
   """Each alias equals ``adam``/``adamw`` with ``moments=Blockwise4bit(...)``, options included."""
   params = {'w': jnp.ones((64, 256)), 'b': jnp.ones(10)}

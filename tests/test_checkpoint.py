@@ -320,6 +320,7 @@ def _run_worker(mode, out_dir):
 
 
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
+@pytest.mark.slow  # a second process; the in-process round trips of every contract row are the default run's
 def test_resume_in_new_process_is_bit_exact(tmp_path):
   _run_worker('full', tmp_path)
   _run_worker('resume', tmp_path)

@@ -338,22 +338,47 @@ CONTRACTS = [
 ]
 # The default run checks a spread of members, one of each kind (storage format: dense,
 # pinned 16-bit, 8-bit, 4-bit, packed; wrapper: inject, MultiSteps; lazy; porting
-# builder: torch, Keras; option: mask, stable, param_rounding; the scale_by_ form); every
-# other row runs every check under the `slow` marker, which .ci/run runs (so the whole
-# table is checked there). A member costs ~14 CPU seconds of compiles: the family's
-# variants whose numbers tests/test_adam.py holds to float64 references and optax (nadamw,
-# amsgrad, adamax), the second lazy row (lazy_adamw) and ema_params run in `slow`. Keeps
-# the README's `pytest` within minutes on 2 cores.
+# builder: torch, Keras; option: mask, stable, param_rounding; the scale_by_ form) in
+# the table's cheap checks. The costly ones run on fewer rows: eager, jit, vmap, scan
+# and the references, the dtypes and None leaves (~2 CPU seconds a row) on
+# _DEFAULT_CORE, float64 on _DEFAULT_X64, and the checks inside other libraries' loops
+# (MultiSteps, NNX, Equinox, schedules, injected hyperparameters, the saturating count)
+# on _DEFAULT_WRAPPED: a dense, an 8-bit and a lazy member, the core's three step
+# paths. Every other row runs every check under the `slow` marker, which .ci/run runs
+# (so the whole table is checked there). Keeps the README's `pytest` within minutes.
 _DEFAULT_RUN = frozenset({
     'adam', 'adamw_mask', 'scale_by_adam', 'adam_nu_bf16', 'adam8bit', 'pack_adam8bit',
     'inject_adamw', 'torch_adamw', 'keras_adamw', 'multisteps_adam', 'stable_adamw',
     'adamw4bit', 'adam_kahan', 'lazy_adam_8bit',
 })
-contracts = pytest.mark.parametrize('c', [
-    pytest.param(c, id=c.name, marks=() if c.name in _DEFAULT_RUN else pytest.mark.slow)
-    for c in CONTRACTS
-])
-modes64 = pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
+_DEFAULT_CORE = frozenset({
+    'adam', 'adamw_mask', 'adam8bit', 'adamw4bit', 'lazy_adam_8bit', 'torch_adamw', 'adam_kahan'})
+_DEFAULT_X64 = frozenset({'adam'})
+_DEFAULT_WRAPPED = frozenset({'adam', 'adam8bit', 'lazy_adam_8bit'})
+
+
+def _rows(default, x64=False):
+  """The table's rows as the parameter ``c`` (and ``x64``, float32 and float64 runs):
+  the rows in ``default`` in the default run, all of them (default_cases(None)),
+  the others marked `slow`."""
+  modes = ((False, True) if x64 else (None,))
+  cases = []
+  for mode in modes:
+    for c in CONTRACTS:
+      wanted = c.name in (_DEFAULT_X64 if mode else default)
+      marks = (pytest.mark.default_cases(None),) if wanted else (pytest.mark.slow,)
+      if mode is None:
+        cases.append(pytest.param(c, id=c.name, marks=marks))
+      else:
+        cases.append(pytest.param(c, mode, id=f'{"x64" if mode else "x32"}-{c.name}',
+                                  marks=marks))
+  return pytest.mark.parametrize('c, x64' if x64 else 'c', cases)
+
+
+contracts = _rows(_DEFAULT_RUN)
+core_contracts = _rows(_DEFAULT_CORE, x64=True)
+wrapped_contracts = _rows(_DEFAULT_WRAPPED)
+core_contracts_x32 = _rows(_DEFAULT_CORE)
 _BY_NAME = {c.name: c for c in CONTRACTS}
 
 
@@ -510,8 +535,7 @@ def _expected_moment_kinds(c, params, name):
   return jax.tree.map(lambda p: kind(p.dtype, p.size), params)
 
 
-@contracts
-@pytest.mark.parametrize('x64', [False, True], ids=['x32', 'x64'])
+@core_contracts
 def test_dtypes_of_updates_and_state_are_preserved(c, x64):
   """Updates come back in each leaf's dtype; the state keeps its dtypes.
 
@@ -622,7 +646,7 @@ def test_every_row_has_an_independent_reference(c):
       'a float64 NumPy transcription (numpy_reference=, tests/reference.py)')
 
 
-@contracts
+@core_contracts_x32
 def test_none_leaves(c):
   """A None in params and gradients stays None in updates and state; the other
   leaves move as optax (or the member) moves them on the tree without the Nones."""
@@ -655,7 +679,7 @@ def test_empty_trees(c, empty):
   assert int(_adam_like(state).count) == 1
 
 
-@contracts
+@wrapped_contracts
 def test_count_saturates_at_int32_max(c):
   """From count = int32 max - 1, two steps: count stays at the maximum.
 
@@ -946,8 +970,7 @@ def _contract_grads(params, n=3):
   return [_grads(params, i) for i in range(n)]
 
 
-@contracts
-@modes64
+@core_contracts
 def test_contract_eager_jit_vmap_scan_and_optax(c, x64):
   """Eager == jit == optax or the NumPy reference (x32 and x64); vmap and lax.scan
   == jit (x32)."""
@@ -1073,7 +1096,7 @@ def _is_adam_like(x):
   return isinstance(x, tuple) and {'count', 'mu', 'nu'} <= set(getattr(x, '_fields', ()))
 
 
-@contracts
+@wrapped_contracts
 def test_contract_flax_nnx_optimizer(c):
   """Several steps of nnx.Optimizer equal the same steps written with tx.update."""
   from flax import nnx
@@ -1099,7 +1122,7 @@ def test_contract_flax_nnx_optimizer(c):
   assert counts and set(counts) == {len(grads)}, counts
 
 
-@contracts
+@wrapped_contracts
 def test_contract_equinox_loop(c):
   """An eqx.filter_jit training loop over an Equinox module."""
   import equinox as eqx
@@ -1176,7 +1199,7 @@ def test_contract_bad_gradient_trees_are_refused(c, jit):
     assert 'jax' not in type(info.value).__module__, (what, info.value)
 
 
-@contracts
+@wrapped_contracts
 def test_contract_multisteps_matches_optax_multisteps(c):
   """adamfx.MultiSteps and optax.MultiSteps around the same member: the same steps.
 
@@ -1221,7 +1244,7 @@ def _dense(tree):
                       is_leaf=is_rs)
 
 
-@contracts
+@wrapped_contracts
 def test_contract_schedule_in_a_chain_after_it_and_tree_arithmetic(c):
   """A schedule chained after the member (optax.scale_by_schedule) scales
   its updates by the schedule's value at each step -- on RowSparse updates
@@ -1323,7 +1346,7 @@ def _schedule_for(name, value):
   return optax.linear_schedule(v, 2 * v + 1e-8, 3)  # eps, eps_root, epsilon
 
 
-@contracts
+@wrapped_contracts
 def test_contract_inject_hyperparams_with_a_schedule_on_every_numeric_hyperparameter(c):
   """adamfx.inject_hyperparams takes a schedule for every numeric
   hyperparameter of the member's builder (all at once), and steps as
@@ -1368,4 +1391,6 @@ def test_contract_inject_hyperparams_with_a_schedule_on_every_numeric_hyperparam
 
 
 def test_default_run_names_contract_rows():
-  assert _DEFAULT_RUN <= set(_BY_NAME), sorted(_DEFAULT_RUN - set(_BY_NAME))
+  for rows in (_DEFAULT_RUN, _DEFAULT_CORE, _DEFAULT_X64, _DEFAULT_WRAPPED):
+    assert rows <= set(_BY_NAME), sorted(rows - set(_BY_NAME))
+  assert _DEFAULT_X64 <= _DEFAULT_CORE <= _DEFAULT_RUN and _DEFAULT_WRAPPED <= _DEFAULT_CORE

@@ -57,6 +57,7 @@ def test_parity_check_fails_loudly(tmp_path, capsys, monkeypatch):
   assert 'does NOT match optax.adam' in text
 
 
+@pytest.mark.slow  # a demo run with its figures: .ci/run
 def test_optimizer_subset_skips_the_check(tmp_path, capsys):
   rc = _cli.main(['demo', '--steps', '5', '--optimizers', 'adagrad', '--out', str(tmp_path)])
   text = capsys.readouterr().out

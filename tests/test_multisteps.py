@@ -410,6 +410,7 @@ def test_row_sparse_gradients():
     _same(gp, wp)
 
 
+@pytest.mark.slow  # the contract table's multisteps_adam row round-trips in the default run
 def test_checkpoint_round_trip_mid_accumulation(tmp_path):
   params = _params()
   grads = [_grads(params, i) for i in range(5)]
@@ -439,6 +440,7 @@ def _run_from(ms, p, state, grads):
   return p
 
 
+@pytest.mark.slow  # test_composition's NNX check runs in the default run
 def test_flax_nnx_optimizer():
   """nnx.Optimizer over adamfx.MultiSteps equals it over optax.MultiSteps."""
   from flax import nnx
@@ -483,6 +485,7 @@ _SHARDING = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # a 4-device subprocess
 def test_accumulator_is_sharded_like_its_param():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'
       ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900',

@@ -344,6 +344,7 @@ _SHARDED = textwrap.dedent('''
 
 
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
+@pytest.mark.slow  # 8 devices; the 8-bit state's layouts are in test_sharding's default run
 def test_sharded_state_matches_unsharded():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
       ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900', JAX_PLATFORMS='cpu')

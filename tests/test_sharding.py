@@ -32,9 +32,23 @@ EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
 TRAINED = ('adam', 'nadamw', 'amsgrad', 'adamax', 'adam_amsgrad_mu_bf16_nu_f16',
            'inject_hyperparams', 'adam8bit', 'stable_adamw_cautious')
 EAGER_UPDATE = 'adam_amsgrad_mu_bf16_nu_f16'
+# The README's default run checks these (the worker computes just them unless the
+# `slow` tests are selected, ADAMFX_ALL_MEMBERS): the plain step, the 16-bit moments
+# with AMSGrad, injected hyperparameters, 8-bit moments and the stable options; the
+# other configs, trained runs and contract rows are `slow` (.ci/run).
+CONFIGS_DEFAULT = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'inject_hyperparams', 'adam8bit',
+                   'stable_adamw_cautious')
+TRAINED_DEFAULT = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
+EXPLICIT_DEFAULT = ('adam', 'adam8bit', 'adamw4bit', 'lazy_adam_8bit', 'torch_adamw')
 
 # Every test reads the one 8-device subprocess's results (a module fixture): one worker.
-pytestmark = pytest.mark.xdist_group('devices8')
+pytestmark = [pytest.mark.xdist_group('devices8'),
+              pytest.mark.default_cases(None)]  # the worker computes just the default cases
+
+
+def _cases(values, default):
+  """``values`` as parameters: those in ``default`` in the default run, the others `slow`."""
+  return [pytest.param(v, marks=() if v in default else pytest.mark.slow) for v in values]
 
 
 # ------------------------------------------------------------------ worker
@@ -214,6 +228,9 @@ def _worker():
   import adamfx
 
   assert jax.device_count() == 8, jax.devices()
+  every = bool(os.environ.get('ADAMFX_ALL_MEMBERS'))
+  configs = CONFIGS if every else CONFIGS_DEFAULT
+  trained = TRAINED if every else TRAINED_DEFAULT
   res = {'follow': {}, 'train': {}, 'zero1': {}, 'optax': {}}
   meshes = {
       'auto': jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2),
@@ -231,7 +248,7 @@ def _worker():
   params = _params(mesh)
   for mesh_name, m in meshes.items():
     p = params if mesh_name == 'auto' else _params(m)
-    for name in CONFIGS:
+    for name in configs:
       tx = _make_tx(name)
       out = {}
       out['eager_init'] = _sharding_mismatches(p, tx.init(p))
@@ -285,8 +302,8 @@ def _worker():
   params_one = jax.device_put(jax.device_get(params), dev0)
   grads = _params(mesh, key=1)
   refs = {}
-  for name in CONFIGS:
-    if name not in TRAINED:
+  for name in configs:
+    if name not in trained:
       tx = _make_tx(name)
       _, s = jax.jit(tx.update)(grads, jax.jit(tx.init)(params), params)
       res['follow'][f'auto/{name}']['jit_update'] = _sharding_mismatches(params, s)
@@ -357,12 +374,10 @@ def _worker():
   # 5. Every member of the contract table (tests/test_composition.py) on an
   # Explicit mesh (issue 18): init and two jitted updates of row- and
   # column-sharded params (a RowSparse gradient for the lazy members), equal
-  # to the same steps on one device. The rows the default run checks here; the
-  # table's other rows (`slow`, as in test_composition) in a second subprocess.
-  # With the `slow` tests selected (ADAMFX_ALL_MEMBERS), every row in this one
-  # process: a second 8-device process deadlocked in an XLA:CPU all-gather (2 of 3
-  # runs on the 2-core machine), this one never did.
-  every = bool(os.environ.get('ADAMFX_ALL_MEMBERS'))
+  # to the same steps on one device. The default run's rows (EXPLICIT_DEFAULT), or
+  # with the `slow` tests selected (ADAMFX_ALL_MEMBERS) every row, in this one
+  # process: two 8-device processes at once stalled XLA:CPU's collectives on the
+  # 2-core machine.
   res['explicit_members'] = _explicit_members(meshes['explicit'], None if every else True)
 
   # 6. Every stored-format member of the contract table (8-bit and 4-bit
@@ -395,7 +410,7 @@ def _explicit_members(mesh, default_run):
 
   out = {}
   for c in tc.CONTRACTS:
-    if default_run is not None and (c.name in tc._DEFAULT_RUN) != default_run:
+    if default_run is not None and (c.name in EXPLICIT_DEFAULT) != default_run:
       continue
     if c.packed:  # pack_state refuses sharded params (a concatenation gathers them)
       try:
@@ -573,7 +588,7 @@ def explicit_rest(results):
 
 
 @pytest.mark.parametrize('mesh', MESHES)
-@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('name', _cases(CONFIGS, CONFIGS_DEFAULT))
 def test_state_follows_param_shardings(results, mesh, name):
   """mu/nu/nu_max of every leaf are sharded as their param."""
   out = results['follow'][f'{mesh}/{name}']
@@ -588,12 +603,11 @@ def test_state_follows_param_shardings(results, mesh, name):
 
 
 def _contract_names():
-  """The contract rows, each with test_composition's marker (`slow` for the rows
-  its default run leaves out)."""
+  """The contract rows, each with whether the default run checks it here."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import test_composition
 
-  return [(c.name, c.name in test_composition._DEFAULT_RUN) for c in test_composition.CONTRACTS]
+  return [(c.name, c.name in EXPLICIT_DEFAULT) for c in test_composition.CONTRACTS]
 
 
 @pytest.mark.parametrize('name', [
@@ -638,7 +652,7 @@ def test_stored_state_and_updates_follow_the_params(request, name, mesh):
     assert r == {'init': [], 'updated': []}, (mode, r)
 
 
-@pytest.mark.parametrize('name', TRAINED)
+@pytest.mark.parametrize('name', _cases(TRAINED, TRAINED_DEFAULT))
 def test_trained_params_match_single_device(results, name):
   r = results['train'][name]
   assert r['moved'] > 1e-3  # the run did train

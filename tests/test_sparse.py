@@ -130,6 +130,7 @@ def test_nadam_and_amsgrad_match_numpy_float64_on_touched_rows(x64, flag):
 
 
 @pytest.mark.parametrize('name', ['nadam', 'amsgrad', 'nadamw'])
+@pytest.mark.slow  # the float64 NumPy reference on touched rows is the default run's
 def test_every_row_touched_is_optax_nadam_and_amsgrad(x64, name):
   """Each step touches every row once (a permutation, the rows given in a
   shuffled order): lazy Adam's NAdam/AMSGrad (and NAdamW) are optax's
@@ -538,6 +539,7 @@ def test_plain_function_grad_is_row_sparse_and_never_table_sized():
   np.testing.assert_array_equal(g2['emb'].values, grads['emb'].values)
 
 
+@pytest.mark.slow  # the plain function's gradient is the default run's
 def test_nnx_model_grad():
   nnx = pytest.importorskip('flax.nnx')
 
@@ -578,6 +580,7 @@ def test_nnx_model_grad():
   assert moved.tolist() == sorted(set(tokens.reshape(-1).tolist()))
 
 
+@pytest.mark.slow  # the NNX model's gradient is the default run's
 def test_equinox_model_grad():
   eqx = pytest.importorskip('equinox')
 
@@ -683,6 +686,7 @@ _SHARDED = textwrap.dedent('''
 
 
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
+@pytest.mark.slow  # 8 devices; lazy_adam_8bit on an Explicit mesh is in test_sharding's default run
 def test_row_sharded_table_on_8_devices():
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'

@@ -167,6 +167,7 @@ def test_per_element_maps_over_a_row_sparse_are_refused(what):
 
 @pytest.mark.usefixtures('x64')
 @pytest.mark.parametrize('dtype', ['uint64', 'int64', 'uint32'])
+@pytest.mark.slow  # test_sparse's out-of-range ids under jit are the default run's
 def test_x64_wide_ids_are_out_of_range_under_jit(dtype):
   """Defect 7: ids beyond int32 are out of range before any cast, under jit
   too: they touch no row in lazy_adam, todense, sparse_global_norm and the
