@@ -152,16 +152,30 @@ def _refuse_ungrouped_xdist(config):
 # The README's `pytest` (issue 19: minutes, not a quarter of an hour) checks each
 # parametrized test on its first case (DEFAULT_CASES); the other cases are marked
 # `slow`, which .ci/run runs (`pytest -m slow`), so every case still runs in CI.
-# A test marked ``default_cases(n)`` keeps n (None: all of them).
+# A test marked ``default_cases(n)`` keeps n (None: all of them); a test named on the
+# command line (path::test, path::test[case]) keeps all of them.
 DEFAULT_CASES = 1
+
+
+def _named(config):
+  """The tests named on the command line (``path::test`` or ``path::test[case]``)."""
+  named = []
+  for arg in config.args:
+    path, sep, rest = arg.partition('::')
+    if sep:
+      path = os.path.relpath(os.path.abspath(path), config.rootpath).replace(os.sep, '/')
+      named.append(f'{path}::{rest}')
+  return named
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection sees the marks
 def pytest_collection_modifyitems(config, items):
-  del config
+  named = _named(config)  # a test named on the command line keeps all its cases
   kept = collections.Counter()
   for item in items:
     if not hasattr(item, 'callspec') or item.get_closest_marker('slow'):
+      continue
+    if any(item.nodeid.split('@')[0].startswith(n) for n in named):
       continue
     mark = item.get_closest_marker('default_cases')
     keep = mark.args[0] if mark else DEFAULT_CASES
