@@ -270,7 +270,13 @@ OPTAX_CASES = {
 }
 
 
-@pytest.mark.parametrize('name', list(OPTAX_CASES))
+# The default run holds each family member to optax (the options' cases run in `slow`).
+_FAMILY = ('adam', 'nadam', 'amsgrad', 'adamw', 'nadamw', 'adamax', 'adamaxw', 'scale_by_adam')
+
+
+@pytest.mark.default_cases(None)
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=() if n in _FAMILY else pytest.mark.slow) for n in OPTAX_CASES])
 def test_float32_matches_optax(name):
   make_fx, make_optax = OPTAX_CASES[name]
   rng = np.random.default_rng(sum(map(ord, name)))
