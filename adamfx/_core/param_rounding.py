@@ -50,7 +50,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from adamfx._core import numerics as _numerics
@@ -385,11 +384,3 @@ def kahan_init(
         " param_rounding='kahan' (and a params dtype narrower than float32)."
     )
   return narrow_params, state
-
-
-def state_nbytes(state: Any) -> int:
-  """Bytes of the arrays in ``state`` (ShapeDtypeStructs count too)."""
-  return int(sum(
-      np.prod(x.shape, dtype=np.int64) * jnp.dtype(x.dtype).itemsize
-      for x in jax.tree.leaves(state)
-  ))
