@@ -17,8 +17,21 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+import pytest
 
 SHAPES = [(), (1,), (5,), (3, 4), (2, 1, 3), (7,)]
+
+
+def case(*values: Any, default: bool, id: str | None = None) -> Any:  # noqa: A002 (pytest's name)
+  """One parametrized case: in the README's default run (all such cases of the test,
+  ``default_cases(None)``, tests/conftest.py) or, if not ``default``, marked `slow`."""
+  marks = pytest.mark.default_cases(None) if default else pytest.mark.slow
+  return pytest.param(*values, id=id, marks=marks)
+
+
+def subset(values: Any, default: Any) -> list[Any]:
+  """``values`` as cases of one parameter: those in ``default`` in the default run."""
+  return [case(v, default=v in default) for v in values]
 
 
 def random_tree(rng: np.random.Generator, dtype: Any, n_leaves: int = 3) -> Any:

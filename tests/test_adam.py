@@ -274,9 +274,7 @@ OPTAX_CASES = {
 _FAMILY = ('adam', 'nadam', 'amsgrad', 'adamw', 'nadamw', 'adamax', 'adamaxw', 'scale_by_adam')
 
 
-@pytest.mark.default_cases(None)
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=() if n in _FAMILY else pytest.mark.slow) for n in OPTAX_CASES])
+@pytest.mark.parametrize('name', harness.subset(OPTAX_CASES, _FAMILY))
 def test_float32_matches_optax(name):
   make_fx, make_optax = OPTAX_CASES[name]
   rng = np.random.default_rng(sum(map(ord, name)))

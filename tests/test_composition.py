@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -359,19 +360,18 @@ _DEFAULT_WRAPPED = frozenset({'adam', 'adam8bit', 'lazy_adam_8bit'})
 
 def _rows(default, x64=False):
   """The table's rows as the parameter ``c`` (and ``x64``, float32 and float64 runs):
-  the rows in ``default`` in the default run, all of them (default_cases(None)),
-  the others marked `slow`."""
+  the rows in ``default`` (and ``_DEFAULT_X64`` under float64) in the default run,
+  the others `slow`."""
   modes = ((False, True) if x64 else (None,))
   cases = []
   for mode in modes:
     for c in CONTRACTS:
       wanted = c.name in (_DEFAULT_X64 if mode else default)
-      marks = (pytest.mark.default_cases(None),) if wanted else (pytest.mark.slow,)
       if mode is None:
-        cases.append(pytest.param(c, id=c.name, marks=marks))
+        cases.append(harness.case(c, id=c.name, default=wanted))
       else:
-        cases.append(pytest.param(c, mode, id=f'{"x64" if mode else "x32"}-{c.name}',
-                                  marks=marks))
+        cases.append(harness.case(c, mode, id=f'{"x64" if mode else "x32"}-{c.name}',
+                                  default=wanted))
   return pytest.mark.parametrize('c, x64' if x64 else 'c', cases)
 
 

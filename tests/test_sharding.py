@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import filelock
+import harness
 import pytest
 
 # The family members and options whose state must follow the params.
@@ -44,11 +45,6 @@ EXPLICIT_DEFAULT = ('adam', 'adam8bit', 'adamw4bit', 'lazy_adam_8bit', 'torch_ad
 # Every test reads the one 8-device subprocess's results (a module fixture): one worker.
 pytestmark = [pytest.mark.xdist_group('devices8'),
               pytest.mark.default_cases(None)]  # the worker computes just the default cases
-
-
-def _cases(values, default):
-  """``values`` as parameters: those in ``default`` in the default run, the others `slow`."""
-  return [pytest.param(v, marks=() if v in default else pytest.mark.slow) for v in values]
 
 
 # ------------------------------------------------------------------ worker
@@ -588,7 +584,7 @@ def explicit_rest(results):
 
 
 @pytest.mark.parametrize('mesh', MESHES)
-@pytest.mark.parametrize('name', _cases(CONFIGS, CONFIGS_DEFAULT))
+@pytest.mark.parametrize('name', harness.subset(CONFIGS, CONFIGS_DEFAULT))
 def test_state_follows_param_shardings(results, mesh, name):
   """mu/nu/nu_max of every leaf are sharded as their param."""
   out = results['follow'][f'{mesh}/{name}']
@@ -603,17 +599,13 @@ def test_state_follows_param_shardings(results, mesh, name):
 
 
 def _contract_names():
-  """The contract rows, each with whether the default run checks it here."""
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import test_composition
 
-  return [(c.name, c.name in EXPLICIT_DEFAULT) for c in test_composition.CONTRACTS]
+  return [c.name for c in test_composition.CONTRACTS]
 
 
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=() if default else (pytest.mark.slow,))
-    for n, default in _contract_names()
-])
+@pytest.mark.parametrize('name', harness.subset(_contract_names(), EXPLICIT_DEFAULT))
 def test_every_contract_member_steps_on_an_explicit_mesh(request, name):
   """Issue 18: no ShardingTypeError on Explicit axes (lazy members with a
   RowSparse gradient); the params keep their shardings and move as on one
@@ -636,9 +628,7 @@ def _stored_names():
 
 
 @pytest.mark.parametrize('mesh', ('classic', 'auto', 'explicit'))
-@pytest.mark.parametrize('name', [
-    pytest.param(n, marks=() if n in FOLLOW_DEFAULT else pytest.mark.slow) for n in _stored_names()
-])
+@pytest.mark.parametrize('name', harness.subset(_stored_names(), FOLLOW_DEFAULT))
 def test_stored_state_and_updates_follow_the_params(request, name, mesh):
   """Issue 24 item 2, issue 21: 8-bit and 4-bit codes and scales, every other
   state array and the updates keep the params' layout after init and after
@@ -652,7 +642,7 @@ def test_stored_state_and_updates_follow_the_params(request, name, mesh):
     assert r == {'init': [], 'updated': []}, (mode, r)
 
 
-@pytest.mark.parametrize('name', _cases(TRAINED, TRAINED_DEFAULT))
+@pytest.mark.parametrize('name', harness.subset(TRAINED, TRAINED_DEFAULT))
 def test_trained_params_match_single_device(results, name):
   r = results['train'][name]
   assert r['moved'] > 1e-3  # the run did train
