@@ -545,14 +545,26 @@ def _members_follow(meshes, only=None, exclude=()):
 
 
 def _run_worker(*args, **env_extra):
+  """The 8-device worker's findings. XLA:CPU's in-process collectives can stall
+  (an all-reduce with participants that never arrive, at 0% CPU: seen once in
+  about four all-members runs, alone on a quiet machine; cause inside XLA not
+  found). A collective stuck for 5 minutes aborts the worker (XLA's terminate
+  timeout), and a worker that stalled so is run once more; every check still
+  has to pass on the run that finishes."""
   env = {**os.environ, **env_extra}
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900').strip()
+      ' --xla_cpu_collective_call_terminate_timeout_seconds=300'
+      ' --xla_cpu_collective_timeout_seconds=300').strip()
   env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run(
-      [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
-      text=True, timeout=1200,
-  )
+  for attempt in (1, 2):
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,
+        text=True, timeout=1800,
+    )
+    stalled = proc.returncode != 0 and 'rendezvous' in proc.stderr
+    if not stalled or attempt == 2:
+      break
+    print(f'8-device worker: an XLA:CPU collective stalled (rc {proc.returncode}); running it again')
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
   line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
   return json.loads(line[len('RESULT '):])
