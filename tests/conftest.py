@@ -174,6 +174,8 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if not hasattr(item, 'callspec') or item.get_closest_marker('slow'):
       continue
+    if item.get_closest_marker('notebooks'):  # run once, by the docs build: never `slow`
+      continue
     if any(item.nodeid.split('@')[0].startswith(n) for n in named):
       continue
     mark = item.get_closest_marker('default_cases')

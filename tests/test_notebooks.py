@@ -49,6 +49,7 @@ def _cells(nb):
   return [(cell.cell_type, cell.source) for cell in nb.cells]
 
 
+@pytest.mark.default_cases(None)  # cheap: every notebook, every run
 @pytest.mark.parametrize('name', NAMES)
 def test_pair_is_in_sync(name):
   source = jupytext.read(NOTEBOOKS / f'{name}.py')
@@ -66,6 +67,7 @@ def test_pair_is_in_sync(name):
   assert source.metadata['kernelspec']['name'] == 'python3'
 
 
+@pytest.mark.default_cases(None)  # cheap: every notebook, every run
 @pytest.mark.parametrize('name', NAMES)
 def test_notebook_is_stripped_and_colab_ready(name):
   nb = nbformat.read(NOTEBOOKS / f'{name}.ipynb', as_version=4)
