@@ -11,6 +11,7 @@ NumPy runner (``reference.run``) takes the same streams.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,24 @@ def case(*values: Any, default: bool, id: str | None = None) -> Any:  # noqa: A0
 def subset(values: Any, default: Any) -> list[Any]:
   """``values`` as cases of one parameter: those in ``default`` in the default run."""
   return [case(v, default=v in default) for v in values]
+
+
+def devices_env(n: int = 8, collective_timeout_s: int = 900) -> dict[str, str]:
+  """The environment of a subprocess that runs JAX on ``n`` host CPU devices.
+
+  XLA:CPU runs the ``n`` participants of a collective on a client thread pool
+  of ``max(cores, n)`` threads, so on a machine with ``n`` or fewer cores a
+  collective takes the whole pool, and work queued on it (a transfer, the next
+  program) can leave a participant without a thread: the all-reduce waits
+  forever at 0% CPU. ``PJRT_NPROC`` (XLA's ``DefaultThreadPoolSize``) gives the
+  pool ``2 n`` threads. A collective stuck anyway aborts after
+  ``collective_timeout_s`` seconds instead of hanging the run.
+  """
+  flags = (f' --xla_force_host_platform_device_count={n}'
+           f' --xla_cpu_collective_call_terminate_timeout_seconds={collective_timeout_s}'
+           f' --xla_cpu_collective_timeout_seconds={collective_timeout_s}')
+  return {**os.environ, 'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') + flags).strip(),
+          'JAX_PLATFORMS': 'cpu', 'PJRT_NPROC': str(max(2 * n, os.cpu_count() or 1))}
 
 
 def random_tree(rng: np.random.Generator, dtype: Any, n_leaves: int = 3) -> Any:

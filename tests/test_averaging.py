@@ -8,11 +8,11 @@ and optax's combinators, jit, traced decay, checkpoints and sharding.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,10 +188,7 @@ _SHARDED = textwrap.dedent('''
 
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 def test_sharded_like_params():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', _SHARDED], env=env, capture_output=True,
+  out = subprocess.run([sys.executable, '-c', _SHARDED], env=harness.devices_env(8), capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-2000:]
 

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -310,12 +311,8 @@ def _worker(mode, out_dir):
 
 
 def _run_worker(mode, out_dir):
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), mode, str(out_dir)],
-                        env=env, capture_output=True, text=True, timeout=300)
+                        env=harness.devices_env(8), capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
 

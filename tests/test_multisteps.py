@@ -6,11 +6,11 @@ mean of the micro-gradients (bfloat16 accumulator), and
 ``compile().memory_analysis()`` of a donated jitted step (memory, exact).
 """
 
-import os
 import subprocess
 import sys
 import textwrap
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -487,9 +487,6 @@ _SHARDING = textwrap.dedent('''
 
 @pytest.mark.slow  # a 4-device subprocess
 def test_accumulator_is_sharded_like_its_param():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900',
-             JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', _SHARDING], env=env, capture_output=True,
+  out = subprocess.run([sys.executable, '-c', _SHARDING], env=harness.devices_env(4), capture_output=True,
                        text=True, timeout=300)
   assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-3000:]

@@ -5,11 +5,11 @@ bitsandbytes' ``create_dynamic_map`` for the code maps, a brute-force NumPy
 nearest-value search for the quantizer, optax for the float32 Adam update.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -346,10 +346,8 @@ _SHARDED = textwrap.dedent('''
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 @pytest.mark.slow  # 8 devices; the 8-bit state's layouts are in test_sharding's default run
 def test_sharded_state_matches_unsharded():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900', JAX_PLATFORMS='cpu')
   out = subprocess.run(
-      [sys.executable, '-c', _SHARDED], env=env, capture_output=True, text=True, timeout=300
+      [sys.executable, '-c', _SHARDED], env=harness.devices_env(8), capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
 

@@ -545,17 +545,13 @@ def _members_follow(meshes, only=None, exclude=()):
 
 
 def _run_worker(*args, **env_extra):
-  """The 8-device worker's findings. XLA:CPU's in-process collectives can stall
-  (an all-reduce with participants that never arrive, at 0% CPU: seen once in
-  about four all-members runs, alone on a quiet machine; cause inside XLA not
-  found). A collective stuck for 5 minutes aborts the worker (XLA's terminate
-  timeout), and a worker that stalled so is run once more; every check still
-  has to pass on the run that finishes."""
-  env = {**os.environ, **env_extra}
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=300'
-      ' --xla_cpu_collective_timeout_seconds=300').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
+  """The 8-device worker's findings. Its collectives get a client thread pool of
+  16 threads (``harness.devices_env``): with the pool at 8 on this 2-core machine
+  an all-reduce stalled in about one all-members run in four (7 participants
+  waiting, the 8th never started). Should one stall anyway, it aborts after 5
+  minutes and the worker runs once more; every check still has to pass on the
+  run that finishes."""
+  env = {**harness.devices_env(8, collective_timeout_s=300), **env_extra}
   for attempt in (1, 2):
     proc = subprocess.run(
         [sys.executable, os.path.abspath(__file__), *args], env=env, capture_output=True,

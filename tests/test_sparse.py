@@ -12,11 +12,11 @@ ordinary (table-indexing) model for the gradient helpers, and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
+import harness
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -688,11 +688,7 @@ _SHARDED = textwrap.dedent('''
 @pytest.mark.xdist_group('devices8')  # one worker runs the 8-device subprocesses
 @pytest.mark.slow  # 8 devices; lazy_adam_8bit on an Explicit mesh is in test_sharding's default run
 def test_row_sharded_table_on_8_devices():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-      ' --xla_cpu_collective_call_terminate_timeout_seconds=900 --xla_cpu_collective_timeout_seconds=900').strip()
-  env['JAX_PLATFORMS'] = 'cpu'
-  proc = subprocess.run([sys.executable, '-c', _SHARDED], env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, '-c', _SHARDED], env=harness.devices_env(8), capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1][7:])
