@@ -547,10 +547,10 @@ def _members_follow(meshes, only=None, exclude=()):
 def _run_worker(*args, **env_extra):
   """The 8-device worker's findings. Its collectives get a client thread pool of
   16 threads (``harness.devices_env``): with the pool at 8 on this 2-core machine
-  an all-reduce stalled in about one all-members run in four (7 participants
-  waiting, the 8th never started). Should one stall anyway, it aborts after 5
-  minutes and the worker runs once more; every check still has to pass on the
-  run that finishes."""
+  a collective stalled in about one all-members run in four (some participants
+  waiting, the others never started, 0% CPU). Should one stall anyway, it aborts
+  after 5 minutes and the worker runs once more; every check still has to pass
+  on the run that finishes."""
   env = {**harness.devices_env(8, collective_timeout_s=300), **env_extra}
   for attempt in (1, 2):
     proc = subprocess.run(
