@@ -357,3 +357,42 @@ def test_eager_chunks_of_same_shape_leaves_are_bitwise_the_traced_path(amsgrad):
   assert [len(c) for c in _fast._chunks(list(range(100)), lambda i: 0, small)] == [64, 32, 4]
   assert [len(c) for c in _fast._chunks(list(range(13)), lambda i: 0, big)] == [8, 4, 1]
   assert [len(c) for c in _fast._chunks(list(range(20)), lambda i: 0, big)] == [8, 8, 4]
+
+
+FRAMEWORK = {
+    'torch_adam_l2_amsgrad': lambda: adamfx.torch_adam(1e-2, weight_decay=0.1, amsgrad=True),
+    'torch_adamw_schedule': lambda: adamfx.torch_adamw(optax.linear_schedule(1e-2, 1e-3, 3)),
+    'keras_adam': lambda: adamfx.keras_adam(1e-2),
+    'keras_adamw_stable': lambda: adamfx.keras_adamw(1e-2, update_clipping=True, cautious=True),
+}
+
+
+@pytest.mark.parametrize('name', FRAMEWORK)
+def test_framework_builders_step_eagerly_in_one_compiled_call(caplog, name):
+  # Called eagerly, torch's and Keras's Adam run as one compiled call over
+  # the tree (not dozens of separate array operations per leaf), the very
+  # program jit compiles: bit for bit the jitted numbers, schedule included.
+  params = _tree((jnp.float32, jnp.bfloat16))
+  _, traced = _run(FRAMEWORK[name](), params, jit=True)
+  _, eager = _run(FRAMEWORK[name](), params, jit=False)
+  _bitwise(eager, traced)
+  # Shapes no other test uses: the first eager step compiles one program.
+  params = {'w': jnp.ones((13, 11)), 'b': jnp.ones(11)}
+  tx = FRAMEWORK[name]()
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: p * 0.5, params)
+  with jax.log_compiles(), caplog.at_level('WARNING'):
+    tx.update(grads, state, params)
+  compiled = [r.getMessage().split(' with ')[0] for r in caplog.records
+              if r.getMessage().startswith('Compiling ')]
+  assert len(compiled) == 1, compiled
+
+
+def test_framework_builders_with_array_hyperparameters_step_eagerly():
+  # A configuration holding arrays (inject_hyperparams) is not hashed into
+  # compiled code: it runs the traced code eagerly, with optax's numbers.
+  params = _tree()
+  tx = adamfx.inject_hyperparams(adamfx.torch_adam)(lr=jnp.asarray(1e-2), betas=(0.9, 0.999))
+  got, _ = _run(tx, params, jit=False)
+  want, _ = _run(adamfx.torch_adam(1e-2), params, jit=True)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL), got, want)

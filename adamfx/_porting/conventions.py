@@ -54,6 +54,7 @@ import optax
 
 from adamfx._core import checks as _checks
 from adamfx._core import driver as _update
+from adamfx._core import eager as _eager
 from adamfx._core import numerics as _numerics
 from adamfx._core import param_rounding as _param_rounding
 from adamfx._core import rounding as _rounding
@@ -302,6 +303,47 @@ class _Rules(NamedTuple):
     return cache[cdt]
 
 
+def _framework_update(cfg: _Config, updates: Any, state: FrameworkAdamState,
+                      params: Any) -> tuple[Any, FrameworkAdamState]:
+  """One step of the framework's Adam over the tree, by the core's tree driver."""
+  lr_value = cfg.learning_rate
+  if callable(lr_value):
+    with jax.numpy_dtype_promotion('standard'):
+      lr_value = lr_value(state.count)  # the rate of this step, as optax and torch
+  p_leaves = None
+  if params is not None:  # the params' leaves, aligned with the gradient's
+    try:
+      p_list = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
+    except (ValueError, TypeError):
+      _checks.check_matching_trees(updates, state.mu)  # names the leaf
+      raise
+    # Keyed by the driver's leaf index (the leaf's place among the params,
+    # optax.MaskedNode places counted: _rounding.leaf_positions).
+    p_leaves = dict(zip(_rounding.leaf_positions(updates), p_list))
+  rules = _Rules(cfg, lr_value, p_leaves, {})
+  hps = {'b1': cfg.b1, 'b2': cfg.b2, 'eps': cfg.eps, 'eps_root': 0.0}
+  return _update.tree_update(
+      updates, state, hps, fmt=rules, amsgrad=cfg.amsgrad,
+      state_type=FrameworkAdamState, who=f'{cfg.convention}_adam',
+  )
+
+
+# Called eagerly (every leaf a concrete array), the step is one compiled call
+# over the tree, as the family's (adamfx._core.eager): the configuration, its
+# numbers and schedule included, is hashed into the compiled code, so eager
+# and jitted steps are the same program. A configuration holding arrays
+# (optax.inject_hyperparams) runs the traced code as it is.
+_compiled_update = jax.jit(_framework_update, static_argnums=0)
+
+
+def _hashable(cfg: _Config) -> bool:
+  try:
+    hash(cfg)
+  except TypeError:
+    return False
+  return True
+
+
 def _transformation(cfg: _Config) -> optax.GradientTransformation:
   needs_params = cfg.l2 is not None or cfg.decoupled is not None
 
@@ -313,26 +355,10 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
       raise ValueError(
           'weight_decay needs the params: call update(grads, state, params).'
       )
-    lr_value = cfg.learning_rate
-    if callable(lr_value):
-      with jax.numpy_dtype_promotion('standard'):
-        lr_value = lr_value(state.count)  # the rate of this step, as optax and torch
-    p_leaves = None
-    if needs_params:  # the params' leaves, aligned with the gradient's
-      try:
-        p_list = jax.tree.structure(updates, is_leaf=_is_none).flatten_up_to(params)
-      except (ValueError, TypeError):
-        _checks.check_matching_trees(updates, state.mu)  # names the leaf
-        raise
-      # Keyed by the driver's leaf index (the leaf's place among the params,
-      # optax.MaskedNode places counted: _rounding.leaf_positions).
-      p_leaves = dict(zip(_rounding.leaf_positions(updates), p_list))
-    rules = _Rules(cfg, lr_value, p_leaves, {})
-    hps = {'b1': cfg.b1, 'b2': cfg.b2, 'eps': cfg.eps, 'eps_root': 0.0}
-    return _update.tree_update(
-        updates, state, hps, fmt=rules, amsgrad=cfg.amsgrad,
-        state_type=FrameworkAdamState, who=f'{cfg.convention}_adam',
-    )
+    params = params if needs_params else None
+    if _hashable(cfg) and _eager.eager(updates, state, params):
+      return _compiled_update(cfg, updates, state, params)
+    return _framework_update(cfg, updates, state, params)
 
   return optax.GradientTransformation(init_fn, update_fn)
 

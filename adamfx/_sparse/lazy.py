@@ -13,6 +13,7 @@ touched rows, gathered and scattered through the moments' storage format.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -72,7 +73,14 @@ _MAX_ROWS = 2**31 - 1  # ids are int32 on the way in and out
 
 def _encode(indices: Any) -> jax.Array:
   """float32 ``[k, 6]`` codes of integer ids (see the comment above)."""
-  ids = jnp.asarray(indices)
+  return _encode_ids(jnp.asarray(indices))
+
+
+# Eagerly, encoding and decoding the ids are one compiled call each (a
+# RowSparse built or read outside jit), not dozens of separate operations;
+# under a trace they are inlined.
+@jax.jit
+def _encode_ids(ids: jax.Array) -> jax.Array:
   if ids.dtype.itemsize < 4:
     ids = ids.astype(jnp.int32)
   if jnp.issubdtype(ids.dtype, jnp.signedinteger):
@@ -99,6 +107,12 @@ def _decode(code: Any, unit: Any, num_rows: int, xp: Any = jnp) -> tuple[Any, An
   All codes and the unit scaled by 0 (a learning rate of 0) are intact and
   name no row. ``xp``: ``jnp``, or ``np`` for a quick eager check.
   """
+  if xp is jnp:
+    return _decode_compiled(code, unit, num_rows)
+  return _decode_ids(code, unit, num_rows, xp)
+
+
+def _decode_ids(code: Any, unit: Any, num_rows: int, xp: Any) -> tuple[Any, Any, Any]:
   code = xp.asarray(code)
   unit = xp.asarray(unit)
   if code.dtype != xp.float32 or unit.dtype != xp.float32:
@@ -127,6 +141,11 @@ def _decode(code: Any, unit: Any, num_rows: int, xp: Any = jnp) -> tuple[Any, An
   ids = xp.where(neg, ~pos, pos)
   in_range = ~neg & (mag < xp.uint32(num_rows)) & ~zero
   return ids, in_range, intact
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _decode_compiled(code: Any, unit: Any, num_rows: int) -> tuple[Any, Any, Any]:
+  return _decode_ids(code, unit, num_rows, jnp)
 
 
 def _is_array(x: Any) -> bool:
