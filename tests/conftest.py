@@ -154,29 +154,43 @@ def _refuse_ungrouped_xdist(config):
 # A test marked ``default_cases(n)`` keeps n (None: all of them); a test named on the
 # command line (path::test, path::test[case]) keeps all of them.
 DEFAULT_CASES = 1
+# The multi-process runs (the 8-device subprocesses, xdist group 'devices8') are
+# `slow` too, unless their file or test is named on the command line: then the
+# file's own default cases run (`pytest tests/test_sharding.py`).
+MULTI_PROCESS_GROUP = 'devices8'
 
 
 def _named(config):
-  """The tests named on the command line (``path::test`` or ``path::test[case]``)."""
-  named = []
+  """The tests (``path::test``, ``path::test[case]``) and the files (``path``)
+  named on the command line, as node id prefixes."""
+  tests, files = [], []
   for arg in config.args:
     path, sep, rest = arg.partition('::')
-    if sep:
+    if sep or path.endswith('.py'):
       path = os.path.relpath(os.path.abspath(path), config.rootpath).replace(os.sep, '/')
-      named.append(f'{path}::{rest}')
-  return named
+      (tests if sep else files).append(f'{path}::{rest}')
+  return tests, files
+
+
+def _multi_process(item) -> bool:
+  group = item.get_closest_marker('xdist_group')
+  return group is not None and group.args[:1] == (MULTI_PROCESS_GROUP,)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's -m deselection sees the marks
 def pytest_collection_modifyitems(config, items):
-  named = _named(config)  # a test named on the command line keeps all its cases
+  tests, files = _named(config)
   kept = collections.Counter()
   for item in items:
-    if not hasattr(item, 'callspec') or item.get_closest_marker('slow'):
+    if item.get_closest_marker('slow'):
       continue
     if item.get_closest_marker('notebooks'):  # run once, by the docs build: never `slow`
       continue
-    if any(item.nodeid.split('@')[0].startswith(n) for n in named):
+    named = any(item.nodeid.split('@')[0].startswith(n) for n in tests)
+    if _multi_process(item) and not named and not any(item.nodeid.startswith(f) for f in files):
+      item.add_marker(pytest.mark.slow)
+      continue
+    if not hasattr(item, 'callspec') or named:  # a named test keeps all its cases
       continue
     mark = item.get_closest_marker('default_cases')
     keep = mark.args[0] if mark else DEFAULT_CASES

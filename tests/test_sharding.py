@@ -33,10 +33,12 @@ EXPLICIT_UPDATE = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
 TRAINED = ('adam', 'nadamw', 'amsgrad', 'adamax', 'adam_amsgrad_mu_bf16_nu_f16',
            'inject_hyperparams', 'adam8bit', 'stable_adamw_cautious')
 EAGER_UPDATE = 'adam_amsgrad_mu_bf16_nu_f16'
-# The README's default run checks these (the worker computes just them unless the
-# `slow` tests are selected, ADAMFX_ALL_MEMBERS): the plain step, the 16-bit moments
-# with AMSGrad, injected hyperparameters, 8-bit moments and the stable options; the
-# other configs, trained runs and contract rows are `slow` (.ci/run).
+# The README's default run leaves this file's 8-device worker to the `slow` run
+# (.ci/run), as it does every multi-process run (conftest); named on the command line
+# (`pytest tests/test_sharding.py`) it checks these (the worker computes just them
+# unless the `slow` tests are selected, ADAMFX_ALL_MEMBERS): the plain step, the
+# 16-bit moments with AMSGrad, injected hyperparameters, 8-bit moments and the stable
+# options; the other configs, trained runs and contract rows are `slow` (.ci/run).
 CONFIGS_DEFAULT = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'inject_hyperparams', 'adam8bit',
                    'stable_adamw_cautious')
 TRAINED_DEFAULT = ('adam', 'adam_amsgrad_mu_bf16_nu_f16', 'adam8bit')
