@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from adamfx._core import checks as _checks
+from adamfx._core import eager as _eager
 from adamfx._core import stable as _stable
 from adamfx._core.driver import AdaMaxState
 from adamfx._core.driver import AdamState
@@ -325,6 +326,29 @@ def adam_diagnostics(
     raise ValueError('`learning_rate` is needed with `updates`, to compute |update| / lr.')
   b1, b2 = _bound_decays(b1, b2)  # named errors, not a ZeroDivisionError at b2 = 1
   _check_diagnostics_args(eps, quantiles, learning_rate if updates is not None else None)
+  # Eagerly (a notebook logging every few steps), one compiled call rather than
+  # dozens of separate array operations; the Python numbers are hashed into the
+  # compiled code, as the traced code folds them.
+  numbers = (learning_rate, eps)
+  static = tuple(None if isinstance(x, (jax.Array, np.ndarray)) else x for x in numbers)
+  dynamic = tuple(x if s is None else None for x, s in zip(numbers, static))
+  args = (adam_state, updates, grads, dynamic)
+  statics = dict(b1=b1, b2=b2, quantiles=tuple(quantiles), static=static)
+  if _eager.eager(*args) and _hashable(static, statics['quantiles']):
+    return _compiled_diagnostics(*args, **statics)
+  return _diagnostics(*args, **statics)
+
+
+def _hashable(*values: Any) -> bool:
+  try:
+    hash(values)
+  except TypeError:
+    return False
+  return True
+
+
+def _diagnostics(adam_state, updates, grads, dynamic, *, b1, b2, quantiles, static):
+  learning_rate, eps = (s if d is None else d for s, d in zip(static, dynamic))
   mu = _flat(_dequantized(adam_state.mu))
   nu_max = getattr(adam_state, 'nu_max', None)
   nu = _flat(_dequantized(adam_state.nu if nu_max is None else nu_max))
@@ -373,3 +397,6 @@ def adam_diagnostics(
   if grads is not None:
     out.update(_stable.diagnostics(grads, adam_state, b2, eps))
   return out
+
+
+_compiled_diagnostics = jax.jit(_diagnostics, static_argnames=('b1', 'b2', 'quantiles', 'static'))
