@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adamfx._core import eager as _eager
 from adamfx._core import numerics as _numerics
 from adamfx._core import rounding as _rounding
 
@@ -276,17 +277,10 @@ def with_param_rounding(
       c_leaves = treedef.flatten_up_to(own.compensation)
     else:
       c_leaves = [None] * len(p_leaves)
-    out_u, out_c = [], []
-    for i, (p, u, c, r) in enumerate(zip(p_leaves, u_leaves, c_leaves, rounded)):
-      if not r or u is None:
-        out_u.append(u)
-        out_c.append(c)
-        continue
-      if hasattr(u, 'todense'):  # a row-sparse update (lazy_adam): dense here
-        u = u.todense()
-      u, c = _rounded_leaf(mode, jnp.asarray(p), jnp.asarray(u), c, step, i)
-      out_u.append(u)
-      out_c.append(c)
+    args = (p_leaves, u_leaves, c_leaves, step)
+    # Eagerly, every leaf's rounding in one compiled call (the traced code).
+    rounding = _compiled_round_leaves if _eager.eager(*args) else _round_leaves
+    out_u, out_c = rounding(*args, mode=mode)
     compensation = jax.tree.unflatten(treedef, out_c) if mode == 'kahan' else own.compensation
     return (
         jax.tree.unflatten(treedef, out_u),
@@ -294,6 +288,26 @@ def with_param_rounding(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _round_leaves(p_leaves, u_leaves, c_leaves, step, *, mode):
+  """``(updates, compensations)``, leaf by leaf: the rounded leaves through
+  :func:`_rounded_leaf`, the others as they are."""
+  out_u, out_c = [], []
+  for i, (p, u, c) in enumerate(zip(p_leaves, u_leaves, c_leaves)):
+    if p is None or u is None or not rounds(_leaf_dtype(p)):
+      out_u.append(u)
+      out_c.append(c)
+      continue
+    if hasattr(u, 'todense'):  # a row-sparse update (lazy_adam): dense here
+      u = u.todense()
+    u, c = _rounded_leaf(mode, jnp.asarray(p), jnp.asarray(u), c, step, i)
+    out_u.append(u)
+    out_c.append(c)
+  return out_u, out_c
+
+
+_compiled_round_leaves = jax.jit(_round_leaves, static_argnames='mode')
 
 
 def _call(inner, grads, state, params, extra_args):
