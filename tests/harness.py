@@ -11,6 +11,7 @@ NumPy runner (``reference.run``) takes the same streams.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,28 @@ def case(*values: Any, default: bool, id: str | None = None) -> Any:  # noqa: A0
 def subset(values: Any, default: Any) -> list[Any]:
   """``values`` as cases of one parameter: those in ``default`` in the default run."""
   return [case(v, default=v in default) for v in values]
+
+
+@contextlib.contextmanager
+def compiled_programs():
+  """The names of the programs XLA compiles inside the block (``jax.log_compiles``):
+  a step called eagerly on shapes no other test uses shows whether it runs as one
+  compiled call or as dozens of separate array operations."""
+  names: list[str] = []
+
+  class _Names(logging.Handler):
+    def emit(self, record):
+      message = record.getMessage()
+      if message.startswith('Compiling '):
+        names.append(message.split(' with ')[0][len('Compiling '):])
+
+  handler, logger = _Names(logging.WARNING), logging.getLogger('jax')
+  logger.addHandler(handler)
+  try:
+    with jax.log_compiles():
+      yield names
+  finally:
+    logger.removeHandler(handler)
 
 
 def devices_env(n: int = 8, collective_timeout_s: int = 900) -> dict[str, str]:

@@ -7,6 +7,7 @@ Algorithm 1, never adamfx itself.
 
 import math
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -340,7 +341,7 @@ def test_diagnostics_validate_their_arguments(kwargs, match):
     adamfx.adam_diagnostics(state, updates, lr, **kwargs)
 
 
-def test_eager_call_is_one_compiled_call_with_the_jitted_numbers(caplog):
+def test_eager_call_is_one_compiled_call_with_the_jitted_numbers():
   # Logged eagerly from a notebook, the diagnostics are one compiled call (not
   # dozens of array operations), the program jit compiles: the same bits.
   params = {'w': jnp.linspace(-1.0, 1.0, 7 * 13).reshape(7, 13), 'b': jnp.arange(13.0)}
@@ -349,10 +350,8 @@ def test_eager_call_is_one_compiled_call_with_the_jitted_numbers(caplog):
   for _ in range(3):
     updates, state = tx.update(params, state, params)
   kw = dict(b1=0.9, b2=0.999, eps=1e-8, quantiles=(0.5, 0.75))
-  with jax.log_compiles(), caplog.at_level('WARNING'):
+  with harness.compiled_programs() as compiled:
     got = adamfx.adam_diagnostics(state, updates, 1e-2, grads=params, **kw)
-  compiled = [r.getMessage().split(' with ')[0] for r in caplog.records
-              if r.getMessage().startswith('Compiling ')]
   assert len(compiled) == 1, compiled
   want = jax.jit(lambda s, u, g: adamfx.adam_diagnostics(s, u, 1e-2, grads=g, **kw))(
       state, updates, params)

@@ -7,6 +7,7 @@ path compiles the very same ``_family_update``, so any difference is a bug in
 the dispatch (a wrong hyperparameter, leaf order, leaf position or dtype).
 """
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -368,7 +369,7 @@ FRAMEWORK = {
 
 
 @pytest.mark.parametrize('name', FRAMEWORK)
-def test_framework_builders_step_eagerly_in_one_compiled_call(caplog, name):
+def test_framework_builders_step_eagerly_in_one_compiled_call(name):
   # Called eagerly, torch's and Keras's Adam run as one compiled call over
   # the tree (not dozens of separate array operations per leaf), the very
   # program jit compiles: bit for bit the jitted numbers, schedule included.
@@ -381,10 +382,8 @@ def test_framework_builders_step_eagerly_in_one_compiled_call(caplog, name):
   tx = FRAMEWORK[name]()
   state = tx.init(params)
   grads = jax.tree.map(lambda p: p * 0.5, params)
-  with jax.log_compiles(), caplog.at_level('WARNING'):
+  with harness.compiled_programs() as compiled:
     tx.update(grads, state, params)
-  compiled = [r.getMessage().split(' with ')[0] for r in caplog.records
-              if r.getMessage().startswith('Compiling ')]
   assert len(compiled) == 1, compiled
 
 

@@ -7,6 +7,7 @@ the binomial statistics of unbiased rounding, XLA's memory_analysis of an
 SGD step, and torch-optimi's AdamW(kahan_sum=True) where installed.
 """
 
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -405,7 +406,7 @@ def test_no_worse_than_torch_optimi_kahan_adamw(steps, batch):
 
 
 @pytest.mark.parametrize('mode', ['kahan', 'stochastic'])
-def test_eager_rounding_is_one_compiled_call(caplog, mode):
+def test_eager_rounding_is_one_compiled_call(mode):
   # Eagerly, every leaf's rounding runs in one compiled call: the op-by-op
   # code compiled 15 (Kahan) and 33 (stochastic) programs for this first
   # step (run alone), and took 4x (Kahan) to 8x (stochastic) as long a step. (Its
@@ -415,10 +416,8 @@ def test_eager_rounding_is_one_compiled_call(caplog, mode):
   tx = adamfx.adam(1e-3, param_rounding=mode)
   state = tx.init(params)
   grads = jax.tree.map(lambda x: x * 0.5, params)
-  with jax.log_compiles(), caplog.at_level('WARNING'):
+  with harness.compiled_programs() as compiled:
     tx.update(grads, state, params)
-  compiled = [r.getMessage().split(' with ')[0] for r in caplog.records
-              if r.getMessage().startswith('Compiling ')]
   # The upcast of the two gradients, adam's step, the step count's
   # increment (3 scalar operations), and the rounding.
   assert len(compiled) <= 7, compiled
