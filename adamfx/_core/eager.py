@@ -65,7 +65,7 @@ def _positional(fmt: Any, m: Any) -> bool:
   return getattr(fmt, 'rounding', 'stochastic') == 'stochastic' and fmt.is_stored(m)
 
 
-def _split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def split_hyperparams(values: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
   """Python/NumPy scalars become static (hashed), arrays stay arguments."""
   static, dynamic = [], []
   for v in values:
@@ -200,7 +200,7 @@ def family_update(
     vm_leaves = treedef.flatten_up_to(state.nu_max)
   else:
     vm_leaves = [None] * len(g_leaves)
-  static, dynamic = _split_hyperparams(hps)
+  static, dynamic = split_hyperparams(hps)
   static_args = {} if lr is None else dict(lr_static=lr.static, lr_kind=lr.kind)
   lr_size = None if lr is None else lr.size
   if decay is not None:
@@ -295,7 +295,7 @@ def rows_update(
       state_type=state_type)
   if not eager(updates, state, tuple(hps.values()), tail):
     return traced()
-  static, dynamic = _split_hyperparams(tuple(hps[k] for k in ('b1', 'b2', 'eps', 'eps_root')))
+  static, dynamic = split_hyperparams(tuple(hps[k] for k in ('b1', 'b2', 'eps', 'eps_root')))
   tail_args = {}
   if tail is not None:
     tail_args = dict(
@@ -397,6 +397,15 @@ def learning_rate_plan(learning_rate: Any, state: Any) -> Optional[_LearningRate
     return None
   new_state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
   return _LearningRate(None, size, 'schedule', new_state)
+
+
+def hashable(*values: Any) -> bool:
+  """Whether ``values`` can be static arguments of a compiled call (no arrays)."""
+  try:
+    hash(values)
+  except TypeError:
+    return False
+  return True
 
 
 def eager(*trees: Any) -> bool:

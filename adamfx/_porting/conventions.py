@@ -336,14 +336,6 @@ def _framework_update(cfg: _Config, updates: Any, state: FrameworkAdamState,
 _compiled_update = jax.jit(_framework_update, static_argnums=0)
 
 
-def _hashable(cfg: _Config) -> bool:
-  try:
-    hash(cfg)
-  except TypeError:
-    return False
-  return True
-
-
 def _transformation(cfg: _Config) -> optax.GradientTransformation:
   needs_params = cfg.l2 is not None or cfg.decoupled is not None
 
@@ -356,7 +348,7 @@ def _transformation(cfg: _Config) -> optax.GradientTransformation:
           'weight_decay needs the params: call update(grads, state, params).'
       )
     params = params if needs_params else None
-    if _hashable(cfg) and _eager.eager(updates, state, params):
+    if _eager.hashable(cfg) and _eager.eager(updates, state, params):
       return _compiled_update(cfg, updates, state, params)
     return _framework_update(cfg, updates, state, params)
 

@@ -329,22 +329,12 @@ def adam_diagnostics(
   # Eagerly (a notebook logging every few steps), one compiled call rather than
   # dozens of separate array operations; the Python numbers are hashed into the
   # compiled code, as the traced code folds them.
-  numbers = (learning_rate, eps)
-  static = tuple(None if isinstance(x, (jax.Array, np.ndarray)) else x for x in numbers)
-  dynamic = tuple(x if s is None else None for x, s in zip(numbers, static))
+  static, dynamic = _eager.split_hyperparams((learning_rate, eps))
   args = (adam_state, updates, grads, dynamic)
   statics = dict(b1=b1, b2=b2, quantiles=tuple(quantiles), static=static)
-  if _eager.eager(*args) and _hashable(static, statics['quantiles']):
+  if _eager.eager(*args) and _eager.hashable(*statics.values()):
     return _compiled_diagnostics(*args, **statics)
   return _diagnostics(*args, **statics)
-
-
-def _hashable(*values: Any) -> bool:
-  try:
-    hash(values)
-  except TypeError:
-    return False
-  return True
 
 
 def _diagnostics(adam_state, updates, grads, dynamic, *, b1, b2, quantiles, static):
