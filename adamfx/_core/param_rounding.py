@@ -280,7 +280,7 @@ def with_param_rounding(
     args = (p_leaves, u_leaves, c_leaves, step)
     # Eagerly, every leaf's rounding in one compiled call (the traced code).
     rounding = _compiled_round_leaves if _eager.eager(*args) else _round_leaves
-    out_u, out_c = rounding(*args, mode=mode)
+    out_u, out_c = rounding(*args, mode=mode, rounded=tuple(rounded))
     compensation = jax.tree.unflatten(treedef, out_c) if mode == 'kahan' else own.compensation
     return (
         jax.tree.unflatten(treedef, out_u),
@@ -290,12 +290,12 @@ def with_param_rounding(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _round_leaves(p_leaves, u_leaves, c_leaves, step, *, mode):
-  """``(updates, compensations)``, leaf by leaf: the rounded leaves through
+def _round_leaves(p_leaves, u_leaves, c_leaves, step, *, mode, rounded):
+  """``(updates, compensations)``, leaf by leaf: the ``rounded`` leaves through
   :func:`_rounded_leaf`, the others as they are."""
   out_u, out_c = [], []
-  for i, (p, u, c) in enumerate(zip(p_leaves, u_leaves, c_leaves)):
-    if p is None or u is None or not rounds(_leaf_dtype(p)):
+  for i, (p, u, c, r) in enumerate(zip(p_leaves, u_leaves, c_leaves, rounded)):
+    if not r or u is None:
       out_u.append(u)
       out_c.append(c)
       continue
@@ -307,7 +307,7 @@ def _round_leaves(p_leaves, u_leaves, c_leaves, step, *, mode):
   return out_u, out_c
 
 
-_compiled_round_leaves = jax.jit(_round_leaves, static_argnames='mode')
+_compiled_round_leaves = jax.jit(_round_leaves, static_argnames=('mode', 'rounded'))
 
 
 def _call(inner, grads, state, params, extra_args):
